@@ -1,0 +1,3 @@
+from jaxpipe.cli import main
+
+main()

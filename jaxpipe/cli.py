@@ -1,0 +1,82 @@
+"""`jaxpipe` command line: `mpiexec -n N jaxpipe train --config FILE [--set key=value ...]`.
+
+Bad input (config, partition, rank count, data files) prints one `jaxpipe: error:` line on every
+rank and exits with status 2 before anything is compiled. Any other exception on any rank prints
+its traceback with the rank and aborts the whole MPI job, so no peer is left waiting for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from jaxpipe.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a GPT with pipeline + data parallelism (run under mpiexec)")
+    train.add_argument("--config", help="YAML config (default: the embedded tiny CPU job)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set parallel.pp=2 (repeatable)")
+    train.add_argument("--metrics-out", help="write one JSON object per step to this file (global rank 0)")
+    part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
+    part.add_argument("--config")
+    part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _rank() -> int:
+    if "mpi4py.MPI" not in sys.modules:
+        return 0
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def _cmd_partition(args: argparse.Namespace) -> None:
+    from jaxpipe.config import load_config
+    from jaxpipe.partition import StageCosts, resolve_partition, stage_cost
+
+    cfg = load_config(args.config, args.overrides)
+    p = cfg.parallel
+    part = resolve_partition(p.partition, cfg.model, p.pp, cfg.train.micro_batch_size, p.stage_weights)
+    costs = StageCosts.estimate(cfg.model, cfg.train.micro_batch_size)
+    weights = p.stage_weights or [1.0] * p.pp
+    for s, (a, b) in enumerate(part.ranges):
+        est = stage_cost(costs, b - a, s == 0, s == p.pp - 1) / weights[s] / costs.layer
+        extra = " + embedding" if s == 0 else ""
+        extra += " + head/loss" if s == p.pp - 1 else ""
+        print(f"stage {s}: layers [{a}, {b}) ({b - a}{extra}), estimated time {est:.2f} layer-equivalents")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "partition":
+            _cmd_partition(args)
+            return
+        from jaxpipe.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from jaxpipe.trainer import train
+
+        train(cfg, metrics_out=args.metrics_out)
+    except ConfigError as e:
+        print(f"jaxpipe: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception:
+        rank = _rank()
+        traceback.print_exc()
+        print(f"jaxpipe: rank {rank} failed (traceback above); aborting all ranks", file=sys.stderr, flush=True)
+        if "mpi4py.MPI" in sys.modules:
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Abort(1)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Errors a user can act on, and the rule that every rank learns of them together.
+
+A pipeline over MPI hangs when one rank stops early while its peers wait in a collective or a
+receive. Every check that could fail on one rank alone (a file missing on one host, a bad
+partition computed from local state) therefore goes through `agree`, which makes all ranks
+raise the same message before any compute starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Bad input: the message says which key or file is wrong and what to change."""
+
+
+class TransportError(RuntimeError):
+    """A message between stages did not match what both sides agreed on."""
+
+
+def agree(comm: Any, check: Callable[[], T]) -> T:
+    """Runs `check` on every rank; if it raises ConfigError anywhere, raises it everywhere.
+
+    The error text is taken from the lowest failing rank, so all ranks print the same line.
+    """
+    result: T | None = None
+    message = None
+    try:
+        result = check()
+    except ConfigError as e:
+        message = str(e)
+    messages = comm.allgather(message)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, text = failed[0]
+        raise ConfigError(text if len({m for _, m in failed}) == 1 else f"(rank {rank}) {text}")
+    return result  # type: ignore[return-value]

@@ -1,0 +1,91 @@
+"""Walks one stage's task list for one step: the only place that turns a schedule into work.
+
+Per task it fetches the input (tokens, or a message from a neighbour), runs the stage program,
+and hands the output to the transport. Receives are posted `lookahead` tasks ahead, sends
+complete in the background, and JAX dispatch is asynchronous, so the host thread stays ahead of
+the device and communication overlaps compute. No per-micro-batch host synchronisation happens
+here except waiting for a message that the next task truly needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxpipe.model import Params
+from jaxpipe.schedule import Phase, Task
+from jaxpipe.stage import StageProgram
+from jaxpipe.transport import MsgKey, Transport
+
+
+@dataclass
+class StepBatch:
+    """This stage's share of a step's data: tokens on the first stage, targets on the last."""
+
+    inputs: Any | None  # int32 [M, mb, L] or None
+    targets: Any | None  # int32 [M, mb, L] or None
+
+
+def _incoming(task: Task, program: StageProgram) -> tuple[int, Phase] | None:
+    """(peer stage, message kind) that `task` must receive before it can run, if any."""
+    spec = program.spec
+    if task.phase == Phase.FWD and not spec.first:
+        return spec.index - 1, Phase.FWD
+    if task.phase == Phase.BWD and not spec.last:
+        return spec.index + 1, Phase.BWD
+    return None
+
+
+def run_step(
+    step: int,
+    tasks: list[Task],
+    program: StageProgram,
+    transport: Transport,
+    params: Params,
+    grads: Params,
+    batch: StepBatch,
+    lookahead: int,
+) -> tuple[Params, jax.Array | None]:
+    """Runs the tasks; returns the accumulated gradients and (last stage) the mean micro-batch loss."""
+    spec = program.spec
+    n_micro = sum(1 for t in tasks if t.phase == Phase.FWD)
+    scale = jnp.float32(1.0 / n_micro)
+    saved: dict[int, Any] = {}  # micro-batch -> vjp residuals (middle stages) or input gradient (last)
+    losses: list[jax.Array] = []
+
+    def post(i: int) -> None:
+        if i < len(tasks) and (inc := _incoming(tasks[i], program)) is not None:
+            peer, kind = inc
+            transport.expect(MsgKey(step, tasks[i].microbatch, kind), peer, program.act_spec)
+
+    for i in range(min(lookahead, len(tasks))):
+        post(i)
+    for i, task in enumerate(tasks):
+        post(i + lookahead)
+        mb = task.microbatch
+        inc = _incoming(task, program)
+        received = transport.recv(MsgKey(step, mb, inc[1]), inc[0], program.act_spec) if inc else None
+
+        if task.phase == Phase.FWD:
+            x = batch.inputs[mb] if spec.first else received
+            if spec.last:
+                grads, g_x, loss = program.forward_backward_loss(params, grads, x, batch.targets[mb], scale)
+                saved[mb] = g_x
+                losses.append(loss)
+            else:
+                y, saved[mb] = program.forward(params, x)
+                transport.send(MsgKey(step, mb, Phase.FWD), spec.index + 1, y)
+        else:
+            if spec.last:
+                g_x = saved.pop(mb)
+            else:
+                grads, g_x = program.backward(grads, saved.pop(mb), received)
+            if not spec.first:
+                transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
+
+    transport.flush()
+    mean_loss = jnp.mean(jnp.stack(losses)) if losses else None
+    return grads, mean_loss

@@ -1,0 +1,223 @@
+"""Causal GPT-3 language model in Flax, written so that any contiguous slice of it is a pipeline stage.
+
+A stage is `StageModel(first=..., last=..., n_layers=...)`: the first stage owns the token and
+position embeddings, the last owns the final LayerNorm and the LM head, which is tied to the token
+embedding (the last stage keeps its own copy of `wte`; the trainer sums the two copies' gradients
+so both stay identical). The whole model is simply the stage that is both first and last.
+
+Parameters are initialised per layer from `fold_in(seed, layer)`, never per stage, so every
+partition of the model starts from exactly the same numbers as the single-process model.
+Naming follows nanodo: `x_BxLxD` is batch × length × model width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpipe.config import ModelConfig
+
+Params = dict[str, Any]
+
+_EMBED_KEY, _POS_KEY, _LAYER_KEY0 = 0, 1, 2
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+def _attention_impl(cfg: ModelConfig) -> str | None:
+    # None lets JAX pick cuDNN where it applies (GPU, half precision) and XLA elsewhere.
+    return None if cfg.attention == "auto" else cfg.attention
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
+
+    Takes and returns a `(x, None)` pair so the same class serves unrolled and under `nn.scan`.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+        n_head, d_head = cfg.n_head, cfg.d_model // cfg.n_head
+        init = nn.initializers.normal(cfg.init_std)
+        # GPT-2/3 scale the residual projections by 1/sqrt(2 * n_layer) so depth does not grow the stream.
+        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+        h_BxLxD = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_1")(x_BxLxD)
+        qkv_BxLx3xNxH = nn.DenseGeneral((3, n_head, d_head), dtype=dtype, kernel_init=init, name="qkv")(h_BxLxD)
+        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
+        o_BxLxNxH = jax.nn.dot_product_attention(
+            q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True, implementation=_attention_impl(cfg)
+        )
+        o_BxLxD = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), dtype=dtype, kernel_init=out_init, name="proj"
+        )(o_BxLxNxH)
+        x_BxLxD = x_BxLxD + o_BxLxD
+
+        h_BxLxD = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_2")(x_BxLxD)
+        h_BxLxF = nn.Dense(4 * cfg.d_model, dtype=dtype, kernel_init=init, name="fc")(h_BxLxD)
+        h_BxLxF = nn.gelu(h_BxLxF, approximate=True)
+        h_BxLxD = nn.Dense(cfg.d_model, dtype=dtype, kernel_init=out_init, name="out")(h_BxLxF)
+        return x_BxLxD + h_BxLxD, None
+
+
+def _block_class(cfg: ModelConfig) -> type[nn.Module]:
+    return nn.remat(Block, prevent_cse=not cfg.scan_blocks) if cfg.remat == "block" else Block
+
+
+class StageModel(nn.Module):
+    """Layers [start, start + n_layers) of the GPT, plus embeddings if first and the head if last.
+
+    Input: int32 tokens [B, L] on the first stage, activations [B, L, D] elsewhere.
+    Output: float32 logits [B, L, V] on the last stage, activations [B, L, D] elsewhere.
+    """
+
+    cfg: ModelConfig
+    n_layers: int
+    first: bool
+    last: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+        init = nn.initializers.normal(cfg.init_std)
+        wte_VxD = None
+        if self.first or self.last:
+            wte_VxD = self.param("wte", init, (cfg.vocab_size, cfg.d_model))
+        if self.first:
+            wpe_SxD = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
+            tokens_BxL = x
+            x = (jnp.take(wte_VxD, tokens_BxL, axis=0) + wpe_SxD[: tokens_BxL.shape[1]]).astype(dtype)
+        x_BxLxD = x.astype(dtype)
+
+        block = _block_class(cfg)
+        if self.n_layers:
+            if cfg.scan_blocks:
+                stack = nn.scan(
+                    block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.n_layers
+                )
+                x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, None)
+            else:
+                for j in range(self.n_layers):
+                    x_BxLxD, _ = block(cfg, name=f"block_{j}")(x_BxLxD)
+
+        if not self.last:
+            return x_BxLxD
+        h_BxLxD = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_BxLxD)
+        logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, wte_VxD.astype(dtype))
+        return logits_BxLxV.astype(jnp.float32)
+
+
+def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over all positions (targets are inputs shifted by one)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
+
+
+# ---- Per-layer parameters: the layout that is independent of the partition. --------------------------
+
+
+def _root_key(seed: int) -> jax.Array:
+    return jax.random.PRNGKey(seed)
+
+
+def init_layer(cfg: ModelConfig, seed: int, layer: int) -> Params:
+    """Parameters of transformer layer `layer` (global index): the same for every partition."""
+    x = jnp.zeros((1, 1, cfg.d_model), compute_dtype(cfg))
+    key = jax.random.fold_in(_root_key(seed), _LAYER_KEY0 + layer)
+    return Block(cfg).init(key, x)["params"]
+
+
+def init_embedding(cfg: ModelConfig, seed: int) -> Params:
+    init = nn.initializers.normal(cfg.init_std)
+    root = _root_key(seed)
+    return {
+        "wte": init(jax.random.fold_in(root, _EMBED_KEY), (cfg.vocab_size, cfg.d_model)),
+        "wpe": init(jax.random.fold_in(root, _POS_KEY), (cfg.seq_len, cfg.d_model)),
+    }
+
+
+def init_final_ln(cfg: ModelConfig) -> Params:
+    return {"scale": jnp.ones((cfg.d_model,), jnp.float32), "bias": jnp.zeros((cfg.d_model,), jnp.float32)}
+
+
+def assemble_stage_params(
+    cfg: ModelConfig,
+    layers: list[Params],
+    *,
+    embedding: Params | None,
+    final_ln: Params | None,
+    wte: jax.Array | None,
+) -> Params:
+    """Builds a StageModel parameter tree from per-layer pieces (stacked when blocks are scanned)."""
+    params: Params = {}
+    if embedding is not None:
+        params.update(embedding)
+    elif wte is not None:
+        params["wte"] = wte
+    if layers:
+        if cfg.scan_blocks:
+            params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        else:
+            params.update({f"block_{j}": p for j, p in enumerate(layers)})
+    if final_ln is not None:
+        params["ln_f"] = final_ln
+    return params
+
+
+def split_stage_params(cfg: ModelConfig, params: Params, n_layers: int) -> list[Params]:
+    """The inverse of `assemble_stage_params` for the blocks: one tree per layer, in order."""
+    if n_layers == 0:
+        return []
+    if cfg.scan_blocks:
+        return [jax.tree.map(lambda x, j=j: x[j], params["blocks"]) for j in range(n_layers)]
+    return [params[f"block_{j}"] for j in range(n_layers)]
+
+
+def init_stage_params(cfg: ModelConfig, seed: int, layers: range, first: bool, last: bool) -> Params:
+    emb = init_embedding(cfg, seed) if (first or last) else None
+    return assemble_stage_params(
+        cfg,
+        [init_layer(cfg, seed, i) for i in layers],
+        embedding=emb if first else None,
+        final_ln=init_final_ln(cfg) if last else None,
+        wte=emb["wte"] if (last and emb is not None) else None,
+    )
+
+
+def param_count(cfg: ModelConfig) -> int:
+    d, v, s = cfg.d_model, cfg.vocab_size, cfg.seq_len
+    per_layer = 12 * d * d + 13 * d  # qkv + proj + fc + out weights and biases, two LayerNorms
+    return cfg.n_layer * per_layer + v * d + s * d + 2 * d
+
+
+def flatten_per_layer(
+    cfg: ModelConfig, layers: range, first: bool, last: bool, params: Params
+) -> dict[str, Any]:
+    """A stage's parameters keyed by global layer, independent of partition and scan/unroll:
+    `embed/wte`, `embed/wpe`, `layer_{i}/<path>`, `head/ln_f/<path>`, `head/wte` (the tied copy)."""
+    out: dict[str, Any] = {}
+
+    def put(prefix: str, tree: Params) -> None:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            out[prefix + "/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+
+    if first:
+        put("embed/", {"wte": params["wte"], "wpe": params["wpe"]})
+    for i, layer in zip(layers, split_stage_params(cfg, params, len(layers)), strict=True):
+        put(f"layer_{i}/", layer)
+    if last:
+        put("head/", {"ln_f": params["ln_f"]})
+        if not first:
+            out["head/wte"] = params["wte"]
+    return out

@@ -1,0 +1,117 @@
+"""A pipeline stage's compiled programs: forward, backward, and the last stage's fused step.
+
+Backward uses the residuals that `jax.vjp` saved during the forward (returned out of the forward
+program as a pytree and fed to the backward program), not recomputation: recomputing costs a
+third more FLOPs per step, and memory is better traded per block with `model.remat=block`, which
+keeps only block inputs. Gradients accumulate into a float32 buffer that each program donates,
+so a step allocates no new gradient memory per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpipe.config import ModelConfig
+from jaxpipe.model import Params, StageModel, compute_dtype, next_token_loss
+from jaxpipe.partition import StageSpec
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(jnp.dtype(self.dtype)).itemsize
+
+
+def _tree_add(a: Params, b: Params) -> Params:
+    return jax.tree.map(jnp.add, a, b)
+
+
+class StageProgram:
+    """Owns the jitted programs of one stage; pure functions of (params, grads, inputs)."""
+
+    def __init__(self, cfg: ModelConfig, spec: StageSpec, micro_batch_size: int):
+        self.cfg = cfg
+        self.spec = spec
+        self.module = StageModel(cfg, n_layers=spec.n_layers, first=spec.first, last=spec.last)
+        self.act_spec = ArraySpec((micro_batch_size, cfg.seq_len, cfg.d_model), jnp.dtype(compute_dtype(cfg)).name)
+        self.token_spec = ArraySpec((micro_batch_size, cfg.seq_len), "int32")
+        # Input of this stage and output it sends on (None where the stage reads tokens / has the loss).
+        self.in_spec = None if spec.first else self.act_spec
+        self.out_spec = None if spec.last else self.act_spec
+
+        self.forward: Callable[..., Any] = jax.jit(self._forward)
+        self.backward: Callable[..., Any] = jax.jit(self._backward, donate_argnums=(0,))
+        self.forward_backward_loss: Callable[..., Any] = jax.jit(self._forward_backward_loss, donate_argnums=(1,))
+        self.eval_loss: Callable[..., Any] = jax.jit(self._eval_loss)
+
+    # -- shapes ------------------------------------------------------------------------------------
+    def param_shapes(self) -> Params:
+        x = jnp.zeros(self.token_spec.shape, jnp.int32) if self.spec.first else jnp.zeros(
+            self.act_spec.shape, self.act_spec.dtype)
+        return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), x)["params"]
+
+    @partial(jax.jit, static_argnums=0)
+    def zero_grads(self, params: Params) -> Params:
+        return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    # -- programs ----------------------------------------------------------------------------------
+    def _apply(self, params: Params, x: jax.Array) -> jax.Array:
+        return self.module.apply({"params": params}, x)
+
+    def _forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, Any]:
+        """Non-last stage: activations out plus the residuals its backward needs."""
+        if self.spec.first:  # Tokens are not differentiable: only the parameters get a cotangent.
+            y, vjp = jax.vjp(lambda p: self._apply(p, x), params)
+        else:
+            y, vjp = jax.vjp(self._apply, params, x)
+        return y, vjp
+
+    def _backward(self, grads: Params, vjp: Any, g_y: jax.Array) -> tuple[Params, jax.Array | None]:
+        if self.spec.first:
+            (g_params,) = vjp(g_y)
+            return _tree_add(grads, g_params), None
+        g_params, g_x = vjp(g_y)
+        return _tree_add(grads, g_params), g_x
+
+    def _forward_backward_loss(
+        self, params: Params, grads: Params, x: jax.Array, targets: jax.Array, scale: jax.Array
+    ) -> tuple[Params, jax.Array | None, jax.Array]:
+        """Last stage: loss of one micro-batch, its parameter gradients (accumulated) and input gradient.
+
+        `scale` is 1 / number of micro-batches, so the accumulated gradient is that of the mean loss.
+        """
+
+        def loss_fn(p: Params, x_in: jax.Array) -> tuple[jax.Array, jax.Array]:
+            loss = next_token_loss(self._apply(p, x_in), targets)
+            return loss * scale, loss
+
+        if self.spec.first:  # PP = 1: the whole model in one program.
+            (_, loss), g_params = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+            return _tree_add(grads, g_params), None, loss
+        (_, loss), (g_params, g_x) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
+        return _tree_add(grads, g_params), g_x, loss
+
+    def _eval_loss(self, params: Params, x: jax.Array, targets: jax.Array) -> jax.Array:
+        return next_token_loss(self._apply(params, x), targets)
+
+    # -- per-step reductions -------------------------------------------------------------------------
+    @partial(jax.jit, static_argnums=(0, 2))
+    def sq_norm(self, grads: Params, skip_tied_wte: bool) -> jax.Array:
+        """Sum of squares of this stage's gradients; the last stage's tied `wte` copy is skipped
+        (when it is not also the first stage) so the global norm counts that matrix once."""
+        leaves = [v for k, v in grads.items() if not (skip_tied_wte and k == "wte")]
+        return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(leaves))

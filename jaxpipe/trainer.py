@@ -1,0 +1,181 @@
+"""The training loop of one rank: set up its stage, then per step run the schedule, synchronise
+gradients (tied embedding, data parallel, global norm) and step the optimizer.
+
+Timing follows the original: a global barrier, then the timer covers the pipeline, the gradient
+synchronisation and the optimizer step, up to the device having finished; data preparation is
+outside it. Global rank 0 (first stage of the first pipeline) reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from mpi4py import MPI
+
+from jaxpipe import __version__
+from jaxpipe.config import Config
+from jaxpipe.data import TokenSource, make_source, replica_sample_indices
+from jaxpipe.data_parallel import make_grad_sync
+from jaxpipe.errors import agree
+from jaxpipe.executor import StepBatch, run_step
+from jaxpipe.model import Params, init_stage_params, param_count
+from jaxpipe.optimizer import Optimizer
+from jaxpipe.partition import Partition, StageSpec, resolve_partition
+from jaxpipe.schedule import check_consistent, make_schedule
+from jaxpipe.stage import StageProgram
+from jaxpipe.topology import Topology
+from jaxpipe.transport import MpiTransport
+
+
+@dataclass
+class TrainResult:
+    partition: Partition
+    stage: StageSpec
+    params: Params  # this rank's stage, after the last step
+    losses: list[float] = field(default_factory=list)  # mean over the global batch, per step
+    grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
+    iter_times: list[float] = field(default_factory=list)
+
+
+def _bcast_tree(tree: Params, comm: Any, root: int) -> Params:
+    """Sends `root`'s values of `tree` to every member of `comm`, as one message."""
+    flat, unravel = ravel_pytree(tree)
+    buf = np.array(flat)
+    comm.Bcast(buf, root=root)
+    return unravel(jnp.asarray(buf))
+
+
+def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProgram) -> Params:
+    """DP rank 0 of each stage initialises; the other replicas receive its values (not a shared
+    seed: replicas must start identical even where random number generation differs by host)."""
+    shapes = program.param_shapes()
+    if topo.dp_comm.Get_rank() == 0:
+        params = init_stage_params(cfg.model, cfg.train.seed, spec.layers, spec.first, spec.last)
+    else:
+        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if jax.tree.structure(params) != jax.tree.structure(shapes):
+        raise AssertionError("stage parameter layout does not match the StageModel's")
+    params = _bcast_tree(params, topo.dp_comm, root=0)
+    if topo.tied is not None:  # The last stage's head starts from the first stage's embedding.
+        params["wte"] = _bcast_tree(params["wte"], topo.tied, root=0)
+    return params
+
+
+def sync_tied_embedding(grads: Params, topo: Topology) -> Params:
+    """The first stage's embedding and the last stage's head share `wte`: both get the sum."""
+    if topo.tied is None:
+        return grads
+    g = np.asarray(grads["wte"], np.float32)
+    total = np.empty_like(g)
+    topo.tied.Allreduce(g, total, op=MPI.SUM)
+    return {**grads, "wte": jnp.asarray(total)}
+
+
+def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int) -> StepBatch:
+    if source is None:
+        return StepBatch(None, None)
+    samples = source.samples(replica_sample_indices(cfg, step, topo.replica).reshape(-1))
+    samples = samples.reshape(cfg.num_microbatches, cfg.train.micro_batch_size, -1)
+    inputs = [jax.device_put(s[:, :-1]) for s in samples] if topo.is_first else None
+    targets = [jax.device_put(s[:, 1:]) for s in samples] if topo.is_last else None
+    return StepBatch(inputs, targets)
+
+
+def describe(cfg: Config, topo: Topology, partition: Partition) -> str:
+    m, p = cfg.model, cfg.parallel
+    return (
+        f"jaxpipe {__version__}: {topo.world.Get_size()} ranks = PP {p.pp} x DP {p.dp} | schedule {p.schedule} | "
+        f"dp {p.dp_mode} | layers per stage {partition.counts} | model {m.preset} "
+        f"({param_count(m) / 1e6:.1f}M params, {m.dtype}) | batch {cfg.train.global_batch_size} = "
+        f"{p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | {jax.default_backend()} | "
+        f"transport {p.transport} | network emulation off"
+    )
+
+
+def train(
+    cfg: Config,
+    comm: Any = None,
+    metrics_out: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    log = log or (lambda s: print(s, flush=True))
+    p = cfg.parallel
+    topo = Topology.create(comm, p.pp, p.dp)
+    partition = agree(comm, lambda: resolve_partition(
+        p.partition, cfg.model, p.pp, cfg.train.micro_batch_size, p.stage_weights))
+    spec = partition.stage(topo.stage)
+    needs_data = topo.is_first or topo.is_last
+    # Every rank opens the data (a missing file fails the whole job here, before any compile).
+    source = agree(comm, lambda: make_source(cfg.data, cfg.model))
+    if not needs_data:
+        source = None
+
+    program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size)
+    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches)
+    check_consistent(schedule)
+    tasks = schedule.tasks(topo.stage)
+    params = init_params(cfg, topo, spec, program)
+    optimizer = Optimizer(cfg.train)
+    opt_state = optimizer.init(params)
+    grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm)
+    transport = MpiTransport(topo.pipe, topo.stage, topo.world_rank_of)
+    skip_tied = spec.last and not spec.first
+    is_reporter = topo.rank == 0
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+    result = TrainResult(partition=partition, stage=spec, params=params)
+    metrics_file = open(metrics_out, "w") if (metrics_out and is_reporter) else None  # noqa: SIM115
+    if is_reporter:
+        log(describe(cfg, topo, partition))
+
+    try:
+        for step in range(cfg.train.steps):
+            batch = _step_batch(source, cfg, topo, step)
+            comm.Barrier()
+            t0 = time.perf_counter()
+            grads = program.zero_grads(params)
+            grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead)
+            grads = sync_tied_embedding(grads, topo)
+            grads = grad_sync(grads)
+            sq_total = topo.pipe.allreduce(float(program.sq_norm(grads, skip_tied)), op=MPI.SUM)
+            norm = math.sqrt(sq_total)
+            params, opt_state = optimizer.update(params, opt_state, grads, jnp.float32(norm))
+            jax.block_until_ready(params)
+            dt = time.perf_counter() - t0
+            # Each pipeline's loss lives on its last stage; average the replicas for the report.
+            mean_loss = comm.allreduce(float(loss) if loss is not None else 0.0, op=MPI.SUM) / p.dp
+            result.losses.append(mean_loss)
+            result.grad_norms.append(norm)
+            result.iter_times.append(dt)
+            if is_reporter and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
+                lr = float(optimizer.schedule(step))
+                log(f"step {step + 1:>5} | loss {mean_loss:.4f} | {dt:.3f} s | {tokens_per_step / dt:,.0f} tok/s"
+                    f" | grad norm {norm:.3f} | lr {lr:.2e}")
+            if metrics_file is not None:
+                metrics_file.write(json.dumps({
+                    "step": step + 1, "loss": mean_loss, "iter_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                    "grad_norm": norm, "lr": float(optimizer.schedule(step)),
+                }) + "\n")
+                metrics_file.flush()
+    finally:
+        transport.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    result.params = params
+    if is_reporter and result.iter_times:
+        steady = result.iter_times[1:] or result.iter_times
+        log(f"done: {cfg.train.steps} steps, mean iteration {np.mean(steady):.3f} s (first step excluded), "
+            f"final loss {result.losses[-1]:.4f}")
+    sys.stdout.flush()
+    return result
