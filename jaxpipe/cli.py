@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
 
         train(cfg, metrics_out=args.metrics_out)
     except ConfigError as e:
-        print(f"jaxpipe: error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"jaxpipe: error: {e}\n")  # One write per line: ranks share the terminal.
+        sys.stderr.flush()
         sys.exit(2)
     except Exception:
         rank = _rank()

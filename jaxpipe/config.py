@@ -155,6 +155,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -270,7 +275,9 @@ def validate(cfg: Config) -> None:
             f"(train.global_batch_size / parallel.dp = {cfg.batch_per_replica})"
         )
     if cfg.num_microbatches > 4096:
-        raise ConfigError(f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)")
+        raise ConfigError(
+            f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)"
+        )
     if p.stage_weights is not None:
         if len(p.stage_weights) != p.pp:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")

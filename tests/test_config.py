@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from jaxpipe.config import Config, load_config
+from jaxpipe.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    assert load_config(CONFIGS / "tiny.yaml") == load_config(None) == Config()
+
+
+def test_xl_config_matches_the_original_setting():
+    cfg = load_config(CONFIGS / "gpt3_xl.yaml")
+    m = cfg.model
+    assert (m.n_layer, m.d_model, m.n_head, m.seq_len, m.vocab_size) == (24, 2048, 16, 2048, 50257)
+    assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.parallel.pp) == (64, 1, 4)
+    assert cfg.num_microbatches == 64
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["parallel.pp=2", "parallel.partition=[3, 5]", "model.n_layer=8", "train.lr=1e-3"])
+    assert cfg.parallel.pp == 2 and cfg.parallel.partition == [3, 5] and cfg.train.lr == 1e-3
+
+
+def test_preset_fields_can_be_overridden():
+    cfg = load_config(None, ["model.preset=xl", "model.n_layer=4"])
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len) == (4, 2048, 2048)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("train.steps=three", "train.steps: expected an integer, got 'three'"),
+        ("parallel.schedule=zigzag", "parallel.schedule: 'zigzag' is not one of 'gpipe', '1f1b'"),
+        ("model.scan_blocks=3", "model.scan_blocks: expected true or false, got 3"),
+        ("optim.lr=3", "unknown config section 'optim'"),
+        ("train.micro_batch_size=3", "train.micro_batch_size (3) must divide the per-replica batch"),
+        ("model.n_head=5", "model.d_model (128) must be divisible by model.n_head (5)"),
+        ("steps=3", "--set steps: keys look like section.name"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="--config nope.yaml: no such file"):
+        load_config("nope.yaml")

@@ -1,0 +1,120 @@
+"""Real multi-rank runs under mpiexec (CPU): equivalence with one process, learning, bad input."""
+
+import json
+from functools import cache
+
+import numpy as np
+import pytest
+from mpi_util import run_mpi
+from reference import reference_train
+
+from jaxpipe.config import load_config
+
+pytestmark = pytest.mark.mpi
+
+# Small enough to run in seconds, deep enough for uneven 4-stage partitions.
+MODEL = ["model.n_layer=6", "model.d_model=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=128"]
+# Adam's eps is raised from 1e-8 so that gradients that are zero in exact arithmetic (the attention
+# key bias: softmax ignores a per-row constant) but rounding noise in practice do not become ±lr steps.
+TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3", "train.warmup_steps=1",
+         "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4"]
+
+
+def sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@cache
+def reference():
+    return reference_train(load_config(None, MODEL + TRAIN))
+
+
+LAYOUTS = {
+    "pp2": (2, ["parallel.pp=2", "parallel.dp=1"]),
+    "pp4_uneven": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.partition=[1,2,2,1]"]),
+    "pp2xdp2_central_ps": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps"]),
+    "pp2xdp2_sharded_ps_1f1b": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=sharded_ps",
+                                    "parallel.schedule=1f1b"]),
+    "pp3_1f1b_unrolled": (3, ["parallel.pp=3", "parallel.dp=1", "parallel.schedule=1f1b",
+                              "model.scan_blocks=false", "parallel.partition=[[0,3],[3,4],[4,6]]"]),
+    "pp1xdp2_allreduce": (2, ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_pipeline_equals_single_process(tmp_path, layout):
+    n, parallel = LAYOUTS[layout]
+    run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(tmp_path), *sets(MODEL + TRAIN + parallel)])
+    assert run.returncode == 0, run.stderr
+    ref_losses, ref_norms, ref_params = reference()
+    result = json.loads((tmp_path / "result.json").read_text())
+    # Tight: a dropped micro-batch, a mismatched label or summed-not-averaged gradients move these by >1%.
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=2e-6)
+    np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=2e-6)
+    got: dict[str, np.ndarray] = {}
+    tied_copies = []
+    for f in sorted(tmp_path.glob("rank*.npz")):
+        for k, v in np.load(f).items():
+            if k == "head/wte":
+                tied_copies.append(v)
+            elif k in got:  # another DP replica's copy: replicas must hold identical parameters
+                np.testing.assert_array_equal(v, got[k], err_msg=f"replicas disagree on {k}")
+            else:
+                got[k] = v
+    assert got.keys() == ref_params.keys()
+    for k, ref in ref_params.items():
+        np.testing.assert_allclose(got[k], ref, rtol=0, atol=2e-6, err_msg=k)
+    for wte in tied_copies:  # the last stage's copy of the tied embedding stays bit-identical
+        np.testing.assert_array_equal(wte, got["embed/wte"])
+
+
+def test_tiny_job_learns(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    run = run_mpi(4, ["-m", "jaxpipe", "train", "--set", "train.steps=30", "--metrics-out", str(metrics)])
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("jaxpipe 0.1.0: 4 ranks = PP 4 x DP 1 | schedule gpipe")
+    assert sum(1 for line in lines if line.startswith("step ")) == 30  # only global rank 0 reports
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert {"step", "loss", "iter_time_s", "tokens_per_s"} <= rows[0].keys()
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert first == pytest.approx(np.log(512), rel=0.05)  # starts at chance
+    assert last < 0.7 * first
+
+
+BAD_INPUT = {
+    "wrong_rank_count": (3, [], "mpiexec started 3 ranks but parallel.pp × parallel.dp = 4 × 1 = 4: launch with -n 4"),
+    "partition_gap": (2, ["parallel.pp=2", "parallel.partition=[[0,3],[4,8]]"],
+                      "partition has a gap: layers 3..3 belong to no stage (stage 1 starts at 4)"),
+    "microbatch_not_dividing": (4, ["train.micro_batch_size=3"],
+                                "train.micro_batch_size (3) must divide the per-replica batch"),
+    "missing_data_file": (4, ["data.source=tokens", "data.path=/nonexistent/train.bin"],
+                          "data.path: no such file '/nonexistent/train.bin'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_on_every_rank(case):
+    n, overrides, message = BAD_INPUT[case]
+    run = run_mpi(n, ["-m", "jaxpipe", "train", *sets(overrides)], timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.count("jaxpipe: error: " + message) == n, run.stderr  # once per rank
+    assert "step " not in run.stdout  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("match", "OK [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]"),
+        ("wrong_shape", "TransportError: stage 0 (rank 0) sent activation of micro-batch 1 at step 3 as 24 bytes "
+                        "of float32, but stage 1 (rank 1) expects float32[2,4] (32 bytes)"),
+        ("wrong_dtype", "TransportError: stage 0 (rank 0) sent activation of micro-batch 1 at step 3 as 12 bytes "
+                        "of bfloat16, but stage 1 (rank 1) expects float32[2,3] (24 bytes)"),
+        ("wrong_microbatch", "TransportError: stage 1 (rank 1) expected activation of micro-batch 1 at step 3 "
+                             "from stage 0 (rank 0) but received activation of micro-batch 2 at step 3"),
+    ],
+)
+def test_transport_checks_every_message(mode, expected):
+    run = run_mpi(2, ["tests/mpi_transport_check.py", mode], timeout=120)
+    assert expected in run.stdout, run.stdout + run.stderr

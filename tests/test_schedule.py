@@ -1,0 +1,38 @@
+import pytest
+
+from jaxpipe.schedule import GPipe, OneFOneB, Phase, Schedule, Task, check_consistent
+
+
+def names(tasks):
+    return " ".join(map(repr, tasks))
+
+
+def test_gpipe_order_per_stage():
+    s = GPipe(n_stages=3, n_microbatches=4)
+    for stage in range(3):  # Same order on every stage: all forwards, then backwards newest first.
+        assert names(s.tasks(stage)) == "F0 F1 F2 F3 B3 B2 B1 B0"
+    check_consistent(s)
+
+
+def test_1f1b_order_per_stage():
+    s = OneFOneB(n_stages=3, n_microbatches=4)
+    assert names(s.tasks(0)) == "F0 F1 F2 B0 F3 B1 B2 B3"
+    assert names(s.tasks(1)) == "F0 F1 B0 F2 B1 F3 B2 B3"
+    assert names(s.tasks(2)) == "F0 B0 F1 B1 F2 B2 F3 B3"
+    check_consistent(s)
+
+
+def test_1f1b_with_fewer_microbatches_than_stages():
+    s = OneFOneB(n_stages=4, n_microbatches=2)
+    assert names(s.tasks(0)) == "F0 F1 B0 B1"
+    check_consistent(s)
+
+
+def test_inconsistent_schedule_is_rejected():
+    class Broken(Schedule):
+        def tasks(self, stage):
+            order = [0, 1] if stage == 0 else [1, 0]
+            return [Task(i, Phase.FWD) for i in order] + [Task(i, Phase.BWD) for i in order]
+
+    with pytest.raises(ValueError, match=r"activations sent in order \[0, 1\] but consumed in \[1, 0\]"):
+        check_consistent(Broken(2, 2))
