@@ -43,12 +43,15 @@ class ModelConfig:
     n_head: int = 4
     seq_len: int = 128
     vocab_size: int = 512
-    # Compute dtype of activations and matmuls; parameters and optimizer state stay float32.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Compute dtype of activations, matmuls and messages; parameters and optimizer state stay float32.
+    # "auto": bfloat16 on GPU, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     # Stack a stage's blocks under nn.scan (one compiled block body: fast compiles) or unroll them.
     scan_blocks: bool = True
-    remat: Literal["none", "block"] = "none"
+    # Activation rematerialisation per block: keep nothing but block inputs ("block"), or keep the
+    # matmul outputs and recompute the cheap element-wise parts ("dots").
+    remat: Literal["none", "block", "dots"] = "none"
     init_std: float = 0.02
     ln_eps: float = 1e-5
 
@@ -63,7 +66,8 @@ class ParallelConfig:
     partition: str | list[int] | list[list[int]] = "balanced"
     # Relative speed of each stage's host, for `balanced` on unequal hosts (1.0 = nominal).
     stage_weights: list[float] | None = None
-    transport: Literal["mpi"] = "mpi"
+    # "mpi": mpi4py (CUDA-aware where the MPI library says so, host-staged otherwise); "nccl": GPU only.
+    transport: Literal["mpi", "nccl"] = "mpi"
     # How many receives each stage posts ahead of the task that needs them.
     recv_lookahead: int = 4
 
@@ -85,15 +89,40 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     log_every: int = 1
+    # Validation loss and perplexity every N steps through the same pipeline, forward only (0 = off),
+    # over at most `eval_batches` batches of `global_batch_size` validation samples.
+    eval_every: int = 0
+    eval_batches: int = 4
+    # Checkpoints every N steps and after the last step (0 = off), into `checkpoint_dir`, keeping the newest K.
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    # Loss scaling: "auto" is dynamic for float16 compute and off otherwise.
+    loss_scaling: Literal["auto", "off", "dynamic"] = "auto"
+    loss_scale_init: float = 65536.0
+    loss_scale_window: int = 1000  # Good steps before the scale doubles.
+    # A step whose loss or gradients are not finite: stop the job, or drop the step on every rank.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
 class DataConfig:
     source: Literal["synthetic", "tokens"] = "synthetic"
-    # Flat array of token ids (raw binary) for source=tokens.
+    # For source=tokens: a directory written by `jaxpipe prepare-data` (train.bin, val.bin, meta.json,
+    # tokenizer.json), or a flat array of token ids (raw binary, `dtype`).
     path: str | None = None
+    # Validation tokens (a flat file); by default the prepared directory's val.bin.
+    val_path: str | None = None
     dtype: Literal["uint16", "uint32"] = "uint16"
     seed: int = 1234
+    # Visit the training samples in a new random order each epoch (a function of `seed` and the epoch).
+    shuffle: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    # GPUs (or forced host devices on CPU) per process; > 1 shards each micro-batch over them.
+    devices_per_process: int = 1
 
 
 @dataclass
@@ -102,6 +131,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,7 +287,9 @@ def validate(cfg: Config) -> None:
         ("model.seq_len", m.seq_len), ("model.vocab_size", m.vocab_size), ("parallel.pp", p.pp),
         ("parallel.dp", p.dp), ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
         ("train.micro_batch_size", t.micro_batch_size), ("parallel.recv_lookahead", p.recv_lookahead),
-        ("train.log_every", t.log_every),
+        ("train.eval_batches", t.eval_batches), ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.log_every", t.log_every), ("runtime.devices_per_process", cfg.runtime.devices_per_process),
+        ("train.loss_scale_window", t.loss_scale_window),
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -273,6 +305,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.micro_batch_size ({t.micro_batch_size}) must divide the per-replica batch "
             f"(train.global_batch_size / parallel.dp = {cfg.batch_per_replica})"
+        )
+    k = cfg.runtime.devices_per_process
+    if t.micro_batch_size % k:
+        raise ConfigError(
+            f"train.micro_batch_size ({t.micro_batch_size}) must be divisible by runtime.devices_per_process ({k}): "
+            f"each micro-batch is split over the process's devices"
         )
     if cfg.num_microbatches > 4096:
         raise ConfigError(
@@ -293,3 +331,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr={t.lr}, min_lr={t.min_lr})")
     if cfg.data.source == "tokens" and not cfg.data.path:
         raise ConfigError("data.source is 'tokens' but data.path is not set")
+    if t.eval_every < 0 or t.checkpoint_every < 0:
+        raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 = off)")
+    if t.checkpoint_every and not t.checkpoint_dir:
+        raise ConfigError("train.checkpoint_every is set but train.checkpoint_dir is not")

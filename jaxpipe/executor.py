@@ -48,11 +48,15 @@ def run_step(
     grads: Params,
     batch: StepBatch,
     lookahead: int,
+    loss_scale: float = 1.0,
 ) -> tuple[Params, jax.Array | None]:
-    """Runs the tasks; returns the accumulated gradients and (last stage) the mean micro-batch loss."""
+    """Runs the tasks; returns the accumulated gradients and (last stage) the mean micro-batch loss.
+
+    The gradients are those of `loss_scale` × the mean loss over micro-batches.
+    """
     spec = program.spec
     n_micro = sum(1 for t in tasks if t.phase == Phase.FWD)
-    scale = jnp.float32(1.0 / n_micro)
+    scale = jnp.float32(loss_scale / n_micro)
     saved: dict[int, Any] = {}  # micro-batch -> vjp residuals (middle stages) or input gradient (last)
     losses: list[jax.Array] = []
 

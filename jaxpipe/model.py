@@ -28,12 +28,17 @@ _EMBED_KEY, _POS_KEY, _LAYER_KEY0 = 0, 1, 2
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    if cfg.dtype == "auto":
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
     return jnp.dtype(cfg.dtype)
 
 
-def _attention_impl(cfg: ModelConfig) -> str | None:
-    # None lets JAX pick cuDNN where it applies (GPU, half precision) and XLA elsewhere.
-    return None if cfg.attention == "auto" else cfg.attention
+def _attention_impl(cfg: ModelConfig) -> str:
+    """cuDNN flash attention on GPU in half precision (~1.5x XLA's on H100), XLA elsewhere."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    half = compute_dtype(cfg) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if (half and jax.default_backend() == "gpu") else "xla"
 
 
 class Block(nn.Module):
@@ -72,7 +77,10 @@ class Block(nn.Module):
 
 
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
-    return nn.remat(Block, prevent_cse=not cfg.scan_blocks) if cfg.remat == "block" else Block
+    if cfg.remat == "none":
+        return Block
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+    return nn.remat(Block, prevent_cse=not cfg.scan_blocks, policy=policy)
 
 
 class StageModel(nn.Module):
@@ -221,3 +229,10 @@ def flatten_per_layer(
         if not first:
             out["head/wte"] = params["wte"]
     return out
+
+
+def model_flops_per_token(cfg: ModelConfig) -> float:
+    """Model FLOPs (forward + backward, no recomputation) per trained token, LM head included:
+    3 × (layers × (24·d² + 4·s·d) + 2·d·V). GPT-3 XL at seq 2048: 9.07 GFLOP per token."""
+    d, s, v = cfg.d_model, cfg.seq_len, cfg.vocab_size
+    return 3.0 * (cfg.n_layer * (24 * d * d + 4 * s * d) + 2 * d * v)

@@ -61,11 +61,35 @@ class Optimizer:
     def init(self, params: Params) -> Any:
         return jax.jit(self.tx.init)(params)
 
-    def _update(self, params: Params, opt_state: Any, grads: Params, global_norm: jax.Array) -> tuple[Params, Any]:
+    def _update(self, params: Params, opt_state: Any, grads: Params, global_norm: jax.Array,
+                inv_loss_scale: jax.Array) -> tuple[Params, Any]:
+        """`grads` are of the loss times the loss scale; `global_norm` is already unscaled."""
+        grads = jax.tree.map(lambda g: g * inv_loss_scale, grads)
         grads = clip(grads, global_norm, self.train.grad_clip)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
 
-def global_norm_from_sq(sq_total: float) -> jax.Array:
-    return jnp.sqrt(jnp.float32(sq_total))
+class LossScaler:
+    """Dynamic loss scaling for float16 (halve and skip on overflow, double after a window of
+    good steps). Host-side state: every rank sees the same finite/overflow verdict, because the
+    verdict comes from the pipeline-wide gradient norm, so all ranks keep the same scale."""
+
+    def __init__(self, train: TrainConfig, compute_dtype: Any):
+        mode = train.loss_scaling
+        self.dynamic = mode == "dynamic" or (mode == "auto" and jnp.dtype(compute_dtype) == jnp.float16)
+        self.scale = float(train.loss_scale_init) if self.dynamic else 1.0
+        self.window = train.loss_scale_window
+        self._good = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.dynamic:
+            return
+        if not finite:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self._good = 0
+            return
+        self._good += 1
+        if self._good >= self.window:
+            self.scale *= 2.0
+            self._good = 0

@@ -41,11 +41,16 @@ def _tree_add(a: Params, b: Params) -> Params:
 
 
 class StageProgram:
-    """Owns the jitted programs of one stage; pure functions of (params, grads, inputs)."""
+    """Owns the jitted programs of one stage; pure functions of (params, grads, inputs).
 
-    def __init__(self, cfg: ModelConfig, spec: StageSpec, micro_batch_size: int):
+    With a `mesh` (several devices in this process) parameters and gradients are replicated and
+    every micro-batch is split along its batch axis; XLA inserts the gradient all-reduce.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: StageSpec, micro_batch_size: int, mesh: Any = None):
         self.cfg = cfg
         self.spec = spec
+        self.mesh = mesh
         self.module = StageModel(cfg, n_layers=spec.n_layers, first=spec.first, last=spec.last)
         self.act_spec = ArraySpec((micro_batch_size, cfg.seq_len, cfg.d_model), jnp.dtype(compute_dtype(cfg)).name)
         self.token_spec = ArraySpec((micro_batch_size, cfg.seq_len), "int32")
@@ -64,9 +69,33 @@ class StageProgram:
             self.act_spec.shape, self.act_spec.dtype)
         return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), x)["params"]
 
-    @partial(jax.jit, static_argnums=0)
     def zero_grads(self, params: Params) -> Params:
-        return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        return self._zero_grads(params)
+
+    @partial(jax.jit, static_argnums=0)
+    def _zero_grads(self, params: Params) -> Params:
+        # zeros_like keeps the parameters' sharding (replicated over the mesh, if any).
+        return jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+
+    # -- placement -----------------------------------------------------------------------------------
+    def place_params(self, tree: Params) -> Params:
+        if self.mesh is None:
+            return tree
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+    def place_input(self, x: Any) -> jax.Array:
+        """Activations or tokens of one micro-batch, split over the mesh's devices along the batch."""
+        if self.mesh is None:
+            return jax.device_put(x)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    @property
+    def devices(self) -> list[Any]:
+        return list(self.mesh.devices.flat) if self.mesh is not None else [jax.local_devices()[0]]
 
     # -- programs ----------------------------------------------------------------------------------
     def _apply(self, params: Params, x: jax.Array) -> jax.Array:

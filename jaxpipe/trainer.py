@@ -29,13 +29,14 @@ from jaxpipe.data import TokenSource, make_source, replica_sample_indices
 from jaxpipe.data_parallel import make_grad_sync
 from jaxpipe.errors import agree
 from jaxpipe.executor import StepBatch, run_step
-from jaxpipe.model import Params, init_stage_params, param_count
-from jaxpipe.optimizer import Optimizer
+from jaxpipe.model import Params, compute_dtype, init_stage_params, param_count
+from jaxpipe.optimizer import LossScaler, Optimizer
 from jaxpipe.partition import Partition, StageSpec, resolve_partition
+from jaxpipe.placement import assign_devices, local_mesh, peak_memory_bytes
 from jaxpipe.schedule import check_consistent, make_schedule
 from jaxpipe.stage import StageProgram
 from jaxpipe.topology import Topology
-from jaxpipe.transport import MpiTransport
+from jaxpipe.transport import make_transport
 
 
 @dataclass
@@ -46,6 +47,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean over the global batch, per step
     grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
     iter_times: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # steps dropped for non-finite values
+    peak_memory: list[int | None] = field(default_factory=list)  # per stage (global rank 0 only)
+    probe: Any = None
 
 
 def _bcast_tree(tree: Params, comm: Any, root: int) -> Params:
@@ -69,7 +73,7 @@ def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProg
     params = _bcast_tree(params, topo.dp_comm, root=0)
     if topo.tied is not None:  # The last stage's head starts from the first stage's embedding.
         params["wte"] = _bcast_tree(params["wte"], topo.tied, root=0)
-    return params
+    return program.place_params(params)
 
 
 def sync_tied_embedding(grads: Params, topo: Topology) -> Params:
@@ -82,24 +86,26 @@ def sync_tied_embedding(grads: Params, topo: Topology) -> Params:
     return {**grads, "wte": jnp.asarray(total)}
 
 
-def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int) -> StepBatch:
+def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int,
+                program: StageProgram) -> StepBatch:
     if source is None:
         return StepBatch(None, None)
     samples = source.samples(replica_sample_indices(cfg, step, topo.replica).reshape(-1))
     samples = samples.reshape(cfg.num_microbatches, cfg.train.micro_batch_size, -1)
-    inputs = [jax.device_put(s[:, :-1]) for s in samples] if topo.is_first else None
-    targets = [jax.device_put(s[:, 1:]) for s in samples] if topo.is_last else None
+    inputs = [program.place_input(s[:, :-1]) for s in samples] if topo.is_first else None
+    targets = [program.place_input(s[:, 1:]) for s in samples] if topo.is_last else None
     return StepBatch(inputs, targets)
 
 
-def describe(cfg: Config, topo: Topology, partition: Partition) -> str:
+def describe(cfg: Config, topo: Topology, partition: Partition, transport: str) -> str:
     m, p = cfg.model, cfg.parallel
     return (
         f"jaxpipe {__version__}: {topo.world.Get_size()} ranks = PP {p.pp} x DP {p.dp} | schedule {p.schedule} | "
         f"dp {p.dp_mode} | layers per stage {partition.counts} | model {m.preset} "
-        f"({param_count(m) / 1e6:.1f}M params, {m.dtype}) | batch {cfg.train.global_batch_size} = "
-        f"{p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | {jax.default_backend()} | "
-        f"transport {p.transport} | network emulation off"
+        f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
+        f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
+        f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {transport} | "
+        f"network emulation off"
     )
 
 
@@ -108,11 +114,17 @@ def train(
     comm: Any = None,
     metrics_out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    probe: Callable[[StageProgram, Params, Topology], Any] | None = None,
 ) -> TrainResult:
+    """Trains per `cfg` on this rank's stage. `probe`, if given, runs once after set-up and before
+    the first step (benchmarks use it to time a stage alone); its result is `TrainResult.probe`."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     log = log or (lambda s: print(s, flush=True))
     p = cfg.parallel
     topo = Topology.create(comm, p.pp, p.dp)
+    k = cfg.runtime.devices_per_process
+    agree(comm, lambda: assign_devices(comm, k))  # Before JAX touches a device.
+    mesh = agree(comm, lambda: local_mesh(k)) if k > 1 else None
     partition = agree(comm, lambda: resolve_partition(
         p.partition, cfg.model, p.pp, cfg.train.micro_batch_size, p.stage_weights))
     spec = partition.stage(topo.stage)
@@ -122,7 +134,7 @@ def train(
     if not needs_data:
         source = None
 
-    program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size)
+    program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size, mesh)
     schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches)
     check_consistent(schedule)
     tasks = schedule.tasks(topo.stage)
@@ -130,31 +142,52 @@ def train(
     optimizer = Optimizer(cfg.train)
     opt_state = optimizer.init(params)
     grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm)
-    transport = MpiTransport(topo.pipe, topo.stage, topo.world_rank_of)
+    transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
+                                                   program.place_input, single_device=mesh is None))
+    scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
     skip_tied = spec.last and not spec.first
     is_reporter = topo.rank == 0
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     result = TrainResult(partition=partition, stage=spec, params=params)
     metrics_file = open(metrics_out, "w") if (metrics_out and is_reporter) else None  # noqa: SIM115
     if is_reporter:
-        log(describe(cfg, topo, partition))
+        log(describe(cfg, topo, partition, transport.name))
+    if probe is not None:
+        result.probe = probe(program, params, topo)
 
     try:
         for step in range(cfg.train.steps):
-            batch = _step_batch(source, cfg, topo, step)
+            batch = _step_batch(source, cfg, topo, step, program)
             comm.Barrier()
             t0 = time.perf_counter()
             grads = program.zero_grads(params)
-            grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead)
-            grads = sync_tied_embedding(grads, topo)
-            grads = grad_sync(grads)
-            sq_total = topo.pipe.allreduce(float(program.sq_norm(grads, skip_tied)), op=MPI.SUM)
-            norm = math.sqrt(sq_total)
-            params, opt_state = optimizer.update(params, opt_state, grads, jnp.float32(norm))
+            grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead,
+                                   loss_scale=scaler.scale)
+            grads = program.place_params(grad_sync(sync_tied_embedding(grads, topo)))
+            # One small allreduce gives every stage the pipeline's gradient norm and loss, so all
+            # ranks take the same decision about a non-finite step (DP replicas agree already:
+            # their gradients were just averaged).
+            local = np.array([float(program.sq_norm(grads, skip_tied)), float(loss) if loss is not None else 0.0])
+            sq_total, pipe_loss = topo.pipe.allreduce(local, op=MPI.SUM)
+            finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
+            norm = math.sqrt(sq_total) / scaler.scale if finite else float("nan")
+            if finite:
+                params, opt_state = optimizer.update(params, opt_state, grads, jnp.float32(norm),
+                                                     jnp.float32(1.0 / scaler.scale))
             jax.block_until_ready(params)
             dt = time.perf_counter() - t0
+            scaler.update(finite)
+            if not finite:
+                if not scaler.dynamic and cfg.train.on_nonfinite == "stop":
+                    raise FloatingPointError(
+                        f"step {step + 1}: loss {pipe_loss} / gradient norm² {sq_total} is not finite "
+                        f"(set train.on_nonfinite=skip to drop such steps)")
+                result.skipped_steps.append(step)
+                if is_reporter:
+                    log(f"step {step + 1:>5} | skipped: non-finite loss or gradients"
+                        + (f" (loss scale now {scaler.scale:g})" if scaler.dynamic else ""))
             # Each pipeline's loss lives on its last stage; average the replicas for the report.
-            mean_loss = comm.allreduce(float(loss) if loss is not None else 0.0, op=MPI.SUM) / p.dp
+            mean_loss = comm.allreduce(pipe_loss if topo.is_last else 0.0, op=MPI.SUM) / p.dp
             result.losses.append(mean_loss)
             result.grad_norms.append(norm)
             result.iter_times.append(dt)
@@ -173,9 +206,12 @@ def train(
         if metrics_file is not None:
             metrics_file.close()
     result.params = params
+    peaks = comm.gather(peak_memory_bytes(program.devices), root=0)
     if is_reporter and result.iter_times:
+        result.peak_memory = [peaks[s] for s in range(p.pp)]
         steady = result.iter_times[1:] or result.iter_times
+        mem = " ".join(f"{x / 2**30:.2f}" if x is not None else "n/a" for x in result.peak_memory)
         log(f"done: {cfg.train.steps} steps, mean iteration {np.mean(steady):.3f} s (first step excluded), "
-            f"final loss {result.losses[-1]:.4f}")
+            f"final loss {result.losses[-1]:.4f}, peak device memory per stage (GiB): {mem}")
     sys.stdout.flush()
     return result

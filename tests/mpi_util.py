@@ -42,10 +42,11 @@ class Run:
     stderr: str
 
 
-def run_mpi(n: int, args: list[str], timeout: float = 240) -> Run:
+def run_mpi(n: int, args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> Run:
     """`mpiexec -n N python ARGS...`; the whole process group is killed on timeout."""
     cmd = [*mpiexec(), "-n", str(n), sys.executable, *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**test_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -38,13 +38,17 @@ LAYOUTS = {
     "pp3_1f1b_unrolled": (3, ["parallel.pp=3", "parallel.dp=1", "parallel.schedule=1f1b",
                               "model.scan_blocks=false", "parallel.partition=[[0,3],[3,4],[4,6]]"]),
     "pp1xdp2_allreduce": (2, ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce"]),
+    # One process per host with several devices: each stage sharded over 2 (forced) CPU devices.
+    "pp2_two_devices_per_rank": (2, ["parallel.pp=2", "parallel.dp=1", "runtime.devices_per_process=2"]),
 }
+ENV = {"pp2_two_devices_per_rank": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_equals_single_process(tmp_path, layout):
     n, parallel = LAYOUTS[layout]
-    run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(tmp_path), *sets(MODEL + TRAIN + parallel)])
+    run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(tmp_path), *sets(MODEL + TRAIN + parallel)],
+                  env=ENV.get(layout))
     assert run.returncode == 0, run.stderr
     ref_losses, ref_norms, ref_params = reference()
     result = json.loads((tmp_path / "result.json").read_text())

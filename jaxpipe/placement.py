@@ -1,0 +1,87 @@
+"""Which accelerators this process uses, decided from MPI alone (no launcher-specific variables).
+
+Processes on one host find each other with an MPI shared-memory split; local rank r with
+`runtime.devices_per_process = k` takes the k GPUs [r·k, (r+1)·k) of those visible to the host.
+This must run before JAX initialises its backend, because CUDA reads CUDA_VISIBLE_DEVICES once;
+afterwards each process sees exactly its own GPUs as devices 0..k-1 (and so does CuPy/NCCL).
+With k > 1 the stage is sharded over its devices (`local_mesh`): the micro-batch is split across
+them and the stage's gradients are reduced inside the process by XLA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mpi4py import MPI
+
+from jaxpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Placement:
+    local_rank: int
+    local_size: int
+    visible: str | None  # what this process set CUDA_VISIBLE_DEVICES to, if it set it
+
+
+def _backend_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge._backends)
+    except Exception:  # pragma: no cover - private API moved; assume the safe answer
+        return False
+
+
+def assign_devices(world: Any, devices_per_process: int) -> Placement:
+    """Restricts this process to its local GPUs; a no-op for the devices a CPU-only run uses."""
+    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    chosen = None
+    if not _backend_initialized():
+        ids = visible.split(",") if visible else [str(i) for i in range(local_size * devices_per_process)]
+        if visible and len(ids) < local_size * devices_per_process:
+            raise ConfigError(
+                f"{local_size} ranks on this host × runtime.devices_per_process={devices_per_process} need "
+                f"{local_size * devices_per_process} GPUs but CUDA_VISIBLE_DEVICES lists {len(ids)}: start fewer "
+                f"ranks per host or lower runtime.devices_per_process"
+            )
+        chosen = ",".join(ids[local_rank * devices_per_process : (local_rank + 1) * devices_per_process])
+        os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return Placement(local_rank, local_size, chosen)
+
+
+def local_devices(devices_per_process: int) -> list[Any]:
+    import jax
+
+    devices = jax.local_devices()
+    if len(devices) < devices_per_process:
+        hint = ("on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N"
+                if devices and devices[0].platform == "cpu" else "check CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"runtime.devices_per_process={devices_per_process} but this process sees {len(devices)} "
+            f"{devices[0].platform if devices else ''} device(s): {hint}"
+        )
+    return devices[:devices_per_process]
+
+
+def local_mesh(devices_per_process: int) -> Any:
+    """A 1-D mesh over this process's devices; axis 'data' splits each micro-batch."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(local_devices(devices_per_process)), ("data",))
+
+
+def peak_memory_bytes(devices: list[Any]) -> int | None:
+    """Largest peak allocation over the given devices, where the backend reports one (GPU)."""
+    peaks = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None

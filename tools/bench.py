@@ -1,0 +1,231 @@
+"""GPU/CPU benchmarks, timed as the original DT-FM did: a global barrier, 10 iterations, the first
+dropped, the mean of the rest, reported by global rank 0.
+
+    mpiexec -n 4 python tools/bench.py pipeline --config configs/gpt3_xl.yaml [--set k=v ...] [--json out.jsonl]
+    python tools/bench.py single --config configs/gpt3_xl.yaml [--set ...]     # whole model on one device
+    mpiexec -n 2 python tools/bench.py transport --transport nccl --mib 8 16   # per-message time
+
+`pipeline` also measures, in the same run, each stage's forward+backward of one iteration's
+micro-batches alone (no communication): the stage ceiling. The pipeline bound is
+slowest stage × (M + P − 1) / M and efficiency = bound / measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def _config(args: argparse.Namespace):
+    from jaxpipe.config import load_config
+
+    return load_config(args.config, [*args.overrides, f"train.steps={args.iters}"])
+
+
+def _random_inputs(program, cfg, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+
+    spec = program.spec
+    key = jax.random.PRNGKey(seed)
+    mb, seq = cfg.train.micro_batch_size, cfg.model.seq_len
+    tokens = jax.random.randint(key, (mb, seq), 0, cfg.model.vocab_size, jnp.int32)
+    act = jax.random.normal(key, program.act_spec.shape, jnp.float32).astype(program.act_spec.dtype)
+    x = program.place_input(tokens if spec.first else act)
+    return x, program.place_input(tokens), program.place_input(act)
+
+
+def stage_ceiling(program, params, cfg, reps: int = 3) -> float:
+    """Seconds for this stage to run forward + backward of M micro-batches with no communication."""
+    import jax
+    import jax.numpy as jnp
+
+    M = cfg.num_microbatches
+    x, targets, g = _random_inputs(program, cfg)
+    scale = jnp.float32(1.0 / M)
+
+    def one_pass():
+        grads = program.zero_grads(params)
+        if program.spec.last:
+            for _ in range(M):
+                grads, _, _ = program.forward_backward_loss(params, grads, x, targets, scale)
+        else:
+            saved = [program.forward(params, x)[1] for _ in range(M)]
+            while saved:
+                grads, _ = program.backward(grads, saved.pop(), g)
+        jax.block_until_ready(grads)
+
+    one_pass()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from mpi4py import MPI
+
+    from jaxpipe.model import model_flops_per_token
+    from jaxpipe.trainer import train
+
+    cfg = _config(args)
+    comm = MPI.COMM_WORLD
+    res = train(cfg, log=(print if args.verbose else (lambda s: None)),
+                probe=lambda program, params, topo: stage_ceiling(program, params, cfg))
+    ceilings = comm.gather(res.probe, root=0)
+    if comm.Get_rank() != 0:
+        return
+    p, t = cfg.parallel, cfg.train
+    P, M = p.pp, cfg.num_microbatches
+    per_stage = ceilings[:P]  # replica 0's stages
+    measured = float(np.mean(res.iter_times[1:]))
+    bound = max(per_stage) * (M + P - 1) / M
+    tokens = t.global_batch_size * cfg.model.seq_len
+    n_dev = comm.Get_size() * cfg.runtime.devices_per_process
+    tflops = model_flops_per_token(cfg.model) * tokens / measured / n_dev / 1e12
+    row = {
+        "mode": "pipeline", "pp": P, "dp": p.dp, "devices_per_process": cfg.runtime.devices_per_process,
+        "micro_batch": t.micro_batch_size, "M": M, "schedule": p.schedule, "transport": p.transport,
+        "partition": res.partition.counts, "scan_blocks": cfg.model.scan_blocks, "remat": cfg.model.remat,
+        "iter_s": measured, "iter_times": res.iter_times, "tokens_per_s": tokens / measured,
+        "tflops_per_device": tflops, "mfu": tflops / H100_BF16_DENSE_TFLOPS, "stage_ceiling_s": per_stage,
+        "bound_s": bound, "efficiency": bound / measured, "peak_mem_gib": [
+            (x / 2**30 if x is not None else None) for x in res.peak_memory],
+        "label": args.label,
+    }
+    print(f"[{args.label}] PP={P} DP={p.dp} mb={t.micro_batch_size} M={M} {p.schedule} {p.transport} "
+          f"partition={res.partition.counts} scan={cfg.model.scan_blocks} remat={cfg.model.remat}")
+    print(f"  iteration {measured:.3f} s | {tokens / measured:,.0f} tok/s | {tflops:.0f} TFLOP/s per device | "
+          f"MFU {tflops / H100_BF16_DENSE_TFLOPS:.1%}")
+    print(f"  stage ceilings (s per iteration): {' '.join(f'{c:.3f}' for c in per_stage)} | bound {bound:.3f} s | "
+          f"efficiency {bound / measured:.3f}")
+    print(f"  peak memory per stage (GiB): {row['peak_mem_gib']}", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def cmd_single(args: argparse.Namespace) -> None:
+    """The whole model on one device, gradient accumulation over the same global batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpipe.model import init_stage_params, model_flops_per_token
+    from jaxpipe.optimizer import Optimizer
+    from jaxpipe.partition import Partition
+    from jaxpipe.placement import local_mesh, peak_memory_bytes
+    from jaxpipe.stage import StageProgram
+
+    cfg = _config(args)
+    L = cfg.model.n_layer
+    k = cfg.runtime.devices_per_process
+    mesh = local_mesh(k) if k > 1 else None
+    spec = Partition.from_counts([L]).stage(0)
+    program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size, mesh)
+    params = program.place_params(init_stage_params(cfg.model, 0, range(L), True, True))
+    opt = Optimizer(cfg.train)
+    state = opt.init(params)
+    M = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    x, targets, _ = _random_inputs(program, cfg)
+    scale = jnp.float32(1.0 / M)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        grads = program.zero_grads(params)
+        for _ in range(M):
+            grads, _, _ = program.forward_backward_loss(params, grads, x, targets, scale)
+        norm = jnp.sqrt(program.sq_norm(grads, False))
+        params, state = opt.update(params, state, grads, norm, jnp.float32(1.0))
+        jax.block_until_ready(params)
+        times.append(time.perf_counter() - t0)
+    measured = float(np.mean(times[1:]))
+    tokens = cfg.train.global_batch_size * cfg.model.seq_len
+    tflops = model_flops_per_token(cfg.model) * tokens / measured / k / 1e12
+    peak = peak_memory_bytes(program.devices)
+    row = {"mode": "single", "devices": k, "micro_batch": cfg.train.micro_batch_size, "M": M, "iter_s": measured,
+           "iter_times": times, "tflops_per_device": tflops, "scan_blocks": cfg.model.scan_blocks,
+           "peak_mem_gib": peak / 2**30 if peak else None, "label": args.label}
+    print(f"[{args.label}] whole model on {k} device(s), mb={cfg.train.micro_batch_size} x {M}: iteration "
+          f"{measured:.3f} s | {tflops:.0f} TFLOP/s per device | peak {row['peak_mem_gib']} GiB", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def cmd_transport(args: argparse.Namespace) -> None:
+    """Ping-pong between ranks 0 and 1 through a jaxpipe transport: one-way time per message."""
+    import jax
+    import jax.numpy as jnp
+    from mpi4py import MPI
+
+    from jaxpipe.schedule import Phase
+    from jaxpipe.stage import ArraySpec
+    from jaxpipe.transport import MsgKey, make_transport
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    from jaxpipe.placement import assign_devices
+
+    assign_devices(comm, 1)
+    t = make_transport(args.transport, comm, rank, lambda s: s)
+    for mib in args.mib:
+        n = mib * 2**20 // 2
+        spec = ArraySpec((n,), "bfloat16")
+        x = jax.device_put(jnp.ones((n,), jnp.bfloat16))
+        times = []
+        for i in range(args.reps + 2):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                t.send(MsgKey(i, 0, Phase.FWD), 1, x)
+                y = t.recv(MsgKey(i, 0, Phase.BWD), 1, spec)
+                y.block_until_ready()
+                t.flush()
+            else:
+                y = t.recv(MsgKey(i, 0, Phase.FWD), 0, spec)
+                t.send(MsgKey(i, 0, Phase.BWD), 0, y)
+                t.flush()
+            times.append((time.perf_counter() - t0) / 2)
+        if rank == 0:
+            one_way = float(np.median(times[2:]))
+            print(f"[{args.label}] transport {t.name}: {mib} MiB bf16 one-way {one_way * 1e3:.2f} ms "
+                  f"({mib * 2**20 / one_way / 1e9:.1f} GB/s)", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"mode": "transport", "transport": t.name, "mib": mib,
+                                        "one_way_s": one_way, "label": args.label}) + "\n")
+    t.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("pipeline", "single", "transport"):
+        p = sub.add_parser(name)
+        p.add_argument("--config")
+        p.add_argument("--set", dest="overrides", action="append", default=[])
+        p.add_argument("--iters", type=int, default=10)
+        p.add_argument("--json")
+        p.add_argument("--label", default=name)
+        p.add_argument("--verbose", action="store_true")
+        if name == "transport":
+            p.add_argument("--transport", default="mpi")
+            p.add_argument("--mib", type=int, nargs="+", default=[8, 16])
+            p.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    {"pipeline": cmd_pipeline, "single": cmd_single, "transport": cmd_transport}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
