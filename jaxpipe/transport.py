@@ -340,7 +340,11 @@ class CudaAwareMpi(ThreadedTransport):
 class Nccl(ThreadedTransport):
     """NCCL send/recv on the JAX buffers. Per neighbour pair two 2-rank communicators, one per
     direction, so the sender thread and the receiver thread never share a communicator and each
-    communicator sees its operations in the one order the schedule fixes."""
+    communicator sees its operations in the one order the schedule fixes. Every CuPy operation runs
+    on this transport's own non-blocking streams (one per peer and direction): work on CUDA's legacy
+    default stream would wait for all of JAX's queued compute and serialise the pipeline. Sends are
+    only enqueued (completion is awaited at `flush`), so a send waiting for its receiver never holds
+    up a send to the other neighbour."""
 
     name = "nccl"
 
@@ -355,6 +359,7 @@ class Nccl(ThreadedTransport):
         n = comm.Get_size()
         # comms[(a, b)]: the communicator carrying messages from stage a to stage b (|a - b| = 1).
         self._comms: dict[tuple[int, int], Any] = {}
+        self._streams: dict[tuple[int, int], Any] = {}
         cupy.cuda.Device(0).use()
         for lo in range(n - 1):  # Stages set up pairs in one global order: no init deadlock.
             if stage not in (lo, lo + 1):
@@ -366,46 +371,47 @@ class Nccl(ThreadedTransport):
                 else:
                     uid = comm.recv(source=lo, tag=900 + src)
                 self._comms[(src, dst)] = nccl.NcclCommunicator(2, uid, 0 if stage == lo else 1)
-        self._send_stream = cupy.cuda.Stream(non_blocking=True)
-        self._recv_stream = cupy.cuda.Stream(non_blocking=True)
+                self._streams[(src, dst)] = cupy.cuda.Stream(non_blocking=True)
         super().__init__(stage, world_rank_of)
 
     def _peer_rank(self, peer: int) -> int:
         return 0 if peer < self.stage else 1
-
-    def _thread_device(self) -> None:
-        self._cupy.cuda.Device(0).use()
 
     def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
         return None  # NCCL receives are issued in order by the receiver thread.
 
     def complete_recv(self, key: MsgKey, peer: int, spec: ArraySpec, handle: Any) -> jax.Array:
         cp, nccl = self._cupy, self._nccl
-        self._thread_device()
-        comm = self._comms[(peer, self.stage)]
-        hdr = cp.empty(_HEADER_LEN, cp.int64)
-        comm.recv(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, self._peer_rank(peer), self._recv_stream.ptr)
-        self._recv_stream.synchronize()
-        self.check_header(key, peer, spec, cp.asnumpy(hdr))  # Size is checked before the payload is posted.
-        payload = cp.empty(spec.nbytes, cp.uint8)
-        comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, self._peer_rank(peer), self._recv_stream.ptr)
-        self._recv_stream.synchronize()
-        return _from_bytes_on_device(payload, spec)
+        cp.cuda.Device(0).use()
+        link = (peer, self.stage)
+        comm, stream = self._comms[link], self._streams[link]
+        with stream:
+            hdr = cp.empty(_HEADER_LEN, cp.int64)
+            comm.recv(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
+            host_hdr = hdr.get(stream=stream)  # Synchronises this stream only.
+            self.check_header(key, peer, spec, host_hdr)  # Size is checked before the payload is posted.
+            payload = cp.empty(spec.nbytes, cp.uint8)
+            comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
+            stream.synchronize()
+            return _from_bytes_on_device(payload, spec)
 
     def start_send(self, key: MsgKey, peer: int, x: jax.Array) -> Any:
         cp, nccl = self._cupy, self._nccl
-        self._thread_device()
-        buf, _ = _as_bytes_on_device(x)  # `x` itself stays referenced by the caller until we return.
-        comm = self._comms[(self.stage, peer)]
-        hdr = cp.asarray(make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name))
-        rank = self._peer_rank(peer)
-        comm.send(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, self._send_stream.ptr)
-        comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, rank, self._send_stream.ptr)
-        self._send_stream.synchronize()  # `x` may be freed once this returns.
-        return None
+        cp.cuda.Device(0).use()
+        link = (self.stage, peer)
+        comm, stream = self._comms[link], self._streams[link]
+        buf, keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`.
+        with stream:
+            hdr = cp.asarray(make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name))
+            rank = self._peer_rank(peer)
+            comm.send(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
+            comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, rank, stream.ptr)
+            done = stream.record()
+        return done, hdr, buf, keep, x  # Buffers stay referenced until `done` has passed.
 
     def finish_sends(self, handles: list[Any]) -> None:
-        return None  # start_send already waited for each send.
+        for done, *_ in handles:
+            done.synchronize()
 
     def close(self) -> None:
         super().close()

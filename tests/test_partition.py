@@ -43,7 +43,8 @@ def test_bad_counts_are_rejected():
 def test_balanced_gives_the_head_stage_fewer_layers():
     cfg = load_config(None, ["model.preset=xl"]).model
     costs = StageCosts.estimate(cfg)
-    assert 1.5 < costs.head / costs.layer < 2.0  # the LM head is ~1.75 GPT-3 XL layers
+    # The head's FLOPs are 1.75 layers; with its float32 logits traffic it measures ~2.8 on H100.
+    assert 2.0 < costs.head / costs.layer < 3.0
     part = balanced(24, 4, costs)
     assert sum(part.counts) == 24
     assert part.counts[-1] < 6 and max(part.counts) == 7

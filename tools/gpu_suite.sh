@@ -31,21 +31,23 @@ for group in "$@"; do
     transport)
       run 120 2 transport-mpi transport --transport mpi --mib 8 16 32
       run 120 2 transport-nccl transport --transport nccl --mib 8 16 32;;
-    xl_mb4)
-      run 420 4 pp4-mb4-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl
-      run 420 4 pp4-mb4-gpipe-dots-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=nccl;;
-    xl_mb1)
-      run 420 4 pp4-mb1-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=1 --set parallel.schedule=1f1b --set parallel.transport=nccl;;
-    xl_mb2)
-      run 420 4 pp4-mb2-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=2 --set parallel.schedule=1f1b --set parallel.transport=nccl;;
+    xl_mb4)  # the main configuration, then the same programs (cached) over host-staged MPI
+      run 170 4 pp4-mb4-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl
+      run 120 4 pp4-mb4-1f1b-mpi pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=mpi;;
     xl_even)
-      run 420 4 pp4-mb4-1f1b-nccl-even pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl --set parallel.partition=even;;
-    xl_mpi)
-      run 420 4 pp4-mb4-1f1b-mpi pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=mpi;;
+      run 150 4 pp4-mb4-1f1b-nccl-even pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl --set parallel.partition=even;;
+    xl_mb2)
+      run 150 4 pp4-mb2-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=2 --set parallel.schedule=1f1b --set parallel.transport=nccl;;
+    xl_mb1)
+      run 170 4 pp4-mb1-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=1 --set parallel.schedule=1f1b --set parallel.transport=nccl;;
+    xl_gpipe)
+      run 150 4 pp4-mb4-gpipe-dots-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=nccl;;
+    xl_scan)
+      run 150 4 pp4-mb4-1f1b-nccl-scan pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl --set model.scan_blocks=true;;
     single)
-      run 420 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 6;;
+      run 150 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 6;;
     spmd)
-      run 420 1 spmd-pp1-4gpu pipeline "${XL[@]}" --set parallel.pp=1 --set runtime.devices_per_process=4 --set train.micro_batch_size=16;;
+      run 150 1 spmd-pp1-4gpu pipeline "${XL[@]}" --set parallel.pp=1 --set runtime.devices_per_process=4 --set train.micro_batch_size=16;;
     *) log "unknown group $group";;
   esac
 done
