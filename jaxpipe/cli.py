@@ -1,6 +1,7 @@
 """`jaxpipe` command line: `mpiexec -n N jaxpipe train --config FILE [--set key=value ...]`.
 
-Also, each on one process: `prepare-data` (text to tokenizer + token files) and `demo-corpus`.
+Also, each on one process: `prepare-data` (text to tokenizer + token files), `demo-corpus`,
+`export-hf` (checkpoint to a Hugging Face GPT-2 directory) and `generate` (sample from a checkpoint).
 
 Bad input (config, partition, rank count, data files) prints one `jaxpipe: error:` line on every
 rank and exits with status 2 before anything is compiled. Any other exception on any rank prints
@@ -24,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set parallel.pp=2 (repeatable)")
     train.add_argument("--metrics-out", help="write one JSON object per step to this file (global rank 0)")
+    train.add_argument("--resume", metavar="PATH|auto",
+                       help="continue from a checkpoint (a step_N directory or a checkpoint directory's newest), "
+                            "or 'auto': the newest in train.checkpoint_dir if there is one")
     part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
     part.add_argument("--config")
     part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -38,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-corpus", help="write a ~1 MB public-domain text corpus (Shakespeare; needs the "
                           "'demo' extra)")
     demo.add_argument("out", metavar="OUT.txt")
+    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face GPT-2 model directory")
+    export.add_argument("checkpoint", metavar="CHECKPOINT")
+    export.add_argument("out", metavar="OUT_DIR")
+    export.add_argument("--tokenizer", help="tokenizer.json (default: the one saved in the checkpoint)")
+    gen = sub.add_parser("generate", help="sample text from a checkpoint (one process)")
+    gen.add_argument("checkpoint", metavar="CHECKPOINT")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", help="tokenizer.json (default: the one saved in the checkpoint)")
     return parser
 
 
@@ -76,6 +93,16 @@ def _cmd_single_process(args: argparse.Namespace) -> None:
         from jaxpipe.prepare import write_demo_corpus
 
         write_demo_corpus(args.out)
+    elif args.command == "export-hf":
+        from jaxpipe.hf_export import export_hf
+
+        export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
+    elif args.command == "generate":
+        from jaxpipe.generate import Sampler
+
+        sampler = Sampler(args.checkpoint, tokenizer=args.tokenizer)
+        print(sampler.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, greedy=args.greedy, seed=args.seed), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "partition":
             _cmd_partition(args)
             return
-        if args.command in ("prepare-data", "demo-corpus"):
+        if args.command in ("prepare-data", "demo-corpus", "export-hf", "generate"):
             _cmd_single_process(args)
             return
         from jaxpipe.config import load_config
@@ -92,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         from jaxpipe.trainer import train
 
-        train(cfg, metrics_out=args.metrics_out)
+        train(cfg, metrics_out=args.metrics_out, resume=args.resume)
     except ConfigError as e:
         sys.stderr.write(f"jaxpipe: error: {e}\n")  # One write per line: ranks share the terminal.
         sys.stderr.flush()

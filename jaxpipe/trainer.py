@@ -33,6 +33,7 @@ from jaxpipe.model import Params, compute_dtype, init_stage_params, param_count
 from jaxpipe.optimizer import LossScaler, Optimizer
 from jaxpipe.partition import Partition, StageSpec, resolve_partition
 from jaxpipe.placement import assign_devices, local_mesh, peak_memory_bytes
+from jaxpipe.run_hooks import RunHooks
 from jaxpipe.schedule import check_consistent, make_schedule
 from jaxpipe.stage import StageProgram
 from jaxpipe.topology import Topology
@@ -115,6 +116,7 @@ def train(
     metrics_out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     probe: Callable[[StageProgram, Params, Topology], Any] | None = None,
+    resume: str | None = None,
 ) -> TrainResult:
     """Trains per `cfg` on this rank's stage. `probe`, if given, runs once after set-up and before
     the first step (benchmarks use it to time a stage alone); its result is `TrainResult.probe`."""
@@ -152,11 +154,14 @@ def train(
     metrics_file = open(metrics_out, "w") if (metrics_out and is_reporter) else None  # noqa: SIM115
     if is_reporter:
         log(describe(cfg, topo, partition, transport.name))
+    # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.run_hooks.
+    hooks = RunHooks(cfg, topo, spec, program, transport, partition, log)
+    params, opt_state, start_step = hooks.restore(params, opt_state, resume)
     if probe is not None:
         result.probe = probe(program, params, topo)
 
     try:
-        for step in range(cfg.train.steps):
+        for step in range(start_step, cfg.train.steps):
             batch = _step_batch(source, cfg, topo, step, program)
             comm.Barrier()
             t0 = time.perf_counter()
@@ -201,6 +206,7 @@ def train(
                     "grad_norm": norm, "lr": float(optimizer.schedule(step)),
                 }) + "\n")
                 metrics_file.flush()
+            hooks.after_step(step + 1, params, opt_state, metrics_file)
     finally:
         transport.close()
         if metrics_file is not None:

@@ -1,0 +1,361 @@
+"""Checkpoints: one orbax item per layer, written by the stages in parallel, committed atomically.
+
+Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
+
+    embed/        orbax PyTree {"params": {wte, wpe}, "opt": {<slot>: same}}       written by stage 0
+    layer_<i>/    {"params": <block i>, "opt": {"0_mu": <block i>, "0_nu": ...}}  by the stage holding i
+    head/         {"params": {"ln_f": ...}, "opt": ...}                            by the last stage
+    state.json    step, data position, seeds, optimizer counters, the run's config
+    tokenizer.json  copied from the prepared data directory, when there is one
+    COMMIT        written last
+
+The layout is per layer, never per stage (keys as in `jaxpipe.model.flatten_per_layer`), so a
+checkpoint written with one partition (PP, DP, layer split, scanned or unrolled blocks) loads into
+a run with any other, and into the single-process model for sampling and export. The tied head's
+`wte` is the embedding's (the trainer keeps both copies bit-identical), so only stage 0 writes it.
+
+Writing: global rank 0 creates `step_N.tmp/`; after a barrier, DP replica 0 of every stage writes its
+items into it (each process its own item directories: orbax's multi-host coordination assumes
+`jax.distributed`, which an MPI job does not start, so every process uses orbax as a single host);
+after a second barrier rank 0 writes state.json and COMMIT, fsyncs, and renames the directory to
+`step_N/`. The rename is the commit: a job killed at any point before it leaves the previous
+checkpoints untouched and at most a `.tmp` directory that readers ignore and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpipe.config import ModelConfig
+from jaxpipe.errors import ConfigError
+from jaxpipe.model import Params, StageModel, assemble_stage_params, flatten_per_layer
+from jaxpipe.partition import StageSpec
+
+FORMAT = "jaxpipe.checkpoint.v1"
+STATE_FILE = "state.json"
+COMMIT_FILE = "COMMIT"
+TOKENIZER_FILE = "tokenizer.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+# Model fields that fix parameter shapes: a checkpoint loads only into a model that agrees on all.
+SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def committed(root: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if (m := _STEP_RE.match(d.name)) and (d / COMMIT_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest(root: str | Path) -> Path | None:
+    steps = committed(root)
+    return steps[-1][1] if steps else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest one inside a checkpoint root."""
+    p = Path(path)
+    if (p / COMMIT_FILE).is_file():
+        return p
+    if (newest := latest(p)) is not None:
+        return newest
+    if p.is_dir() and (p / STATE_FILE).is_file():
+        raise ConfigError(f"checkpoint '{p}' was never committed (its save was interrupted)")
+    raise ConfigError(f"no checkpoint at '{p}' (expected a step_N directory or a directory holding them)")
+
+
+def read_state(ckpt: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(ckpt) / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint '{ckpt}': cannot read {STATE_FILE}: {e}") from None
+
+
+def model_config(state: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    return ModelConfig(**{**state["config"]["model"], **overrides})
+
+
+def check_compatible(state: Mapping[str, Any], model: ModelConfig, ckpt: str | Path) -> None:
+    saved = state["config"]["model"]
+    diff = [f"model.{k} {saved[k]} (checkpoint) vs {getattr(model, k)}" for k in SHAPE_FIELDS
+            if saved[k] != getattr(model, k)]
+    if diff:
+        raise ConfigError(f"checkpoint '{ckpt}' is of another model: {'; '.join(diff)}")
+
+
+# ---- Per-layer items ---------------------------------------------------------------------------------
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _per_item(model: ModelConfig, spec: StageSpec, tree: Params) -> dict[str, dict[str, Any]]:
+    """A stage-shaped tree as {item: nested per-layer tree}, without the head's copy of `wte`."""
+    flat = flatten_per_layer(model, spec.layers, spec.first, spec.last, tree)
+    flat.pop("head/wte", None)
+    return _unflatten({k: np.asarray(v) for k, v in flat.items()})
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _is_moment(x: Any) -> bool:
+    # Optimizer slots shaped like the parameters (Adam's mu and nu) are dicts; counters are arrays.
+    return isinstance(x, dict)
+
+
+def _opt_parts(opt_state: Any) -> tuple[dict[str, Params], dict[str, Any]]:
+    """({slot: params-shaped tree}, {path: scalar leaf}) of an optax state."""
+    moments, scalars = {}, {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_moment)[0]:
+        if _is_moment(leaf):
+            moments["_".join(_key_name(k) for k in path)] = leaf
+        else:
+            scalars[jax.tree_util.keystr(path)] = leaf
+    return moments, scalars
+
+
+def stage_items(model: ModelConfig, spec: StageSpec, params: Params, opt_state: Any) -> dict[str, Any]:
+    """What this stage writes: {item name: {"params": ..., "opt": {slot: ...}}}."""
+    items = {name: {"params": tree, "opt": {}} for name, tree in _per_item(model, spec, params).items()}
+    for slot, tree in _opt_parts(opt_state)[0].items():
+        for name, sub in _per_item(model, spec, tree).items():
+            items[name]["opt"][slot] = sub
+    return items
+
+
+def opt_scalars(opt_state: Any) -> dict[str, dict[str, Any]]:
+    """Optimizer counters (the same on every stage: they count updates), JSON-ready and exact."""
+    out = {}
+    for path, leaf in _opt_parts(opt_state)[1].items():
+        value = np.asarray(leaf)
+        out[path] = {"dtype": value.dtype.name, "value": value.tolist()}
+    return out
+
+
+def item_names(spec: StageSpec) -> list[str]:
+    """The items a stage reads (the last stage reads its tied `wte` from `embed`)."""
+    names = ["embed"] if (spec.first or spec.last) else []
+    names += [f"layer_{i}" for i in spec.layers]
+    return names + (["head"] if spec.last else [])
+
+
+# ---- Writing ----------------------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(
+    root: str | Path,
+    step: int,
+    *,
+    comm: Any,
+    writer: bool,
+    model: ModelConfig,
+    spec: StageSpec,
+    params: Params,
+    opt_state: Any,
+    state: dict[str, Any],
+    files: Mapping[str, str | Path] | None = None,
+    keep: int = 0,
+    pause_before_commit: float = 0.0,
+) -> Path:
+    """Collective over `comm`: every rank calls it; ranks with `writer` write their stage's items.
+
+    `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage;
+    `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the newest `keep`.
+    `pause_before_commit` exists for tests that kill a save half-way.
+    """
+    import orbax.checkpoint as ocp
+
+    root = Path(root).absolute()  # orbax takes absolute paths only
+    final = root / step_name(step)
+    tmp = root / (final.name + ".tmp")
+    lead = comm.Get_rank() == 0
+    if lead:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    comm.Barrier()
+    if writer:
+        checkpointer = ocp.PyTreeCheckpointer()
+        for name, tree in stage_items(model, spec, params, opt_state).items():
+            checkpointer.save(tmp / name, tree)
+    comm.Barrier()
+    if lead:
+        meta = {"format": FORMAT, **state, "step": step, "opt_scalars": opt_scalars(opt_state),
+                "saved_at": time.time()}
+        _write_durable(tmp / STATE_FILE, json.dumps(meta, indent=2) + "\n")
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if pause_before_commit:
+            time.sleep(pause_before_commit)
+        _write_durable(tmp / COMMIT_FILE, f"{step}\n")
+        _fsync(tmp)
+        old = root / (final.name + ".old")
+        if final.exists():  # Saving a step again (a resumed run from an older checkpoint).
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:
+            prune(root, keep)
+    comm.Barrier()
+    return final
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Deletes all but the newest `keep` committed checkpoints, and leftovers of interrupted saves."""
+    steps = committed(root)
+    for _, d in steps[: max(len(steps) - keep, 0)]:
+        shutil.rmtree(d, ignore_errors=True)
+    newest = steps[-1][0] if steps else -1
+    for d in Path(root).iterdir():
+        m = re.match(r"^step_(\d+)\.(tmp|old)$", d.name)
+        if m and int(m.group(1)) <= newest:  # Older than a committed checkpoint: nobody is writing it.
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- Reading ----------------------------------------------------------------------------------------
+
+
+def read_items(ckpt: str | Path, names: list[str]) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    ckpt = Path(ckpt).absolute()
+    checkpointer = ocp.PyTreeCheckpointer()
+    out = {}
+    for name in names:
+        if not (ckpt / name).is_dir():
+            n_layer = read_state(ckpt)["config"]["model"]["n_layer"]
+            raise ConfigError(f"checkpoint '{ckpt}' has no item '{name}' (it holds a {n_layer}-layer model)")
+        out[name] = checkpointer.restore(ckpt / name)
+    return out
+
+
+def _assemble(model: ModelConfig, spec: StageSpec, items: Mapping[str, Any], pick: Any) -> Params:
+    """A stage-shaped tree from per-layer items; `pick(item)` selects params or one optimizer slot."""
+    embed = pick(items["embed"]) if (spec.first or spec.last) else None
+    return assemble_stage_params(
+        model,
+        [pick(items[f"layer_{i}"]) for i in spec.layers],
+        embedding=embed if spec.first else None,
+        final_ln=pick(items["head"])["ln_f"] if spec.last else None,
+        wte=embed["wte"] if (spec.last and not spec.first) else None,
+    )
+
+
+def _like(tree: Params, template: Params, what: str) -> Params:
+    """`tree` with `template`'s structure, dtypes and placement (sharding), or a ConfigError."""
+    if jax.tree.structure(tree) != jax.tree.structure(template):
+        raise ConfigError(f"checkpoint {what} do not have this stage's layout: "
+                          f"{jax.tree.structure(tree)} vs {jax.tree.structure(template)}")
+
+    def put(path: Any, x: Any, t: Any) -> jax.Array:
+        if tuple(x.shape) != tuple(t.shape):
+            raise ConfigError(f"checkpoint {what} {jax.tree_util.keystr(path)}: shape {tuple(x.shape)}, "
+                              f"the model needs {tuple(t.shape)}")
+        return jax.device_put(jnp.asarray(x, t.dtype), getattr(t, "sharding", None))
+
+    return jax.tree_util.tree_map_with_path(put, tree, template)
+
+
+def load_stage(
+    ckpt: str | Path, model: ModelConfig, spec: StageSpec, params_template: Params, opt_template: Any = None
+) -> tuple[Params, Any]:
+    """This stage's parameters (and optimizer state, given its template) from a checkpoint written
+    with any partition. The templates fix structure, dtype and device placement."""
+    state = read_state(ckpt)
+    items = read_items(ckpt, item_names(spec))
+    params = _like(_assemble(model, spec, items, lambda it: it["params"]), params_template, "parameters")
+    if opt_template is None:
+        return params, None
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_template, is_leaf=_is_moment)
+    scalars = state.get("opt_scalars", {})
+    filled = []
+    for path, leaf in leaves:
+        if _is_moment(leaf):
+            slot = "_".join(_key_name(k) for k in path)
+            try:
+                tree = _assemble(model, spec, items, lambda it, s=slot: it["opt"][s])
+            except KeyError:
+                raise ConfigError(f"checkpoint '{ckpt}' has no optimizer slot '{slot}'") from None
+            filled.append(_like(tree, leaf, f"optimizer slot {slot}"))
+        else:
+            key = jax.tree_util.keystr(path)
+            if key not in scalars:
+                raise ConfigError(f"checkpoint '{ckpt}' has no optimizer counter '{key}'")
+            value = np.asarray(scalars[key]["value"], scalars[key]["dtype"])
+            filled.append(jax.device_put(jnp.asarray(value, leaf.dtype), getattr(leaf, "sharding", None)))
+    return params, jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def load_flat(ckpt: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """The whole model's parameters keyed per layer (`embed/wte`, `layer_3/qkv/kernel`, `head/ln_f/scale`)."""
+    ckpt = resolve(ckpt)
+    model = model_config(read_state(ckpt))
+    names = ["embed", *(f"layer_{i}" for i in range(model.n_layer)), "head"]
+    flat: dict[str, np.ndarray] = {}
+    for name, item in read_items(ckpt, names).items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(item["params"])[0]:
+            flat[name + "/" + "/".join(_key_name(k) for k in path)] = np.asarray(leaf)
+    return model, flat
+
+
+def load_model(ckpt: str | Path, **model_overrides: Any) -> tuple[ModelConfig, Params]:
+    """The whole model (a StageModel that is first and last) for sampling, export and tests;
+    `model_overrides` may change fields that do not fix shapes, e.g. scan_blocks or dtype."""
+    ckpt = resolve(ckpt)
+    model = model_config(read_state(ckpt), **model_overrides)
+    spec = StageSpec(index=0, n_stages=1, start=0, stop=model.n_layer)
+    module = StageModel(model, n_layers=model.n_layer, first=True, last=True)
+    tokens = jnp.zeros((1, model.seq_len), jnp.int32)
+    template = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens)["params"]
+    params, _ = load_stage(ckpt, model, spec, template)
+    return model, params

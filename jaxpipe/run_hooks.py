@@ -1,0 +1,124 @@
+"""What a real training run adds around the step loop: resume, evaluation and checkpoints.
+
+Kept out of the trainer so its loop stays about steps: the trainer calls `restore` once after
+initialising parameters and optimizer state, and `after_step` after every optimizer update. Both
+are collective over the world communicator, like a step.
+
+Exact resume needs nothing but the step: parameters and optimizer state (moments and update
+counter, hence the learning-rate schedule) come from the checkpoint, the data stream is addressed
+by step (`jaxpipe.data`), and initialisation is the only use of the seed. A resumed run therefore
+computes bit-for-bit what the uninterrupted run computes, given the same partition and hardware.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from jaxpipe import checkpoint
+from jaxpipe.config import Config
+from jaxpipe.data import make_val_source, resolve_token_files
+from jaxpipe.errors import ConfigError, agree
+from jaxpipe.evaluate import Evaluator, eval_batch_count, perplexity
+from jaxpipe.model import Params
+from jaxpipe.partition import Partition, StageSpec
+from jaxpipe.stage import StageProgram
+from jaxpipe.topology import Topology
+from jaxpipe.transport import Transport
+
+
+def find_resume(resume: str, cfg: Config) -> Path | None:
+    """`auto`: the newest checkpoint in train.checkpoint_dir, or None to start afresh; else a path."""
+    if resume == "auto":
+        if not cfg.train.checkpoint_dir:
+            raise ConfigError("--resume auto looks in train.checkpoint_dir, which is not set")
+        return checkpoint.latest(cfg.train.checkpoint_dir)
+    return checkpoint.resolve(resume)
+
+
+class RunHooks:
+    def __init__(self, cfg: Config, topo: Topology, spec: StageSpec, program: StageProgram, transport: Transport,
+                 partition: Partition, log: Callable[[str], None]):
+        self.cfg, self.topo, self.spec, self.program = cfg, topo, spec, program
+        self.partition, self.log = partition, log
+        self.reporter = topo.rank == 0
+        self.val_losses: dict[int, float] = {}
+        self.evaluator: Evaluator | None = None
+        if cfg.train.eval_every:
+            val = agree(topo.world, lambda: self._val_source())
+            self.evaluator = Evaluator(cfg, topo, program, transport, val, eval_batch_count(cfg, val))
+        self.files: dict[str, Path] = {}
+        if cfg.data.source == "tokens":
+            tokenizer = resolve_token_files(cfg.data).tokenizer
+            if tokenizer is not None and tokenizer.is_file():
+                self.files[checkpoint.TOKENIZER_FILE] = tokenizer
+
+    def _val_source(self) -> Any:
+        val = make_val_source(self.cfg.data, self.cfg.model)
+        if val is None:
+            raise ConfigError("train.eval_every is set but there is no validation data: set data.val_path, "
+                              "or point data.path at a directory from `jaxpipe prepare-data` with val.bin")
+        return val
+
+    # -- resume --------------------------------------------------------------------------------------
+    def _check(self, ckpt: Path) -> dict[str, Any]:
+        state = checkpoint.read_state(ckpt)
+        checkpoint.check_compatible(state, self.cfg.model, ckpt)
+        saved = state["config"]["train"]["global_batch_size"]
+        if saved != self.cfg.train.global_batch_size:
+            raise ConfigError(f"checkpoint '{ckpt}' was trained with train.global_batch_size {saved}, this run "
+                              f"uses {self.cfg.train.global_batch_size}: the data position would not carry over")
+        return state
+
+    def restore(self, params: Params, opt_state: Any, resume: str | None) -> tuple[Params, Any, int]:
+        """(parameters, optimizer state, completed steps): from the checkpoint `resume` names, if any."""
+        if not resume:
+            return params, opt_state, 0
+        ckpt = agree(self.topo.world, lambda: find_resume(resume, self.cfg))
+        if ckpt is None:
+            if self.reporter:
+                self.log(f"resume: no checkpoint in {self.cfg.train.checkpoint_dir} yet, starting at step 0")
+            return params, opt_state, 0
+        state = agree(self.topo.world, lambda: self._check(ckpt))
+        params, opt_state = agree(self.topo.world, lambda: checkpoint.load_stage(
+            ckpt, self.cfg.model, self.spec, params, opt_state))
+        if self.reporter:
+            self.log(f"resumed from {ckpt} after step {state['step']} "
+                     f"(written with layers per stage {[b - a for a, b in state['partition']]})")
+        return params, opt_state, int(state["step"])
+
+    # -- per step ------------------------------------------------------------------------------------
+    def after_step(self, step: int, params: Params, opt_state: Any, metrics_file: TextIO | None) -> None:
+        """`step` counts completed steps (1-based), as the log does."""
+        t = self.cfg.train
+        if self.evaluator is not None and step % t.eval_every == 0:
+            loss = self.evaluator(params, step)
+            self.val_losses[step] = loss
+            if self.reporter:
+                self.log(f"eval {step:>5} | val loss {loss:.4f} | val ppl {perplexity(loss):.2f} | "
+                         f"{self.evaluator.n_batches * t.global_batch_size} samples")
+            if metrics_file is not None:
+                metrics_file.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)}) + "\n")
+                metrics_file.flush()
+        if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
+            assert t.checkpoint_dir is not None
+            path = checkpoint.save(
+                t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0, model=self.cfg.model,
+                spec=self.spec, params=params, opt_state=opt_state, state=self._state(step), files=self.files,
+                keep=t.keep_checkpoints,
+            )
+            if self.reporter:
+                self.log(f"checkpoint {path}")
+
+    def _state(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "samples_seen": step * cfg.train.global_batch_size,  # the data position: sample index of the next step
+            "seed": cfg.train.seed,
+            "data_seed": cfg.data.seed,
+            "partition": [list(r) for r in self.partition.ranges],
+            "tokenizer": checkpoint.TOKENIZER_FILE if self.files else None,
+            "config": cfg.to_dict(),
+        }
