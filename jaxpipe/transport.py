@@ -343,8 +343,7 @@ class Nccl(ThreadedTransport):
     communicator sees its operations in the one order the schedule fixes. Every CuPy operation runs
     on this transport's own non-blocking streams (one per peer and direction): work on CUDA's legacy
     default stream would wait for all of JAX's queued compute and serialise the pipeline. Sends are
-    only enqueued (completion is awaited at `flush`), so a send waiting for its receiver never holds
-    up a send to the other neighbour."""
+    completed one at a time by the sender thread."""
 
     name = "nccl"
 
@@ -385,33 +384,37 @@ class Nccl(ThreadedTransport):
         cp.cuda.Device(0).use()
         link = (peer, self.stage)
         comm, stream = self._comms[link], self._streams[link]
+        rank = self._peer_rank(peer)
         with stream:
             hdr = cp.empty(_HEADER_LEN, cp.int64)
-            comm.recv(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
-            host_hdr = hdr.get(stream=stream)  # Synchronises this stream only.
-            self.check_header(key, peer, spec, host_hdr)  # Size is checked before the payload is posted.
             payload = cp.empty(spec.nbytes, cp.uint8)
-            comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
-            stream.synchronize()
-            return _from_bytes_on_device(payload, spec)
+        comm.recv(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
+        stream.synchronize()
+        with stream:
+            host_hdr = cp.asnumpy(hdr, stream=stream)
+        stream.synchronize()
+        self.check_header(key, peer, spec, host_hdr)  # Size is checked before the payload is posted.
+        comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, rank, stream.ptr)
+        stream.synchronize()
+        return _from_bytes_on_device(payload, spec)
 
     def start_send(self, key: MsgKey, peer: int, x: jax.Array) -> Any:
         cp, nccl = self._cupy, self._nccl
         cp.cuda.Device(0).use()
         link = (self.stage, peer)
         comm, stream = self._comms[link], self._streams[link]
-        buf, keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`.
+        buf, _keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`; keeps its bitcast alive.
         with stream:
             hdr = cp.asarray(make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name))
-            rank = self._peer_rank(peer)
-            comm.send(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
-            comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, rank, stream.ptr)
-            done = stream.record()
-        return done, hdr, buf, keep, x  # Buffers stay referenced until `done` has passed.
+        stream.synchronize()
+        rank = self._peer_rank(peer)
+        comm.send(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
+        comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, rank, stream.ptr)
+        stream.synchronize()  # `x` may be freed once this returns.
+        return None
 
     def finish_sends(self, handles: list[Any]) -> None:
-        for done, *_ in handles:
-            done.synchronize()
+        return None  # start_send already waited for each send.
 
     def close(self) -> None:
         super().close()

@@ -28,6 +28,11 @@ for group in "$@"; do
     env)
       log env; nvidia-smi -L | tee -a "$OUT/log.txt"
       $PY -c "import jax, flax, optax, mpi4py, yaml, cupy; print(jax.__version__, flax.__version__, optax.__version__, mpi4py.__version__, cupy.__version__, jax.devices())" 2>&1 | tail -2 | tee -a "$OUT/log.txt";;
+    nccl_diag)  # the NCCL transport alone, then a small 1F1B pipeline over it, each under a short limit
+      run 45 2 transport-nccl transport --transport nccl --mib 8 32 --reps 10
+      run 90 4 tiny-1f1b-nccl pipeline --set parallel.schedule=1f1b --set parallel.transport=nccl --set model.n_layer=8 --set model.d_model=1024 --set model.n_head=8 --set model.seq_len=1024 --set train.global_batch_size=32 --set train.micro_batch_size=2;;
+    xl_mb4_dots)
+      run 150 4 pp4-mb4-1f1b-dots-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set model.remat=dots --set parallel.transport=nccl;;
     transport)
       run 120 2 transport-mpi transport --transport mpi --mib 8 16 32
       run 120 2 transport-nccl transport --transport nccl --mib 8 16 32;;
