@@ -120,6 +120,22 @@ class DataConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """Emulated links (see jaxpipe.netem): off while delay and rate are 0 and no pair is listed."""
+
+    delay_ms: float = 0.0
+    rate_gbit: float = 0.0  # 0 = unlimited
+    # Per-pair overrides, directional: [src_rank, dst_rank, delay_ms, rate_gbit].
+    pairs: list[list[float]] = field(default_factory=list)
+    # Bytes charged per byte sent (lets a small CPU model stand in for large messages).
+    size_scale: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.delay_ms > 0 or self.rate_gbit > 0 or bool(self.pairs)
+
+
+@dataclass
 class RuntimeConfig:
     # GPUs (or forced host devices on CPU) per process; > 1 shards each micro-batch over them.
     devices_per_process: int = 1
@@ -132,6 +148,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -329,6 +346,16 @@ def validate(cfg: Config) -> None:
         )
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr={t.lr}, min_lr={t.min_lr})")
+    net = cfg.network
+    if net.delay_ms < 0 or net.rate_gbit < 0 or net.size_scale <= 0:
+        raise ConfigError("network.delay_ms and network.rate_gbit must be >= 0 and network.size_scale > 0")
+    world = p.pp * p.dp
+    for i, pair in enumerate(net.pairs):
+        if len(pair) != 4 or not all(0 <= int(r) < world and r == int(r) for r in pair[:2]) or pair[3] <= 0:
+            raise ConfigError(
+                f"network.pairs[{i}] = {pair}: expected [src_rank, dst_rank, delay_ms, rate_gbit] with ranks "
+                f"in 0..{world - 1} and rate_gbit > 0"
+            )
     if cfg.data.source == "tokens" and not cfg.data.path:
         raise ConfigError("data.source is 'tokens' but data.path is not set")
     if t.eval_every < 0 or t.checkpoint_every < 0:

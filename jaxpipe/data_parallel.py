@@ -10,6 +10,10 @@ every replica, after which each replica runs the same optimizer step and paramet
 - `sharded_ps`: every replica serves 1/D of the buffer (Reduce_scatter + Allgather), the
   original's sharded PS: 2·(D-1)/D·|g| per NIC.
 - `allreduce`: MPI Allreduce (the MPI library picks the algorithm).
+
+With link emulation on (`network.*`), the same averages travel as point-to-point chunks through
+the emulated links: the central PS as a pipelined chain reduce to DP rank 0 and chain broadcast
+back, the other two as a ring reduce-scatter + all-gather.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
 from jaxpipe.model import Params
+from jaxpipe.netem import NetworkEmulator
 
 
 class GradSync(ABC):
-    def __init__(self, comm: Any):
+    def __init__(self, comm: Any, net: NetworkEmulator | None = None, world_rank_of: Any = None):
         self.comm = comm
         self.size = comm.Get_size()
+        self.net = net
+        self._world_rank_of = world_rank_of or (lambda i: i)
         self._unravel: Any = None
         self._ravel = jax.jit(lambda g: ravel_pytree(g)[0])
 
@@ -39,12 +46,17 @@ class GradSync(ABC):
         if self._unravel is None:
             self._unravel = jax.jit(ravel_pytree(grads)[1])
         flat = np.array(self._ravel(grads), dtype=np.float32)  # Host copy we may write into.
-        averaged = self.average(flat)
+        averaged = self.average(flat) if self.net is None else self.average_emulated(flat)
         return self._unravel(jnp.asarray(averaged))
 
     @abstractmethod
     def average(self, flat: np.ndarray) -> np.ndarray:
         """The element-wise mean of `flat` over the DP group, on every member."""
+
+    def average_emulated(self, flat: np.ndarray) -> np.ndarray:
+        """The same mean, moved as point-to-point chunks over the emulated links (see jaxpipe.netem),
+        with the algorithm the real system would use; subclasses pick it."""
+        return _ring_allreduce_mean(flat, _EmulatedP2P(self.comm, self.net, self._world_rank_of))
 
 
 class CentralPS(GradSync):
@@ -56,6 +68,35 @@ class CentralPS(GradSync):
             total /= np.float32(self.size)
             flat = total
         self.comm.Bcast(flat, root=0)
+        return flat
+
+
+    def average_emulated(self, flat: np.ndarray) -> np.ndarray:
+        """Chain reduce to the server, then chain broadcast from it, in pipelined chunks: what NCCL's
+        reduce + broadcast did in the original (each costs about |g|/R plus one delay per hop)."""
+        p2p = _EmulatedP2P(self.comm, self.net, self._world_rank_of)
+        me, n = self.comm.Get_rank(), self.size
+        chunks = np.array_split(np.arange(flat.size), _n_chunks(flat.nbytes))
+        # Reduce along n-1 -> ... -> 1 -> 0.
+        for c, idx in enumerate(chunks):
+            part = flat[idx[0]: idx[-1] + 1] if idx.size else flat[:0]
+            if me < n - 1:
+                incoming = np.empty_like(part)
+                p2p.recv(incoming, me + 1, tag=c)
+                part += incoming
+            if me > 0:
+                p2p.send(part.copy(), me - 1, tag=c)
+        p2p.wait()
+        if me == 0:
+            flat /= np.float32(n)
+        # Broadcast along 0 -> 1 -> ... -> n-1.
+        for c, idx in enumerate(chunks):
+            part = flat[idx[0]: idx[-1] + 1] if idx.size else flat[:0]
+            if me > 0:
+                p2p.recv(part, me - 1, tag=10000 + c)
+            if me < n - 1:
+                p2p.send(part.copy(), me + 1, tag=10000 + c)
+        p2p.wait()
         return flat
 
 
@@ -80,8 +121,63 @@ class Allreduce(GradSync):
         return out
 
 
+_CHUNK_BYTES = 4 * 2**20
+
+
+def _n_chunks(nbytes: int) -> int:
+    return int(min(64, max(1, -(-nbytes // _CHUNK_BYTES))))
+
+
+class _EmulatedP2P:
+    """Sends that leave when the emulated link allows; receives are plain blocking MPI."""
+
+    def __init__(self, comm: Any, net: NetworkEmulator, world_rank_of: Any):
+        self.comm, self.net, self.world_rank_of = comm, net, world_rank_of
+        self.reqs: list[Any] = []
+        self.bufs: list[np.ndarray] = []
+
+    def send(self, buf: np.ndarray, dst: int, tag: int) -> None:
+        self.bufs.append(buf)
+        self.net.send(self.world_rank_of(dst), buf.nbytes,
+                      lambda: self.reqs.append(self.comm.Isend(buf, dest=dst, tag=tag)))
+
+    def recv(self, buf: np.ndarray, src: int, tag: int) -> None:
+        self.comm.Recv(buf, source=src, tag=tag)
+
+    def wait(self) -> None:
+        self.net.drain()
+        MPI.Request.Waitall(self.reqs)
+        self.reqs, self.bufs = [], []
+
+
+def _ring_allreduce_mean(flat: np.ndarray, p2p: _EmulatedP2P) -> np.ndarray:
+    """Ring reduce-scatter then ring all-gather: every rank sends 2·(n-1)/n of the buffer (the
+    sharded PS's traffic), in 2·(n-1) steps of one delay each."""
+    comm = p2p.comm
+    me, n = comm.Get_rank(), comm.Get_size()
+    segs = np.array_split(np.arange(flat.size), n)
+    right, left = (me + 1) % n, (me - 1) % n
+
+    def seg(i: int) -> np.ndarray:
+        idx = segs[i % n]
+        return flat[idx[0]: idx[-1] + 1] if idx.size else flat[:0]
+
+    for step in range(n - 1):  # After this, rank r holds the full sum of segment r + 1.
+        p2p.send(seg(me - step).copy(), right, tag=20000 + step)
+        incoming = np.empty_like(seg(me - step - 1))
+        p2p.recv(incoming, left, tag=20000 + step)
+        seg(me - step - 1)[:] += incoming
+    p2p.wait()
+    seg(me + 1)[:] /= np.float32(n)
+    for step in range(n - 1):
+        p2p.send(seg(me + 1 - step).copy(), right, tag=30000 + step)
+        p2p.recv(seg(me - step), left, tag=30000 + step)
+    p2p.wait()
+    return flat
+
+
 DP_MODES: dict[str, type[GradSync]] = {"central_ps": CentralPS, "sharded_ps": ShardedPS, "allreduce": Allreduce}
 
 
-def make_grad_sync(mode: str, comm: Any) -> GradSync:
-    return DP_MODES[mode](comm)
+def make_grad_sync(mode: str, comm: Any, net: NetworkEmulator | None = None, world_rank_of: Any = None) -> GradSync:
+    return DP_MODES[mode](comm, net, world_rank_of)

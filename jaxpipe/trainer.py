@@ -30,6 +30,7 @@ from jaxpipe.data_parallel import make_grad_sync
 from jaxpipe.errors import agree
 from jaxpipe.executor import StepBatch, run_step
 from jaxpipe.model import Params, compute_dtype, init_stage_params, param_count
+from jaxpipe.netem import NetworkEmulator
 from jaxpipe.optimizer import LossScaler, Optimizer
 from jaxpipe.partition import Partition, StageSpec, resolve_partition
 from jaxpipe.placement import assign_devices, local_mesh, peak_memory_bytes
@@ -77,13 +78,26 @@ def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProg
     return program.place_params(params)
 
 
-def sync_tied_embedding(grads: Params, topo: Topology) -> Params:
+def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | None = None) -> Params:
     """The first stage's embedding and the last stage's head share `wte`: both get the sum."""
     if topo.tied is None:
         return grads
     g = np.asarray(grads["wte"], np.float32)
-    total = np.empty_like(g)
-    topo.tied.Allreduce(g, total, op=MPI.SUM)
+    if net is None:
+        total = np.empty_like(g)
+        topo.tied.Allreduce(g, total, op=MPI.SUM)
+    else:  # An exchange over the emulated (full-duplex) link; both sides add in the same order.
+        me = topo.tied.Get_rank()
+        peer_stage = topo.pp - 1 if me == 0 else 0
+        theirs = np.empty_like(g)
+        recv = topo.tied.Irecv(theirs, source=1 - me, tag=77)
+        sends: list[Any] = []
+        net.send(topo.world_rank_of(peer_stage), g.nbytes,
+                 lambda: sends.append(topo.tied.Isend(g, dest=1 - me, tag=77)))
+        recv.Wait()
+        net.drain()
+        MPI.Request.Waitall(sends)
+        total = g + theirs if me == 0 else theirs + g
     return {**grads, "wte": jnp.asarray(total)}
 
 
@@ -98,7 +112,8 @@ def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: i
     return StepBatch(inputs, targets)
 
 
-def describe(cfg: Config, topo: Topology, partition: Partition, transport: str) -> str:
+def describe(cfg: Config, topo: Topology, partition: Partition, transport: str,
+             net: NetworkEmulator | None = None) -> str:
     m, p = cfg.model, cfg.parallel
     return (
         f"jaxpipe {__version__}: {topo.world.Get_size()} ranks = PP {p.pp} x DP {p.dp} | schedule {p.schedule} | "
@@ -106,7 +121,7 @@ def describe(cfg: Config, topo: Topology, partition: Partition, transport: str) 
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {transport} | "
-        f"network emulation off"
+        f"{net.describe() if net is not None else 'network emulation off'}"
     )
 
 
@@ -143,9 +158,10 @@ def train(
     params = init_params(cfg, topo, spec, program)
     optimizer = Optimizer(cfg.train)
     opt_state = optimizer.init(params)
-    grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm)
+    net = NetworkEmulator.from_config(cfg.network, topo.rank)
+    grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i))
     transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
-                                                   program.place_input, single_device=mesh is None))
+                                                   program.place_input, single_device=mesh is None, net=net))
     scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
     skip_tied = spec.last and not spec.first
     is_reporter = topo.rank == 0
@@ -153,7 +169,7 @@ def train(
     result = TrainResult(partition=partition, stage=spec, params=params)
     metrics_file = open(metrics_out, "w") if (metrics_out and is_reporter) else None  # noqa: SIM115
     if is_reporter:
-        log(describe(cfg, topo, partition, transport.name))
+        log(describe(cfg, topo, partition, transport.name, net))
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.run_hooks.
     hooks = RunHooks(cfg, topo, spec, program, transport, partition, log)
     params, opt_state, start_step = hooks.restore(params, opt_state, resume)
@@ -168,12 +184,14 @@ def train(
             grads = program.zero_grads(params)
             grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead,
                                    loss_scale=scaler.scale)
-            grads = program.place_params(grad_sync(sync_tied_embedding(grads, topo)))
+            grads = program.place_params(grad_sync(sync_tied_embedding(grads, topo, net)))
             # One small allreduce gives every stage the pipeline's gradient norm and loss, so all
             # ranks take the same decision about a non-finite step (DP replicas agree already:
             # their gradients were just averaged).
             local = np.array([float(program.sq_norm(grads, skip_tied)), float(loss) if loss is not None else 0.0])
             sq_total, pipe_loss = topo.pipe.allreduce(local, op=MPI.SUM)
+            if net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
+                time.sleep(net.collective_latency(p.pp))
             finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
             norm = math.sqrt(sq_total) / scaler.scale if finite else float("nan")
             if finite:
@@ -209,6 +227,8 @@ def train(
             hooks.after_step(step + 1, params, opt_state, metrics_file)
     finally:
         transport.close()
+        if net is not None:
+            net.close()
         if metrics_file is not None:
             metrics_file.close()
     result.params = params

@@ -32,6 +32,7 @@ import numpy as np
 from mpi4py import MPI
 
 from jaxpipe.errors import ConfigError, TransportError
+from jaxpipe.netem import NetworkEmulator
 from jaxpipe.schedule import Phase
 from jaxpipe.stage import ArraySpec
 
@@ -107,8 +108,9 @@ class ThreadedTransport(Transport):
     """Sender and receiver threads around four wire operations that subclasses provide."""
 
     def __init__(self, stage: int, world_rank_of: Callable[[int], int],
-                 to_device: Callable[[np.ndarray], jax.Array] | None = None):
+                 to_device: Callable[[np.ndarray], jax.Array] | None = None, net: NetworkEmulator | None = None):
         self.stage = stage
+        self.net = net
         self._world_rank_of = world_rank_of
         self._to_device = to_device or jax.device_put
         self._pending: dict[MsgKey, _Future] = {}
@@ -135,8 +137,13 @@ class ThreadedTransport(Transport):
         """Receiver thread: waits for the message, checks its header, returns it on the device."""
 
     @abstractmethod
-    def start_send(self, key: MsgKey, peer: int, x: jax.Array) -> Any:
-        """Sender thread: puts `x` on the wire; returns something `finish_sends` waits on."""
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
+        """Sender thread: waits for `x` and readies it for the wire; returns (bytes, state)."""
+
+    @abstractmethod
+    def wire_send(self, state: Any) -> Any:
+        """Puts a staged message on the wire (at once, or when the emulated link delivers it);
+        returns something `finish_sends` waits on. Must not block for long."""
 
     @abstractmethod
     def finish_sends(self, handles: list[Any]) -> None:
@@ -165,6 +172,8 @@ class ThreadedTransport(Transport):
 
     def flush(self) -> None:
         self._send_q.join()
+        if self.net is not None:
+            self.net.drain()
         if self._send_error is not None:
             raise self._send_error
         self.finish_sends(self._take_send_handles())
@@ -189,7 +198,13 @@ class ThreadedTransport(Transport):
             try:
                 if item is None:
                     return
-                self._send_handles.append(self.start_send(*item))
+                key, peer, x = item
+                nbytes, state = self.stage_send(key, peer, x)
+                if self.net is None:
+                    self._send_handles.append(self.wire_send(state))
+                else:  # Leaves when the emulated link is free, arrives one delay later.
+                    self.net.send(self._world_rank_of(peer), nbytes,
+                                  lambda st=state: self._send_handles.append(self.wire_send(st)))
             except BaseException as e:  # Surfaced on the main thread at the next send or flush.
                 self._send_error = e
             finally:
@@ -234,10 +249,10 @@ class HostStagedMpi(ThreadedTransport):
     name = "mpi (host-staged)"
 
     def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
-                 to_device: Callable[[np.ndarray], jax.Array] | None = None):
+                 to_device: Callable[[np.ndarray], jax.Array] | None = None, net: NetworkEmulator | None = None):
         _require_thread_multiple()
         self.comm = comm
-        super().__init__(stage, world_rank_of, to_device)
+        super().__init__(stage, world_rank_of, to_device, net)
 
     def prepare_send(self, x: jax.Array) -> None:
         x.copy_to_host_async()
@@ -255,9 +270,13 @@ class HostStagedMpi(ThreadedTransport):
         r_pay.Wait()
         return self._to_device(payload.view(jnp.dtype(spec.dtype)).reshape(spec.shape))
 
-    def start_send(self, key: MsgKey, peer: int, x: jax.Array) -> Any:
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
         buf = np.ascontiguousarray(np.asarray(x))  # Waits for the device copy; the GIL is released meanwhile.
         hdr = make_header(key, buf.nbytes, buf.dtype.name)
+        return buf.nbytes + hdr.nbytes, (key, peer, hdr, buf)
+
+    def wire_send(self, state: Any) -> Any:
+        key, peer, hdr, buf = state
         reqs = [self.comm.Isend([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0)),
                 self.comm.Isend([buf.view(np.uint8).reshape(-1), MPI.BYTE], dest=peer, tag=_tag(key, 1))]
         return reqs, hdr, buf  # The buffers stay referenced until the sends complete.
@@ -305,12 +324,13 @@ class CudaAwareMpi(ThreadedTransport):
 
     name = "mpi (CUDA-aware)"
 
-    def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int]):
+    def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
+                 net: NetworkEmulator | None = None):
         import cupy
 
         _require_thread_multiple()
         self.comm, self._cupy = comm, cupy
-        super().__init__(stage, world_rank_of)
+        super().__init__(stage, world_rank_of, net=net)
 
     def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
         hdr = np.zeros(_HEADER_LEN, np.int64)
@@ -325,9 +345,13 @@ class CudaAwareMpi(ThreadedTransport):
         r_pay.Wait()
         return _from_bytes_on_device(payload, spec)
 
-    def start_send(self, key: MsgKey, peer: int, x: jax.Array) -> Any:
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
         buf, keep = _as_bytes_on_device(x)
         hdr = make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name)
+        return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
+
+    def wire_send(self, state: Any) -> Any:
+        key, peer, hdr, buf, keep = state
         reqs = [self.comm.Isend([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0)),
                 self.comm.Isend([buf, MPI.BYTE], dest=peer, tag=_tag(key, 1))]
         return reqs, hdr, buf, keep
@@ -347,7 +371,8 @@ class Nccl(ThreadedTransport):
 
     name = "nccl"
 
-    def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int]):
+    def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
+                 net: NetworkEmulator | None = None):
         try:
             import cupy
             from cupy.cuda import nccl
@@ -371,7 +396,7 @@ class Nccl(ThreadedTransport):
                     uid = comm.recv(source=lo, tag=900 + src)
                 self._comms[(src, dst)] = nccl.NcclCommunicator(2, uid, 0 if stage == lo else 1)
                 self._streams[(src, dst)] = cupy.cuda.Stream(non_blocking=True)
-        super().__init__(stage, world_rank_of)
+        super().__init__(stage, world_rank_of, net=net)
 
     def _peer_rank(self, peer: int) -> int:
         return 0 if peer < self.stage else 1
@@ -398,15 +423,22 @@ class Nccl(ThreadedTransport):
         stream.synchronize()
         return _from_bytes_on_device(payload, spec)
 
-    def start_send(self, key: MsgKey, peer: int, x: jax.Array) -> Any:
-        cp, nccl = self._cupy, self._nccl
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
+        cp = self._cupy
         cp.cuda.Device(0).use()
-        link = (self.stage, peer)
-        comm, stream = self._comms[link], self._streams[link]
-        buf, _keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`; keeps its bitcast alive.
+        stream = self._streams[(self.stage, peer)]
+        buf, keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`.
         with stream:
             hdr = cp.asarray(make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name))
         stream.synchronize()
+        return int(buf.nbytes) + _HEADER_LEN * 8, (peer, hdr, buf, keep)
+
+    def wire_send(self, state: Any) -> Any:
+        cp, nccl = self._cupy, self._nccl
+        cp.cuda.Device(0).use()
+        peer, hdr, buf, _keep = state  # `_keep` holds the bitcast source alive until the send is done.
+        link = (self.stage, peer)
+        comm, stream = self._comms[link], self._streams[link]
         rank = self._peer_rank(peer)
         comm.send(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
         comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, rank, stream.ptr)
@@ -414,7 +446,7 @@ class Nccl(ThreadedTransport):
         return None
 
     def finish_sends(self, handles: list[Any]) -> None:
-        return None  # start_send already waited for each send.
+        return None  # wire_send already waited for each send (it blocks the emulator thread meanwhile).
 
     def close(self) -> None:
         super().close()
@@ -424,7 +456,7 @@ class Nccl(ThreadedTransport):
 
 def make_transport(name: str, comm: Any, stage: int, world_rank_of: Callable[[int], int],
                    to_device: Callable[[np.ndarray], jax.Array] | None = None,
-                   single_device: bool = True) -> ThreadedTransport:
+                   single_device: bool = True, net: NetworkEmulator | None = None) -> ThreadedTransport:
     on_gpu = jax.default_backend() == "gpu"
     if name == "nccl":
         if not on_gpu:
@@ -432,10 +464,10 @@ def make_transport(name: str, comm: Any, stage: int, world_rank_of: Callable[[in
         if not single_device:
             raise ConfigError("parallel.transport=nccl supports one GPU per process; with "
                               "runtime.devices_per_process > 1 use parallel.transport=mpi")
-        return Nccl(comm, stage, world_rank_of)
+        return Nccl(comm, stage, world_rank_of, net)
     if on_gpu and single_device and mpi_is_cuda_aware():
-        return CudaAwareMpi(comm, stage, world_rank_of)
-    return HostStagedMpi(comm, stage, world_rank_of, to_device)
+        return CudaAwareMpi(comm, stage, world_rank_of, net)
+    return HostStagedMpi(comm, stage, world_rank_of, to_device, net)
 
 
 # Kept for callers that name the host-staged transport directly.

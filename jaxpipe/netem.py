@@ -1,0 +1,138 @@
+"""Link emulation inside jaxpipe: every rank's egress behaves like `tc netem delay D rate R`.
+
+Kernel netem is not available on the machines jaxpipe is developed on (and rarely on shared
+clusters), so the transports and the data-parallel synchronisation route their messages through
+`NetworkEmulator`: a message that is ready at time t waits until its link is free, occupies the
+link for bytes·8/R, and is put on the wire D later. Links are full duplex (only egress is
+modelled, like netem on a NIC), so a rank's sends to all peers share one link unless a per-pair
+override gives that pair a link of its own. Small control messages pay the delay too.
+
+`size_scale` multiplies the bytes the *model* charges for each message (not what is sent): on CPU,
+where compute is slow, a small model's messages can stand in for GPT-3 XL's 16 MiB activations.
+
+The real transfer still happens, at the time the emulated link would have delivered the message;
+its own (small) duration adds on top, which the cost model accounts for as a per-message overhead.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jaxpipe.config import NetworkConfig
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    delay_s: float
+    rate_bps: float  # bits per second
+
+    def transfer_s(self, nbytes: float) -> float:
+        return nbytes * 8.0 / self.rate_bps
+
+
+class NetworkEmulator:
+    """One per rank: reserves this rank's egress links and delivers sends when they are due."""
+
+    def __init__(self, rank: int, default: LinkSpec, pairs: dict[tuple[int, int], LinkSpec] | None = None,
+                 size_scale: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.rank = rank
+        self.default = default
+        self.pairs = dict(pairs or {})
+        self.size_scale = size_scale
+        self.clock = clock
+        self._free: dict[tuple[int, int | None], float] = {}
+        self._lock = threading.Lock()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._deliver_loop, name="jaxpipe-netem", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg: NetworkConfig, rank: int) -> NetworkEmulator | None:
+        if not cfg.enabled:
+            return None
+        pairs = {(int(a), int(b)): LinkSpec(d / 1e3, r * 1e9) for a, b, d, r in cfg.pairs}
+        rate = cfg.rate_gbit * 1e9 if cfg.rate_gbit > 0 else float("inf")
+        return cls(rank, LinkSpec(cfg.delay_ms / 1e3, rate), pairs, cfg.size_scale)
+
+    def link(self, dst: int) -> LinkSpec:
+        return self.pairs.get((self.rank, dst), self.default)
+
+    def reserve(self, dst: int, nbytes: int, ready: float | None = None) -> float:
+        """Claims the link to `dst` for one message of `nbytes`; returns when it is due at `dst`."""
+        spec = self.link(dst)
+        key = (self.rank, dst) if (self.rank, dst) in self.pairs else (self.rank, None)
+        now = self.clock() if ready is None else ready
+        with self._lock:
+            start = max(now, self._free.get(key, 0.0))
+            done = start + spec.transfer_s(nbytes * self.size_scale)
+            self._free[key] = done
+        return done + spec.delay_s
+
+    def send_at(self, due: float, put_on_wire: Callable[[], None]) -> None:
+        """Runs `put_on_wire` (which must not block for long) on the delivery thread at `due`."""
+        with self._cv:
+            if self._error is not None:
+                raise self._error
+            self._pending += 1
+            heapq.heappush(self._heap, (due, next(self._seq), put_on_wire))
+            self._cv.notify_all()
+
+    def send(self, dst: int, nbytes: int, put_on_wire: Callable[[], None]) -> float:
+        due = self.reserve(dst, nbytes)
+        self.send_at(due, put_on_wire)
+        return due
+
+    def drain(self) -> None:
+        """Waits until every scheduled send has been put on the wire."""
+        with self._cv:
+            while self._pending and self._error is None:
+                self._cv.wait(0.1)
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    def _deliver_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._heap or self._heap[0][0] > self.clock()):
+                    timeout = (self._heap[0][0] - self.clock()) if self._heap else None
+                    self._cv.wait(timeout if timeout is None else max(timeout, 0.0))
+                if self._closed:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except BaseException as e:  # Surfaced to whoever drains or schedules next.
+                with self._cv:
+                    self._error = e
+            with self._cv:
+                self._pending -= 1
+                self._cv.notify_all()
+
+    def collective_latency(self, n: int) -> float:
+        """One-way delays a small allreduce over `n` ranks pays (recursive doubling, there and back)."""
+        return 2 * max(0, (n - 1).bit_length()) * self.default.delay_s
+
+    def describe(self) -> str:
+        rate = self.default.rate_bps / 1e9
+        s = f"network emulation on: delay {self.default.delay_s * 1e3:g} ms, rate {rate:g} Gbit/s"
+        if self.pairs:
+            s += f", {len(self.pairs)} pair override(s)"
+        if self.size_scale != 1:
+            s += f", message sizes x{self.size_scale:g}"
+        return s
