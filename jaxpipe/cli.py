@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
     part.add_argument("--config")
     part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan = sub.add_parser("plan", help="predict a config's iteration time and what bounds it (no MPI needed)")
+    plan.add_argument("--config")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--stage-ms", metavar="F,B;F,B;...",
+                      help="measured forward,backward milliseconds per micro-batch for each stage "
+                           "(default: a roofline estimate for an H100)")
+    plan.add_argument("--sweep", action="store_true",
+                      help="also predict the original DT-FM's five network settings for this config")
     prep = sub.add_parser("prepare-data", help="tokenise text files into DIR/{train,val}.bin + tokenizer.json")
     prep.add_argument("text_files", nargs="+", metavar="TEXT_FILE")
     prep.add_argument("--out", required=True, metavar="DIR")
@@ -82,6 +90,26 @@ def _cmd_partition(args: argparse.Namespace) -> None:
         print(f"stage {s}: layers [{a}, {b}) ({b - a}{extra}), estimated time {est:.2f} layer-equivalents")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from jaxpipe.config import load_config
+    from jaxpipe.costmodel import ORIGINAL_SETTINGS, Link, StageTime, format_prediction, plan
+
+    cfg = load_config(args.config, args.overrides)
+    times = None
+    if args.stage_ms:
+        try:
+            times = [StageTime(*(float(v) / 1e3 for v in st.split(","))) for st in args.stage_ms.split(";")]
+        except TypeError:
+            raise ConfigError("--stage-ms: give 'F,B' milliseconds per stage, separated by ';'") from None
+        if len(times) != cfg.parallel.pp:
+            raise ConfigError(f"--stage-ms gives {len(times)} stages but parallel.pp is {cfg.parallel.pp}")
+    print(format_prediction(plan(cfg, times)))
+    if args.sweep:
+        for label, delay, rate in ORIGINAL_SETTINGS:
+            pred = plan(cfg, times, Link.of(delay, rate))
+            print(f"{label:28s} {pred.iteration_s:8.3f} s  {pred.bound}")
+
+
 def _cmd_single_process(args: argparse.Namespace) -> None:
     """The commands that run on one process and never start MPI."""
     if args.command == "prepare-data":
@@ -110,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "partition":
             _cmd_partition(args)
+            return
+        if args.command == "plan":
+            _cmd_plan(args)
             return
         if args.command in ("prepare-data", "demo-corpus", "export-hf", "generate"):
             _cmd_single_process(args)

@@ -57,7 +57,7 @@ def run_step(
     spec = program.spec
     n_micro = sum(1 for t in tasks if t.phase == Phase.FWD)
     scale = jnp.float32(loss_scale / n_micro)
-    saved: dict[int, Any] = {}  # micro-batch -> vjp residuals (middle stages) or input gradient (last)
+    saved: dict[int, Any] = {}  # micro-batch -> vjp residuals of its forward (all but the last stage)
     losses: list[jax.Array] = []
 
     def post(i: int) -> None:
@@ -75,18 +75,16 @@ def run_step(
 
         if task.phase == Phase.FWD:
             x = batch.inputs[mb] if spec.first else received
-            if spec.last:
+            if spec.last:  # Forward, loss and backward at once; the input gradient leaves right away.
                 grads, g_x, loss = program.forward_backward_loss(params, grads, x, batch.targets[mb], scale)
-                saved[mb] = g_x
                 losses.append(loss)
+                if not spec.first:
+                    transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
             else:
                 y, saved[mb] = program.forward(params, x)
                 transport.send(MsgKey(step, mb, Phase.FWD), spec.index + 1, y)
-        else:
-            if spec.last:
-                g_x = saved.pop(mb)
-            else:
-                grads, g_x = program.backward(grads, saved.pop(mb), received)
+        elif not spec.last:  # The last stage's backward already ran with its forward.
+            grads, g_x = program.backward(grads, saved.pop(mb), received)
             if not spec.first:
                 transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
 

