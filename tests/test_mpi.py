@@ -37,7 +37,13 @@ LAYOUTS = {
                                     "parallel.schedule=1f1b"]),
     "pp3_1f1b_unrolled": (3, ["parallel.pp=3", "parallel.dp=1", "parallel.schedule=1f1b",
                               "model.scan_blocks=false", "parallel.partition=[[0,3],[3,4],[4,6]]"]),
-    "pp1xdp2_allreduce": (2, ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce"]),
+    # Link emulation on: gradients move as a ring over the emulated links instead of MPI_Allreduce.
+    "pp1xdp2_allreduce_emulated_net": (2, ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce",
+                                           "network.delay_ms=2", "network.rate_gbit=5"]),
+    # ...and as a chain reduce + broadcast for the central PS, with the tied embedding exchanged too.
+    "pp2xdp2_central_ps_emulated_net": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps",
+                                            "network.delay_ms=2", "network.rate_gbit=5",
+                                            "network.pairs=[[1, 0, 5, 1]]"]),
     # One process per host with several devices: each stage sharded over 2 (forced) CPU devices.
     "pp2_two_devices_per_rank": (2, ["parallel.pp=2", "parallel.dp=1", "runtime.devices_per_process=2"]),
 }
