@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--stage-ms", metavar="F,B;F,B;...",
                       help="measured forward,backward milliseconds per micro-batch for each stage "
                            "(default: a roofline estimate for an H100)")
+    plan.add_argument("--platform", choices=["gpu", "cpu"], default="gpu",
+                      help="where the run will happen (decides model.dtype=auto); default gpu")
     plan.add_argument("--sweep", action="store_true",
                       help="also predict the original DT-FM's five network settings for this config")
     prep = sub.add_parser("prepare-data", help="tokenise text files into DIR/{train,val}.bin + tokenizer.json")
@@ -103,10 +105,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             raise ConfigError("--stage-ms: give 'F,B' milliseconds per stage, separated by ';'") from None
         if len(times) != cfg.parallel.pp:
             raise ConfigError(f"--stage-ms gives {len(times)} stages but parallel.pp is {cfg.parallel.pp}")
-    print(format_prediction(plan(cfg, times)))
+    print(format_prediction(plan(cfg, times, platform=args.platform)))
     if args.sweep:
         for label, delay, rate in ORIGINAL_SETTINGS:
-            pred = plan(cfg, times, Link.of(delay, rate))
+            pred = plan(cfg, times, Link.of(delay, rate), platform=args.platform)
             print(f"{label:28s} {pred.iteration_s:8.3f} s  {pred.bound}")
 
 

@@ -267,14 +267,14 @@ def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float 
 
 
 def plan(cfg: Config, stage_times: list[StageTime] | None = None, link: Link | None = None,
-         optimizer_s: float = 0.0) -> Prediction:
+         optimizer_s: float = 0.0, platform: str = "gpu") -> Prediction:
     """The prediction for a config: its partition, schedule, DP mode, message and gradient sizes,
-    and its `network` settings unless `link` is given."""
+    and its `network` settings unless `link` is given. `platform` resolves `model.dtype=auto`."""
     p = cfg.parallel
     partition = resolve_partition(p.partition, cfg.model, p.pp, cfg.train.micro_batch_size, p.stage_weights)
     times = stage_times or estimated_stage_times(cfg, partition)
     m = cfg.model
-    elt = 2 if compute_dtype_name(cfg) in ("bfloat16", "float16") else 4
+    elt = 2 if compute_dtype_name(cfg, platform) in ("bfloat16", "float16") else 4
     msg = cfg.train.micro_batch_size * m.seq_len * m.d_model * elt * cfg.network.size_scale
     if link is None:
         link = Link.of(cfg.network.delay_ms, cfg.network.rate_gbit)
@@ -287,10 +287,11 @@ def plan(cfg: Config, stage_times: list[StageTime] | None = None, link: Link | N
                    grad_chunks=chunks)
 
 
-def compute_dtype_name(cfg: Config) -> str:
-    """The config's compute dtype without touching a JAX backend ("auto" counts as bfloat16:
-    planning is for GPU runs)."""
-    return "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
+def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:
+    """The config's compute dtype on `platform`, without touching a JAX backend (as model.compute_dtype)."""
+    if cfg.model.dtype == "auto":
+        return "bfloat16" if platform == "gpu" else "float32"
+    return cfg.model.dtype
 
 
 def format_prediction(pred: Prediction) -> str:

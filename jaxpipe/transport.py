@@ -117,6 +117,8 @@ class ThreadedTransport(Transport):
         self._send_q: queue.Queue[Any] = queue.Queue()
         self._recv_q: queue.Queue[Any] = queue.Queue()
         self._send_error: BaseException | None = None
+        self._send_handles: list[Any] = []
+        self._handles_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._send_loop, name="jaxpipe-send", daemon=True),
             threading.Thread(target=self._recv_loop, name="jaxpipe-recv", daemon=True),
@@ -185,26 +187,46 @@ class ThreadedTransport(Transport):
             t.join(timeout=10)
 
     # -- threads -------------------------------------------------------------------------------------
-    _send_handles: list[Any]
+    _POLL_S = 0.0005
+
+    def _add_handle(self, handle: Any) -> None:
+        if handle is not None:
+            with self._handles_lock:
+                self._send_handles.append(handle)
 
     def _take_send_handles(self) -> list[Any]:
-        handles, self._send_handles = getattr(self, "_send_handles", []), []
+        with self._handles_lock:
+            handles, self._send_handles = self._send_handles, []
+        return handles
+
+    def progress_sends(self, handles: list[Any]) -> list[Any]:
+        """Sender thread, while sends are in flight: drives them and returns those not yet done.
+
+        MPI moves a large (rendezvous) message only while the sending process is inside an MPI
+        call; without this the data of the last send before a long compute would wait for the
+        next send or the flush."""
         return handles
 
     def _send_loop(self) -> None:
-        self._send_handles = []
         while True:
-            item = self._send_q.get()
+            with self._handles_lock:
+                busy = bool(self._send_handles)
+            try:
+                item = self._send_q.get(timeout=self._POLL_S if busy else None)
+            except queue.Empty:
+                with self._handles_lock:
+                    self._send_handles = self.progress_sends(self._send_handles)
+                continue
             try:
                 if item is None:
                     return
                 key, peer, x = item
                 nbytes, state = self.stage_send(key, peer, x)
                 if self.net is None:
-                    self._send_handles.append(self.wire_send(state))
+                    self._add_handle(self.wire_send(state))
                 else:  # Leaves when the emulated link is free, arrives one delay later.
                     self.net.send(self._world_rank_of(peer), nbytes,
-                                  lambda st=state: self._send_handles.append(self.wire_send(st)))
+                                  lambda st=state: self._add_handle(self.wire_send(st)))
             except BaseException as e:  # Surfaced on the main thread at the next send or flush.
                 self._send_error = e
             finally:
@@ -232,7 +254,7 @@ class ThreadedTransport(Transport):
         dtype = _DTYPES[dtype_code] if 0 <= dtype_code < len(_DTYPES) else f"dtype#{dtype_code}"
         if nbytes != spec.nbytes or dtype != spec.dtype:
             raise TransportError(
-                f"{sender} sent {key.describe()} as {nbytes} bytes of {dtype}, but {me} expects "
+                f"{sender} sent {name(key)} as {nbytes} bytes of {dtype}, but {me} expects "
                 f"{spec} ({spec.nbytes} bytes)"
             )
 
@@ -306,6 +328,9 @@ def _from_bytes_on_device(buf: Any, spec: ArraySpec) -> jax.Array:
         return jax.lax.bitcast_convert_type(arr, jnp.bfloat16).reshape(spec.shape)
     return jax.dlpack.from_dlpack(buf.view(dtype.name)).reshape(spec.shape)
 
+    def progress_sends(self, handles: list[Any]) -> list[Any]:
+        return [h for h in handles if not MPI.Request.Testall(h[0])]
+
 
 def mpi_is_cuda_aware() -> bool:
     """Asks the MPI library itself (Open MPI's MPIX_Query_cuda_support); False where it cannot say."""
@@ -359,6 +384,9 @@ class CudaAwareMpi(ThreadedTransport):
     def finish_sends(self, handles: list[Any]) -> None:
         for reqs, *_ in handles:
             MPI.Request.Waitall(reqs)
+
+    def progress_sends(self, handles: list[Any]) -> list[Any]:
+        return [h for h in handles if not MPI.Request.Testall(h[0])]
 
 
 class Nccl(ThreadedTransport):

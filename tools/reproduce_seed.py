@@ -147,14 +147,14 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) ->
         times = [StageTime(f, b) for f, b in off["stage_times"]]
         per_msg = off["per_message_s"]
         measured_off = float(np.mean(off["iter_times"][1:]))
-        pred_off = plan(cfg, times, Link(per_message_s=per_msg))
+        pred_off = plan(cfg, times, Link(per_message_s=per_msg), platform=platform)
         other = max(0.0, measured_off - pred_off.iteration_s)
         ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
         ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
         for i, (label, delay, rate) in enumerate(ORIGINAL_SETTINGS):
             r = run(f"s{i}", [f"network.delay_ms={delay}", f"network.rate_gbit={rate}"])
             measured = float(np.mean(r["iter_times"][1:]))
-            pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other)
+            pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform)
             rows.append({"setting": label, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
                          "measured_s": measured, "predicted_s": pred.iteration_s,
                          "predicted_sync_s": pred.sync_s, "bound": pred.bound,
