@@ -331,6 +331,9 @@ def _from_bytes_on_device(buf: Any, spec: ArraySpec) -> jax.Array:
     def progress_sends(self, handles: list[Any]) -> list[Any]:
         return [h for h in handles if not MPI.Request.Testall(h[0])]
 
+    def progress_sends(self, handles: list[Any]) -> list[Any]:
+        return [h for h in handles if not MPI.Request.Testall(h[0])]
+
 
 def mpi_is_cuda_aware() -> bool:
     """Asks the MPI library itself (Open MPI's MPIX_Query_cuda_support); False where it cannot say."""
@@ -385,17 +388,19 @@ class CudaAwareMpi(ThreadedTransport):
         for reqs, *_ in handles:
             MPI.Request.Waitall(reqs)
 
-    def progress_sends(self, handles: list[Any]) -> list[Any]:
-        return [h for h in handles if not MPI.Request.Testall(h[0])]
-
 
 class Nccl(ThreadedTransport):
     """NCCL send/recv on the JAX buffers. Per neighbour pair two 2-rank communicators, one per
     direction, so the sender thread and the receiver thread never share a communicator and each
     communicator sees its operations in the one order the schedule fixes. Every CuPy operation runs
-    on this transport's own non-blocking streams (one per peer and direction): work on CUDA's legacy
-    default stream would wait for all of JAX's queued compute and serialise the pipeline. Sends are
-    completed one at a time by the sender thread."""
+    on this transport's own non-blocking streams: work on CUDA's legacy default stream would wait
+    for all of JAX's queued compute and serialise the pipeline.
+
+    No NCCL kernel is launched before its peer is ready for it: the header travels over MPI, the
+    receiver answers "ready" over MPI, and only then do both sides launch the NCCL transfer. A
+    transfer kernel that spins on the GPU waiting for a peer can otherwise meet a device-wide
+    synchronisation on that GPU (buffer import or export, an allocation) while the peer waits for
+    this rank in turn, which hangs schedules that send both ways at once (1F1B)."""
 
     name = "nccl"
 
@@ -407,6 +412,8 @@ class Nccl(ThreadedTransport):
         except ImportError as e:
             raise ConfigError(
                 f"parallel.transport=nccl needs CuPy with NCCL ({e}); use parallel.transport=mpi") from None
+        _require_thread_multiple()
+        self.comm = comm
         self._cupy, self._nccl = cupy, nccl
         n = comm.Get_size()
         # comms[(a, b)]: the communicator carrying messages from stage a to stage b (|a - b| = 1).
@@ -430,46 +437,40 @@ class Nccl(ThreadedTransport):
         return 0 if peer < self.stage else 1
 
     def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
-        return None  # NCCL receives are issued in order by the receiver thread.
+        hdr = np.zeros(_HEADER_LEN, np.int64)
+        return self.comm.Irecv([hdr, MPI.INT64_T], source=peer, tag=_tag(key, 0)), hdr
 
     def complete_recv(self, key: MsgKey, peer: int, spec: ArraySpec, handle: Any) -> jax.Array:
         cp, nccl = self._cupy, self._nccl
         cp.cuda.Device(0).use()
+        req, hdr = handle
+        req.Wait()
+        self.check_header(key, peer, spec, hdr)  # The size is right before any NCCL call is made.
         link = (peer, self.stage)
         comm, stream = self._comms[link], self._streams[link]
-        rank = self._peer_rank(peer)
         with stream:
-            hdr = cp.empty(_HEADER_LEN, cp.int64)
             payload = cp.empty(spec.nbytes, cp.uint8)
-        comm.recv(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
         stream.synchronize()
-        with stream:
-            host_hdr = cp.asnumpy(hdr, stream=stream)
-        stream.synchronize()
-        self.check_header(key, peer, spec, host_hdr)  # Size is checked before the payload is posted.
-        comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, rank, stream.ptr)
+        self.comm.Send([np.ones(1, np.int64), MPI.INT64_T], dest=peer, tag=_tag(key, 1))  # ready
+        comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
         stream.synchronize()
         return _from_bytes_on_device(payload, spec)
 
     def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
-        cp = self._cupy
-        cp.cuda.Device(0).use()
-        stream = self._streams[(self.stage, peer)]
+        self._cupy.cuda.Device(0).use()
         buf, keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`.
-        with stream:
-            hdr = cp.asarray(make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name))
-        stream.synchronize()
-        return int(buf.nbytes) + _HEADER_LEN * 8, (peer, hdr, buf, keep)
+        hdr = make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name)
+        return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
 
     def wire_send(self, state: Any) -> Any:
         cp, nccl = self._cupy, self._nccl
         cp.cuda.Device(0).use()
-        peer, hdr, buf, _keep = state  # `_keep` holds the bitcast source alive until the send is done.
+        key, peer, hdr, buf, _keep = state  # `_keep` holds the bitcast source alive until the send is done.
+        self.comm.Send([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0))
+        self.comm.Recv([np.empty(1, np.int64), MPI.INT64_T], source=peer, tag=_tag(key, 1))  # peer ready
         link = (self.stage, peer)
         comm, stream = self._comms[link], self._streams[link]
-        rank = self._peer_rank(peer)
-        comm.send(hdr.data.ptr, _HEADER_LEN * 8, nccl.NCCL_UINT8, rank, stream.ptr)
-        comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, rank, stream.ptr)
+        comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
         stream.synchronize()  # `x` may be freed once this returns.
         return None
 
