@@ -133,27 +133,31 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) ->
     n, spec = PLATFORMS[platform][name]
     iters = PLATFORMS[platform]["iters"]
     config, overrides = _split(spec)
-    base = ["--iters", str(iters)] + (["--config", config] if config else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        def run(label: str, extra: list[str]) -> dict:
+        def run(label: str, extra: list[str], n_iters: int = iters) -> dict:
             out = Path(tmp) / f"{label}.json"
             sets = [a for o in overrides + extra for a in ("--set", o)]
-            _mpirun(n, [*base, *sets, "--json", str(out)], timeout)
+            args = ["--iters", str(n_iters)] + (["--config", config] if config else [])
+            _mpirun(n, [*args, *sets, "--json", str(out)], timeout)
             return json.loads(out.read_text())
 
-        off = run("off", [])
+        off = run("off", [], n_iters=2 * iters)  # the calibration: more iterations, median
         cfg = load_config(config, overrides)
         times = [StageTime(f, b) for f, b in off["stage_times"]]
         per_msg = off["per_message_s"]
-        measured_off = float(np.mean(off["iter_times"][1:]))
+        measured_off = float(np.median(off["iter_times"][1:]))
         pred_off = plan(cfg, times, Link(per_message_s=per_msg), platform=platform)
         other = max(0.0, measured_off - pred_off.iteration_s)
+        stage_ms = [(round(t.fwd * 1e3, 1), round(t.bwd * 1e3, 1)) for t in times]
+        print(f"  calibration ({name}, network off): measured {measured_off:.3f} s, modelled "
+              f"{pred_off.iteration_s:.3f} s -> fixed remainder {other:.3f} s; real transport "
+              f"{per_msg * 1e3:.2f} ms per message; stage fwd/bwd ms {stage_ms}", flush=True)
         ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
         ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
         for i, (label, delay, rate) in enumerate(ORIGINAL_SETTINGS):
             r = run(f"s{i}", [f"network.delay_ms={delay}", f"network.rate_gbit={rate}"])
-            measured = float(np.mean(r["iter_times"][1:]))
+            measured = float(np.median(r["iter_times"][1:]))
             pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform)
             rows.append({"setting": label, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
                          "measured_s": measured, "predicted_s": pred.iteration_s,
