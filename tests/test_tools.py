@@ -1,0 +1,45 @@
+"""The command-line tools that need no MPI job: netem.sh's dry run, `jaxpipe plan`, the model check."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_netem_dry_run_prints_the_originals_commands():
+    r = run("bash", "tools/netem.sh", "--dry-run", "apply", "ens3", "10", "1")
+    assert r.returncode == 0
+    assert r.stdout.strip() == "tc qdisc add dev ens3 root netem delay 10ms rate 1Gbit limit 225000"
+    r = run("bash", "tools/netem.sh", "--dry-run", "apply", "ens3", "50", "1")
+    assert r.stdout.strip().endswith("delay 50ms rate 1Gbit limit 1125000")
+    r = run("bash", "tools/netem.sh", "--dry-run", "clear", "ens3")
+    assert r.stdout.strip() == "tc qdisc delete dev ens3 root"
+
+
+def test_netem_rejects_bad_arguments():
+    r = run("bash", "tools/netem.sh", "--dry-run", "apply", "ens3", "1.5", "1")
+    assert r.returncode == 2
+    assert "DELAY_MS must be a whole number of milliseconds, got '1.5'" in r.stderr
+    r = run("bash", "tools/netem.sh", "shape", "ens3")
+    assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_plan_names_the_link_bound():
+    r = run(sys.executable, "-m", "jaxpipe", "plan", "--config", "configs/gpt3_xl.yaml",
+            "--set", "network.delay_ms=10", "--set", "network.rate_gbit=1", "--sweep")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("predicted iteration ")
+    assert lines[1].startswith("link-bound: stage 1's link is busy 8.590 s per iteration")
+    assert lines[-1].startswith("50 ms, 1 Gbps") and lines[-1].endswith("link")
+
+
+def test_model_check_against_the_original():
+    r = run(sys.executable, "tools/reproduce_seed.py", "--model-only")
+    assert r.returncode == 0, r.stderr
+    assert "19 of 20 rows within 20%" in r.stdout
