@@ -100,7 +100,8 @@ def check_compatible(state: Mapping[str, Any], model: ModelConfig, ckpt: str | P
     diff = [f"model.{k} {saved[k]} (checkpoint) vs {getattr(model, k)}" for k in SHAPE_FIELDS
             if saved[k] != getattr(model, k)]
     if diff:
-        raise ConfigError(f"checkpoint '{ckpt}' is of another model: {'; '.join(diff)}")
+        raise ConfigError(f"checkpoint '{ckpt}' is of another model: {'; '.join(diff)} (run with the checkpoint's "
+                          f"model settings, or start afresh in another train.checkpoint_dir)")
 
 
 # ---- Per-layer items ---------------------------------------------------------------------------------

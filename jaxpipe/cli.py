@@ -3,18 +3,19 @@
 Also, each on one process: `prepare-data` (text to tokenizer + token files), `demo-corpus`,
 `export-hf` (checkpoint to a Hugging Face GPT-2 directory) and `generate` (sample from a checkpoint).
 
-Bad input (config, partition, rank count, data files) prints one `jaxpipe: error:` line on every
-rank and exits with status 2 before anything is compiled. Any other exception on any rank prints
-its traceback with the rank and aborts the whole MPI job, so no peer is left waiting for it.
+Bad input (config, partition, rank count, data files, checkpoint) prints one `jaxpipe: error:` line
+on every rank and exits with status 2 before anything is compiled; a non-finite step with
+`train.on_nonfinite=stop` does the same with status 3. Any other exception on any rank prints where
+it happened (rank, stage, step, task) and its traceback, and aborts the whole MPI job (status 1), so
+no peer is left waiting for it. `supervise` relaunches a failed job from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
-from jaxpipe.errors import ConfigError
+from jaxpipe.errors import ConfigError, NonFiniteError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="PATH|auto",
                        help="continue from a checkpoint (a step_N directory or a checkpoint directory's newest), "
                             "or 'auto': the newest in train.checkpoint_dir if there is one")
+    sup = sub.add_parser("supervise", help="run a training job; after a failure, relaunch it with --resume auto")
+    sup.add_argument("--max-restarts", type=int, default=3, metavar="K", help="give up after K restarts (default 3)")
+    sup.add_argument("--delay", type=float, default=5.0, metavar="S", help="seconds between a failure and the "
+                     "restart (default 5)")
+    sup.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="the job, e.g. -- mpiexec -n 4 jaxpipe train --config run.yaml")
     part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
     part.add_argument("--config")
     part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -68,12 +75,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rank() -> int:
-    if "mpi4py.MPI" not in sys.modules:
-        return 0
-    from mpi4py import MPI
+def _agreed(e: ConfigError) -> bool:
+    """Whether every rank raises this error together, so the job may end without an abort: errors
+    through `jaxpipe.errors.agree`, any error of the set-up (which only raises errors every rank
+    finds), and any error outside an MPI job."""
+    from jaxpipe.watchdog import ACTIVITY, mpi_world_size
 
-    return MPI.COMM_WORLD.Get_rank()
+    return getattr(e, "agreed", False) or ACTIVITY.step is None or mpi_world_size() == 1
+
+
+def _cmd_supervise(args: argparse.Namespace) -> None:
+    from jaxpipe.supervise import supervise
+
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not job:
+        raise ConfigError("supervise: give the job after --, e.g. jaxpipe supervise -- mpiexec -n 4 jaxpipe train")
+    if args.max_restarts < 0:
+        raise ConfigError("supervise: --max-restarts must be >= 0")
+    sys.exit(supervise(job, args.max_restarts, args.delay))
 
 
 def _cmd_partition(args: argparse.Namespace) -> None:
@@ -147,25 +166,31 @@ def main(argv: list[str] | None = None) -> None:
         if args.command in ("prepare-data", "demo-corpus", "export-hf", "generate"):
             _cmd_single_process(args)
             return
-        from jaxpipe.config import load_config
+        if args.command == "supervise":
+            _cmd_supervise(args)
+            return
+        from mpi4py import MPI
 
-        cfg = load_config(args.config, args.overrides)
+        from jaxpipe.config import load_config
+        from jaxpipe.errors import agree
+
+        # On every rank together: a config file missing on one host must not leave the others waiting.
+        cfg = agree(MPI.COMM_WORLD, lambda: load_config(args.config, args.overrides))
         from jaxpipe.trainer import train
 
         train(cfg, metrics_out=args.metrics_out, resume=args.resume)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteError) as e:
+        from jaxpipe.watchdog import report_failure
+
+        if isinstance(e, ConfigError) and not _agreed(e):  # e.g. bad data met by one stage mid-run
+            report_failure(e, code=2)
         sys.stderr.write(f"jaxpipe: error: {e}\n")  # One write per line: ranks share the terminal.
         sys.stderr.flush()
-        sys.exit(2)
-    except Exception:
-        rank = _rank()
-        traceback.print_exc()
-        print(f"jaxpipe: rank {rank} failed (traceback above); aborting all ranks", file=sys.stderr, flush=True)
-        if "mpi4py.MPI" in sys.modules:
-            from mpi4py import MPI
+        sys.exit(2 if isinstance(e, ConfigError) else 3)
+    except Exception as e:
+        from jaxpipe.watchdog import report_failure
 
-            MPI.COMM_WORLD.Abort(1)
-        sys.exit(1)
+        report_failure(e)
 
 
 if __name__ == "__main__":

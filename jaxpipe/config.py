@@ -139,6 +139,12 @@ class NetworkConfig:
 class RuntimeConfig:
     # GPUs (or forced host devices on CPU) per process; > 1 shards each micro-batch over them.
     devices_per_process: int = 1
+    # Longest wait for a message or a collective (barrier, gradient sums) before the job is aborted
+    # with a message naming what was awaited (at least 5x the previous step's time); a run's first step
+    # (compilation along the pipeline), its first evaluation and checkpoint saves get
+    # `first_step_timeout_s` instead. 0 = no deadline.
+    comm_timeout_s: float = 300.0
+    first_step_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -356,6 +362,8 @@ def validate(cfg: Config) -> None:
                 f"network.pairs[{i}] = {pair}: expected [src_rank, dst_rank, delay_ms, rate_gbit] with ranks "
                 f"in 0..{world - 1} and rate_gbit > 0"
             )
+    if cfg.runtime.comm_timeout_s < 0 or cfg.runtime.first_step_timeout_s < 0:
+        raise ConfigError("runtime.comm_timeout_s and runtime.first_step_timeout_s must be >= 0 (0 = no deadline)")
     if cfg.data.source == "tokens" and not cfg.data.path:
         raise ConfigError("data.source is 'tokens' but data.path is not set")
     if t.eval_every < 0 or t.checkpoint_every < 0:

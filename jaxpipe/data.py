@@ -61,7 +61,7 @@ class TokenFileSource(TokenSource):
     its own random order, so index i of epoch e is window perm(seed, e)[i mod n]."""
 
     def __init__(self, path: str, dtype: str, vocab_size: int, seq_len: int, shuffle_seed: int | None = None,
-                 key: str = "data.path"):
+                 key: str = "data.path", expected_tokens: int | None = None):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{key}: no such file '{path}'")
@@ -70,17 +70,21 @@ class TokenFileSource(TokenSource):
         if size % itemsize:
             raise ConfigError(f"{key} '{path}' is {size} bytes, not a whole number of {dtype} tokens: "
                               f"wrong data.dtype or a truncated file")
+        if expected_tokens is not None and size // itemsize != expected_tokens:
+            raise ConfigError(f"{key} '{path}' holds {size // itemsize} tokens but {META_FILE} says "
+                              f"{expected_tokens}: the file was truncated or replaced after `jaxpipe prepare-data`; "
+                              f"prepare the data again")
         self.tokens = np.memmap(p, dtype=dtype, mode="r")
-        self.seq_len = seq_len
+        self.seq_len, self.vocab_size, self.path, self.key = seq_len, vocab_size, path, key
         self.n_samples = (len(self.tokens) - 1) // seq_len
         if self.n_samples < 1:
             raise ConfigError(f"{key} '{path}' holds {len(self.tokens)} tokens, fewer than one sample "
                               f"of model.seq_len + 1 = {seq_len + 1}")
-        # A cheap whole-file check would read it all; check the first window so a wrong dtype is caught.
-        head = np.asarray(self.tokens[: seq_len + 1])
-        if head.size and int(head.max()) >= vocab_size:
-            raise ConfigError(f"{key} '{path}' holds token id {int(head.max())} >= model.vocab_size "
-                              f"({vocab_size}): wrong data.dtype or a tokenizer with a larger vocabulary")
+        # Reading the whole file would take minutes for a large corpus: check up to 256 windows spread over it
+        # (the first included), which catches a wrong dtype or a foreign file; `samples` checks what it reads.
+        for w in np.unique(np.linspace(0, self.n_samples - 1, num=min(self.n_samples, 256)).astype(np.int64)):
+            self._check(np.asarray(self.tokens[w * seq_len : w * seq_len + seq_len + 1]), int(w),
+                        "wrong data.dtype or a tokenizer with a larger vocabulary")
 
         self.shuffle_seed = shuffle_seed
         self._orders: dict[int, np.ndarray] = {}
@@ -99,9 +103,19 @@ class TokenFileSource(TokenSource):
             return pos
         return np.array([self._order(int(e))[p] for e, p in zip(epoch, pos, strict=True)], np.int64)
 
+    def _check(self, window: np.ndarray, w: int, hint: str) -> None:
+        """An id beyond the vocabulary would be clamped by the embedding lookup: silent garbage."""
+        if window.size and int(window.max()) >= self.vocab_size:
+            raise ConfigError(f"{self.key} '{self.path}' holds token id {int(window.max())} >= model.vocab_size "
+                              f"({self.vocab_size}) in window {w} (tokens from {w * self.seq_len}): {hint}")
+
     def samples(self, indices: np.ndarray) -> np.ndarray:
-        starts = self.window_index(indices) * self.seq_len
-        return np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], np.int32) for s in starts])
+        windows = self.window_index(indices)
+        out = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], np.int32) for s in windows * self.seq_len])
+        if out.size and int(out.max()) >= self.vocab_size:  # A corrupt region the start-up check did not sample.
+            for w, window in zip(windows, out, strict=True):
+                self._check(window, int(w), "the file is corrupt; prepare the data again")
+        return out
 
 
 META_FILE = "meta.json"
@@ -117,6 +131,8 @@ class TokenFiles:
     dtype: str
     vocab_size: int | None  # the tokenizer's, where meta.json says
     tokenizer: Path | None  # tokenizer.json beside the tokens, if any
+    train_tokens: int | None = None  # token counts meta.json records, checked against the files
+    val_tokens: int | None = None
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -139,11 +155,12 @@ def resolve_token_files(data: DataConfig, model: ModelConfig | None = None) -> T
         raise ConfigError(f"data.path '{path}' is a directory without {META_FILE}: write it with "
                           f"`jaxpipe prepare-data TEXT_FILES --out {path}`")
     meta = read_meta(path)
+    val_tokens = None
     try:
         dtype, vocab = str(meta["dtype"]), int(meta["vocab_size"])
-        train = path / meta["train"]["file"]
+        train, train_tokens = path / meta["train"]["file"], int(meta["train"]["tokens"])
         if val is None and meta.get("val"):
-            val = path / meta["val"]["file"]
+            val, val_tokens = path / meta["val"]["file"], int(meta["val"]["tokens"])
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"'{path / META_FILE}' lacks or mangles the field {e}") from None
     if dtype not in ("uint16", "uint32"):
@@ -152,7 +169,7 @@ def resolve_token_files(data: DataConfig, model: ModelConfig | None = None) -> T
         raise ConfigError(f"data.path '{path}' was tokenised with a vocabulary of {vocab} tokens but "
                           f"model.vocab_size is {model.vocab_size}: set model.vocab_size >= {vocab}")
     tokenizer = path / meta["tokenizer"] if meta.get("tokenizer") else None
-    return TokenFiles(train, val, dtype, vocab, tokenizer)
+    return TokenFiles(train, val, dtype, vocab, tokenizer, train_tokens, val_tokens)
 
 
 def make_source(data: DataConfig, model: ModelConfig) -> TokenSource:
@@ -160,7 +177,7 @@ def make_source(data: DataConfig, model: ModelConfig) -> TokenSource:
         return SyntheticSource(model.vocab_size, model.seq_len, data.seed)
     files = resolve_token_files(data, model)
     return TokenFileSource(str(files.train), files.dtype, model.vocab_size, model.seq_len,
-                           shuffle_seed=data.seed if data.shuffle else None)
+                           shuffle_seed=data.seed if data.shuffle else None, expected_tokens=files.train_tokens)
 
 
 def make_val_source(data: DataConfig, model: ModelConfig) -> TokenSource | None:
@@ -171,7 +188,8 @@ def make_val_source(data: DataConfig, model: ModelConfig) -> TokenSource | None:
     if files.val is None:
         return None
     key = "data.val_path" if data.val_path else "data.path (val)"
-    return TokenFileSource(str(files.val), files.dtype, model.vocab_size, model.seq_len, key=key)
+    return TokenFileSource(str(files.val), files.dtype, model.vocab_size, model.seq_len, key=key,
+                           expected_tokens=files.val_tokens)
 
 
 def replica_sample_indices(cfg: Config, step: int, replica: int) -> np.ndarray:

@@ -19,7 +19,13 @@ class ConfigError(ValueError):
 
 
 class TransportError(RuntimeError):
-    """A message between stages did not match what both sides agreed on."""
+    """A message between stages did not match what both sides agreed on, or never came."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradients are not finite and `train.on_nonfinite` is `stop`. Every rank
+    raises it at the same step (the verdict comes from numbers all ranks share), so the job can
+    end without an abort."""
 
 
 def agree(comm: Any, check: Callable[[], T]) -> T:
@@ -37,5 +43,7 @@ def agree(comm: Any, check: Callable[[], T]) -> T:
     failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
     if failed:
         rank, text = failed[0]
-        raise ConfigError(text if len({m for _, m in failed}) == 1 else f"(rank {rank}) {text}")
+        error = ConfigError(text if len({m for _, m in failed}) == 1 else f"(rank {rank}) {text}")
+        error.agreed = True  # type: ignore[attr-defined]  # The CLI may exit without aborting the job.
+        raise error
     return result  # type: ignore[return-value]

@@ -26,6 +26,7 @@ from jaxpipe.schedule import Phase
 from jaxpipe.stage import StageProgram
 from jaxpipe.topology import Topology
 from jaxpipe.transport import MsgKey, Transport
+from jaxpipe.watchdog import ACTIVITY
 
 
 def eval_msg_step(step: int) -> int:
@@ -80,11 +81,13 @@ class Evaluator:
                     losses.append(self.program.eval_loss(params, x, targets))
                 else:
                     transport.send(key, spec.index + 1, self._forward(params, x))
-        transport.flush()
+        with ACTIVITY.waiting("completing the evaluation's sends"):
+            transport.flush()
         return [float(v) for v in losses]
 
     def __call__(self, params: Params, step: int) -> float:
         """Mean validation loss over every replica's samples, on every rank."""
         losses = self.local_losses(params, step)
-        total = self.topo.world.allreduce(float(np.sum(losses, dtype=np.float64)), op=MPI.SUM)
+        with ACTIVITY.waiting("the evaluation's loss allreduce"):
+            total = self.topo.world.allreduce(float(np.sum(losses, dtype=np.float64)), op=MPI.SUM)
         return total / (self.cfg.parallel.dp * self.n_batches * self.cfg.num_microbatches)

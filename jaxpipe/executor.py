@@ -15,10 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxpipe import faults
 from jaxpipe.model import Params
 from jaxpipe.schedule import Phase, Task
 from jaxpipe.stage import StageProgram
 from jaxpipe.transport import MsgKey, Transport
+from jaxpipe.watchdog import ACTIVITY
 
 
 @dataclass
@@ -68,6 +70,9 @@ def run_step(
     for i in range(min(lookahead, len(tasks))):
         post(i)
     for i, task in enumerate(tasks):
+        ACTIVITY.doing = task  # For failure messages: one attribute store, formatted only if read.
+        if faults.ARMED:
+            faults.at_task(step + 1, task.microbatch)
         post(i + lookahead)
         mb = task.microbatch
         inc = _incoming(task, program)
@@ -88,6 +93,7 @@ def run_step(
             if not spec.first:
                 transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
 
-    transport.flush()
+    with ACTIVITY.waiting("completing this step's sends"):
+        transport.flush()
     mean_loss = jnp.mean(jnp.stack(losses)) if losses else None
     return grads, mean_loss

@@ -61,6 +61,11 @@ class Optimizer:
     def init(self, params: Params) -> Any:
         return jax.jit(self.tx.init)(params)
 
+    @staticmethod
+    def applied_updates(opt_state: Any) -> int:
+        """Updates applied so far: the schedule's position, which a skipped step does not advance."""
+        return int(optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1])
+
     def _update(self, params: Params, opt_state: Any, grads: Params, global_norm: jax.Array,
                 inv_loss_scale: jax.Array) -> tuple[Params, Any]:
         """`grads` are of the loss times the loss scale; `global_norm` is already unscaled."""

@@ -27,6 +27,7 @@ from jaxpipe.partition import Partition, StageSpec
 from jaxpipe.stage import StageProgram
 from jaxpipe.topology import Topology
 from jaxpipe.transport import Transport
+from jaxpipe.watchdog import ACTIVITY
 
 
 def find_resume(resume: str, cfg: Config) -> Path | None:
@@ -36,6 +37,20 @@ def find_resume(resume: str, cfg: Config) -> Path | None:
             raise ConfigError("--resume auto looks in train.checkpoint_dir, which is not set")
         return checkpoint.latest(cfg.train.checkpoint_dir)
     return checkpoint.resolve(resume)
+
+
+def check_resume(cfg: Config, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `resume` names and its state, checked against this run's model and batch;
+    None to start afresh. Cheap (state.json only), so the trainer runs it before anything compiles."""
+    if not resume or (ckpt := find_resume(resume, cfg)) is None:
+        return None
+    state = checkpoint.read_state(ckpt)
+    checkpoint.check_compatible(state, cfg.model, ckpt)
+    saved = state["config"]["train"]["global_batch_size"]
+    if saved != cfg.train.global_batch_size:
+        raise ConfigError(f"checkpoint '{ckpt}' was trained with train.global_batch_size {saved}, this run "
+                          f"uses {cfg.train.global_batch_size}: the data position would not carry over")
+    return ckpt, state
 
 
 class RunHooks:
@@ -63,25 +78,19 @@ class RunHooks:
         return val
 
     # -- resume --------------------------------------------------------------------------------------
-    def _check(self, ckpt: Path) -> dict[str, Any]:
-        state = checkpoint.read_state(ckpt)
-        checkpoint.check_compatible(state, self.cfg.model, ckpt)
-        saved = state["config"]["train"]["global_batch_size"]
-        if saved != self.cfg.train.global_batch_size:
-            raise ConfigError(f"checkpoint '{ckpt}' was trained with train.global_batch_size {saved}, this run "
-                              f"uses {self.cfg.train.global_batch_size}: the data position would not carry over")
-        return state
-
-    def restore(self, params: Params, opt_state: Any, resume: str | None) -> tuple[Params, Any, int]:
-        """(parameters, optimizer state, completed steps): from the checkpoint `resume` names, if any."""
+    def restore(self, params: Params, opt_state: Any, resume: str | None,
+                found: tuple[Path, dict[str, Any]] | None = None) -> tuple[Params, Any, int]:
+        """(parameters, optimizer state, completed steps): from the checkpoint `resume` names, if any.
+        `found` is what `check_resume` returned, where the caller checked early."""
         if not resume:
             return params, opt_state, 0
-        ckpt = agree(self.topo.world, lambda: find_resume(resume, self.cfg))
-        if ckpt is None:
+        if found is None:
+            found = agree(self.topo.world, lambda: check_resume(self.cfg, resume))
+        if found is None:
             if self.reporter:
                 self.log(f"resume: no checkpoint in {self.cfg.train.checkpoint_dir} yet, starting at step 0")
             return params, opt_state, 0
-        state = agree(self.topo.world, lambda: self._check(ckpt))
+        ckpt, state = found
         params, opt_state = agree(self.topo.world, lambda: checkpoint.load_stage(
             ckpt, self.cfg.model, self.spec, params, opt_state))
         if self.reporter:
@@ -94,7 +103,9 @@ class RunHooks:
         """`step` counts completed steps (1-based), as the log does."""
         t = self.cfg.train
         if self.evaluator is not None and step % t.eval_every == 0:
-            loss = self.evaluator(params, step)
+            # The first evaluation compiles its programs along the pipeline: the long deadline.
+            with ACTIVITY.phase("the evaluation after the step", long=not self.val_losses):
+                loss = self.evaluator(params, step)
             self.val_losses[step] = loss
             if self.reporter:
                 self.log(f"eval {step:>5} | val loss {loss:.4f} | val ppl {perplexity(loss):.2f} | "
@@ -104,11 +115,12 @@ class RunHooks:
                 metrics_file.flush()
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
             assert t.checkpoint_dir is not None
-            path = checkpoint.save(
-                t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0, model=self.cfg.model,
-                spec=self.spec, params=params, opt_state=opt_state, state=self._state(step), files=self.files,
-                keep=t.keep_checkpoints,
-            )
+            with ACTIVITY.waiting("the checkpoint save after the step (its barriers wait for every writer)", long=True):
+                path = checkpoint.save(
+                    t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0,
+                    model=self.cfg.model, spec=self.spec, params=params, opt_state=opt_state,
+                    state=self._state(step), files=self.files, keep=t.keep_checkpoints,
+                )
             if self.reporter:
                 self.log(f"checkpoint {path}")
 

@@ -23,22 +23,23 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
-from jaxpipe import __version__
+from jaxpipe import __version__, faults
 from jaxpipe.config import Config
 from jaxpipe.data import TokenSource, make_source, replica_sample_indices
 from jaxpipe.data_parallel import make_grad_sync
-from jaxpipe.errors import agree
+from jaxpipe.errors import NonFiniteError, agree
 from jaxpipe.executor import StepBatch, run_step
 from jaxpipe.model import Params, compute_dtype, init_stage_params, param_count
 from jaxpipe.netem import NetworkEmulator
 from jaxpipe.optimizer import LossScaler, Optimizer
 from jaxpipe.partition import Partition, StageSpec, resolve_partition
 from jaxpipe.placement import assign_devices, local_mesh, peak_memory_bytes
-from jaxpipe.run_hooks import RunHooks
+from jaxpipe.run_hooks import RunHooks, check_resume
 from jaxpipe.schedule import check_consistent, make_schedule
 from jaxpipe.stage import StageProgram
 from jaxpipe.topology import Topology
 from jaxpipe.transport import make_transport
+from jaxpipe.watchdog import ACTIVITY, start_watchdog
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
     iter_times: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # steps dropped for non-finite values
+    updates: int = 0  # optimizer updates applied in all (checkpointed runs included): steps minus skips
     peak_memory: list[int | None] = field(default_factory=list)  # per stage (global rank 0 only)
     probe: Any = None
 
@@ -139,6 +141,9 @@ def train(
     log = log or (lambda s: print(s, flush=True))
     p = cfg.parallel
     topo = Topology.create(comm, p.pp, p.dp)
+    ACTIVITY.configure(topo.rank, topo.stage, p.pp, topo.replica, cfg.runtime.comm_timeout_s,
+                       cfg.runtime.first_step_timeout_s)
+    agree(comm, lambda: faults.load(topo.rank, topo.stage, topo.replica))
     k = cfg.runtime.devices_per_process
     agree(comm, lambda: assign_devices(comm, k))  # Before JAX touches a device.
     mesh = agree(comm, lambda: local_mesh(k)) if k > 1 else None
@@ -150,6 +155,8 @@ def train(
     source = agree(comm, lambda: make_source(cfg.data, cfg.model))
     if not needs_data:
         source = None
+    # A checkpoint of another model or batch size fails here, before anything compiles.
+    resume_from = agree(comm, lambda: check_resume(cfg, resume))
 
     program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size, mesh)
     schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches)
@@ -162,6 +169,8 @@ def train(
     grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i))
     transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
                                                    program.place_input, single_device=mesh is None, net=net))
+    ACTIVITY.attach(transport)
+    start_watchdog()
     scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
     skip_tied = spec.last and not spec.first
     is_reporter = topo.rank == 0
@@ -172,67 +181,98 @@ def train(
         log(describe(cfg, topo, partition, transport.name, net))
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.run_hooks.
     hooks = RunHooks(cfg, topo, spec, program, transport, partition, log)
-    params, opt_state, start_step = hooks.restore(params, opt_state, resume)
+    params, opt_state, start_step = hooks.restore(params, opt_state, resume, resume_from)
     if probe is not None:
         result.probe = probe(program, params, topo)
+    # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
+    # moves the data on but not the schedule.
+    result.updates = optimizer.applied_updates(opt_state)
 
+    healthy = True
     try:
         for step in range(start_step, cfg.train.steps):
+            warm = result.iter_times[1:]  # The first step's time is mostly compilation.
+            ACTIVITY.begin_step(step + 1, first=step == start_step, last_step_s=warm[-1] if warm else 0.0)
             batch = _step_batch(source, cfg, topo, step, program)
-            comm.Barrier()
+            # Waits for every rank's previous step: the first two include compilation.
+            with ACTIVITY.waiting("the barrier that starts the step", long=step <= start_step + 1):
+                comm.Barrier()
             t0 = time.perf_counter()
             grads = program.zero_grads(params)
             grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead,
                                    loss_scale=scaler.scale)
-            grads = program.place_params(grad_sync(sync_tied_embedding(grads, topo, net)))
-            # One small allreduce gives every stage the pipeline's gradient norm and loss, so all
-            # ranks take the same decision about a non-finite step (DP replicas agree already:
-            # their gradients were just averaged).
+            if faults.ARMED:
+                grads = faults.poison(step + 1, grads)
+                faults.at_sync(step + 1)
+            with ACTIVITY.waiting("the tied-embedding gradient sum"):
+                grads = sync_tied_embedding(grads, topo, net)
+            with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
+                grads = program.place_params(grad_sync(grads))
+            # Every stage's gradient sum of squares and the loss go to the whole pipeline; the replicas'
+            # losses are summed over the world. DP averaging made the gradients, hence the norm, equal on
+            # all replicas, so every rank of the job decides the same about a non-finite step.
             local = np.array([float(program.sq_norm(grads, skip_tied)), float(loss) if loss is not None else 0.0])
-            sq_total, pipe_loss = topo.pipe.allreduce(local, op=MPI.SUM)
+            with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
+                parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
             if net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
                 time.sleep(net.collective_latency(p.pp))
-            finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
+            sq_total, pipe_loss = (float(v) for v in parts.sum(axis=0))
+            with ACTIVITY.waiting("the allreduce of the loss"):
+                loss_sum = comm.allreduce(pipe_loss if topo.is_last else 0.0, op=MPI.SUM)
+            mean_loss = loss_sum / p.dp  # Each pipeline's loss lives on its last stage.
+            finite = math.isfinite(sq_total) and math.isfinite(loss_sum)
             norm = math.sqrt(sq_total) / scaler.scale if finite else float("nan")
+            lr = float(optimizer.schedule(result.updates))
+            ACTIVITY.doing = "the optimizer update"
             if finite:
                 params, opt_state = optimizer.update(params, opt_state, grads, jnp.float32(norm),
                                                      jnp.float32(1.0 / scaler.scale))
+                result.updates += 1
             jax.block_until_ready(params)
             dt = time.perf_counter() - t0
             scaler.update(finite)
             if not finite:
+                bad = [str(s) for s in range(p.pp) if not np.isfinite(parts[s]).all()]
+                where = f"stage{'s' * (len(bad) > 1)} {', '.join(bad)}" if bad else "another replica"
+                what = (f"non-finite loss or gradients (loss {mean_loss:.4g}, gradient norm² {sq_total:.4g}; "
+                        f"not finite on {where})")
                 if not scaler.dynamic and cfg.train.on_nonfinite == "stop":
-                    raise FloatingPointError(
-                        f"step {step + 1}: loss {pipe_loss} / gradient norm² {sq_total} is not finite "
-                        f"(set train.on_nonfinite=skip to drop such steps)")
+                    raise NonFiniteError(
+                        f"step {step + 1}: {what}; train.on_nonfinite=stop ends the run: lower train.lr or raise "
+                        f"train.warmup_steps, check the data, resume from the last checkpoint, or set "
+                        f"train.on_nonfinite=skip to drop such steps")
                 result.skipped_steps.append(step)
                 if is_reporter:
-                    log(f"step {step + 1:>5} | skipped: non-finite loss or gradients"
+                    log(f"step {step + 1:>5} | skipped: {what}; no update on any rank"
                         + (f" (loss scale now {scaler.scale:g})" if scaler.dynamic else ""))
-            # Each pipeline's loss lives on its last stage; average the replicas for the report.
-            mean_loss = comm.allreduce(pipe_loss if topo.is_last else 0.0, op=MPI.SUM) / p.dp
             result.losses.append(mean_loss)
             result.grad_norms.append(norm)
             result.iter_times.append(dt)
             if is_reporter and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-                lr = float(optimizer.schedule(step))
                 log(f"step {step + 1:>5} | loss {mean_loss:.4f} | {dt:.3f} s | {tokens_per_step / dt:,.0f} tok/s"
                     f" | grad norm {norm:.3f} | lr {lr:.2e}")
             if metrics_file is not None:
                 metrics_file.write(json.dumps({
                     "step": step + 1, "loss": mean_loss, "iter_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                    "grad_norm": norm, "lr": float(optimizer.schedule(step)),
+                    "grad_norm": norm, "lr": lr,
                 }) + "\n")
                 metrics_file.flush()
             hooks.after_step(step + 1, params, opt_state, metrics_file)
+    except BaseException as e:
+        # The job is about to be aborted: joining a receiver thread blocked on a dead peer would only
+        # delay that. A non-finite stop happens on every rank at once, with no message in flight.
+        healthy = isinstance(e, NonFiniteError)
+        raise
     finally:
-        transport.close()
+        if healthy:
+            transport.close()
         if net is not None:
             net.close()
         if metrics_file is not None:
             metrics_file.close()
     result.params = params
-    peaks = comm.gather(peak_memory_bytes(program.devices), root=0)
+    with ACTIVITY.waiting("the end-of-run gather"):
+        peaks = comm.gather(peak_memory_bytes(program.devices), root=0)
     if is_reporter and result.iter_times:
         result.peak_memory = [peaks[s] for s in range(p.pp)]
         steady = result.iter_times[1:] or result.iter_times

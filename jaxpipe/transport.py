@@ -97,8 +97,10 @@ class _Future:
         self._value, self._error = value, error
         self._done.set()
 
-    def result(self) -> Any:
-        self._done.wait()
+    def result(self, timeout: float | None = None) -> Any:
+        """Raises TimeoutError if nothing arrived within `timeout` seconds (None: waits forever)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError
         if self._error is not None:
             raise self._error
         return self._value
@@ -155,6 +157,9 @@ class ThreadedTransport(Transport):
         """Main thread, at `send`: e.g. start the device→host copy right behind the compute."""
 
     # -- executor interface --------------------------------------------------------------------------
+    # Longest `recv` waits, in seconds (None: forever); jaxpipe.watchdog keeps it at the run's deadline.
+    recv_timeout: float | None = None
+
     def expect(self, key: MsgKey, peer: int, spec: ArraySpec) -> None:
         if key in self._pending:
             return
@@ -163,8 +168,24 @@ class ThreadedTransport(Transport):
         self._recv_q.put((key, peer, spec, self.post_recv(key, peer, spec), fut))
 
     def recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> jax.Array:
+        """Waits at most `recv_timeout`: a peer that died or hung must end the job with a message
+        naming it, not leave this rank blocked for ever."""
         self.expect(key, peer, spec)
-        return self._pending.pop(key).result()
+        try:
+            return self._pending.pop(key).result(self.recv_timeout)
+        except TimeoutError:
+            raise TransportError(
+                f"receive deadline: {self.who(self.stage)} waited {round(self.recv_timeout, 1):g} s for "
+                f"{self.message_name(key)} "
+                f"from {self.who(peer)}: that rank is dead, hung or far slower (deadline: runtime.comm_timeout_s, "
+                f"or runtime.first_step_timeout_s in a run's first step)") from None
+
+    @staticmethod
+    def message_name(key: MsgKey) -> str:
+        """`key` in the log's terms: steps counted from 1, evaluations named as such."""
+        what = "activation" if key.kind == Phase.FWD else "gradient"
+        when = f"step {key.step + 1}" if key.step >= 0 else f"the evaluation after step {-key.step - 1}"
+        return f"the {what} of micro-batch {key.microbatch} of {when}"
 
     def send(self, key: MsgKey, peer: int, x: jax.Array) -> None:
         if self._send_error is not None:
@@ -244,13 +265,16 @@ class ThreadedTransport(Transport):
                 fut.set(error=e)
 
     def check_header(self, key: MsgKey, peer: int, spec: ArraySpec, hdr: np.ndarray) -> None:
+        """Before the payload is used: a message in the wrong slot or of the wrong size would
+        otherwise be silently trained on."""
         magic, step, mb, kind, nbytes, dtype_code = (int(v) for v in hdr)
-        sender, me = self.who(peer), self.who(self.stage)
-        if magic != _MAGIC or kind not in (0, 1):
-            raise TransportError(f"corrupt message header from {sender} to {me} while waiting for {key.describe()}")
+        sender, me, name = self.who(peer), self.who(self.stage), self.message_name
+        if magic != _MAGIC or kind not in (0, 1) or mb < 0 or nbytes < 0:
+            raise TransportError(f"corrupt message header from {sender} to {me} while waiting for {name(key)} "
+                                 f"(header words {[int(v) for v in hdr]}, magic {_MAGIC})")
         got = MsgKey(step, mb, Phase(kind))
         if got != key:
-            raise TransportError(f"{me} expected {key.describe()} from {sender} but received {got.describe()}")
+            raise TransportError(f"{me} expected {name(key)} from {sender} but received {name(got)}")
         dtype = _DTYPES[dtype_code] if 0 <= dtype_code < len(_DTYPES) else f"dtype#{dtype_code}"
         if nbytes != spec.nbytes or dtype != spec.dtype:
             raise TransportError(

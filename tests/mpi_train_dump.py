@@ -1,7 +1,8 @@
 """Run under mpiexec by the tests: trains per the given overrides and writes what the tests compare.
 
-Each rank writes `rank<r>.npz` with its stage's parameters in the per-layer layout; global rank 0
-also writes `result.json` with per-step losses and gradient norms.
+Each rank writes `rank<r>.npz` with its stage's parameters in the per-layer layout and
+`rank<r>.json` with the steps it skipped and the updates it applied; global rank 0 also writes
+`result.json` with per-step losses and gradient norms.
 """
 
 import argparse
@@ -27,5 +28,6 @@ spec = res.stage
 flat = flatten_per_layer(cfg.model, spec.layers, spec.first, spec.last, res.params)
 rank = MPI.COMM_WORLD.Get_rank()
 np.savez(out / f"rank{rank}.npz", **{k: np.asarray(v) for k, v in flat.items()})
+(out / f"rank{rank}.json").write_text(json.dumps({"skipped_steps": res.skipped_steps, "updates": res.updates}))
 if rank == 0:
     (out / "result.json").write_text(json.dumps({"losses": res.losses, "grad_norms": res.grad_norms}))

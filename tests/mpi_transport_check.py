@@ -1,5 +1,6 @@
 """Run under `mpiexec -n 2` by the tests: stage 0 sends one message, stage 1 receives it with the
-spec given on the command line; prints what happened so the test can assert the exact outcome."""
+spec given on the command line; prints what happened so the test can assert the exact outcome.
+Some modes make stage 0 a faulty sender (a corrupted header, a wrong step, nothing at all)."""
 
 import sys
 
@@ -18,7 +19,21 @@ t = tr.HostStagedMpi(comm, comm.rank, world_rank_of=lambda s: s)
 sent = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
 key = tr.MsgKey(step=3, microbatch=1, kind=Phase.FWD)
 if comm.rank == 0:
-    if mode == "wrong_microbatch":  # A sender bug: micro-batch 2 travels on micro-batch 1's channel.
+    if mode in ("bad_magic", "wrong_step"):  # Bits flipped on the way, or a sender a step ahead.
+        make_header = tr.make_header
+
+        def corrupt(key, nbytes, dtype):
+            hdr = make_header(key, nbytes, dtype)
+            if mode == "bad_magic":
+                hdr[0] ^= 1 << 4
+            else:
+                hdr[1] += 1
+            return hdr
+
+        tr.make_header = corrupt
+    if mode == "deadline":  # A sender that never sends (dead or hung): the receive must give up.
+        pass
+    elif mode == "wrong_microbatch":  # A sender bug: micro-batch 2 travels on micro-batch 1's channel.
         tag = tr._tag
         tr._tag = lambda k, part: tag(tr.MsgKey(k.step, 1, k.kind), part)
         t.send(tr.MsgKey(3, 2, Phase.FWD), 1, sent)
@@ -27,9 +42,12 @@ if comm.rank == 0:
     t.flush()
 else:
     spec = ArraySpec((2, 4), "float32") if mode == "wrong_shape" else ArraySpec((2, 3), "float32")
+    t.recv_timeout = 1.0 if mode == "deadline" else 60.0
     try:
         got = t.recv(key, 0, spec)
         print("OK", np.asarray(got).tolist(), flush=True)
     except TransportError as e:
         print("TransportError:", e, flush=True)
+        if mode == "deadline":  # As the CLI does: the receive is still posted, so end the job.
+            comm.Abort(3)
 t.close()

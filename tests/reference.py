@@ -13,7 +13,10 @@ from jaxpipe.model import StageModel, flatten_per_layer, init_stage_params, next
 from jaxpipe.optimizer import make_adamw
 
 
-def reference_train(cfg: Config) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+def reference_train(cfg: Config, skip: frozenset[int] = frozenset()) -> tuple[list[float], list[float],
+                                                                             dict[str, np.ndarray]]:
+    """`skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
+    counter (hence the learning-rate schedule) stay as they were; the next step reads its own data."""
     m = cfg.model
     layers = range(m.n_layer)
     params = init_stage_params(m, cfg.train.seed, layers, True, True)
@@ -27,13 +30,15 @@ def reference_train(cfg: Config) -> tuple[list[float], list[float], dict[str, np
         loss, grads = jax.value_and_grad(lambda p: next_token_loss(model.apply({"params": p}, inputs), targets))(
             params)
         norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, norm
+        updates, new_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, loss, norm
 
     losses, norms = [], []
     for step in range(cfg.train.steps):
         inputs, targets = global_batch(source, cfg, step)
-        params, opt_state, loss, norm = step_fn(params, opt_state, inputs, targets)
+        new_params, new_state, loss, norm = step_fn(params, opt_state, inputs, targets)
+        if step not in skip:
+            params, opt_state = new_params, new_state
         losses.append(float(loss))
         norms.append(float(norm))
     flat = flatten_per_layer(m, layers, True, True, params)

@@ -117,12 +117,20 @@ def test_bad_input_fails_on_every_rank(case):
     ("mode", "expected"),
     [
         ("match", "OK [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]"),
-        ("wrong_shape", "TransportError: stage 0 (rank 0) sent activation of micro-batch 1 at step 3 as 24 bytes "
+        # Messages count steps from 1, as the log does (the message key's step 3 is logged step 4).
+        ("wrong_shape", "TransportError: stage 0 (rank 0) sent the activation of micro-batch 1 of step 4 as 24 bytes "
                         "of float32, but stage 1 (rank 1) expects float32[2,4] (32 bytes)"),
-        ("wrong_dtype", "TransportError: stage 0 (rank 0) sent activation of micro-batch 1 at step 3 as 12 bytes "
+        ("wrong_dtype", "TransportError: stage 0 (rank 0) sent the activation of micro-batch 1 of step 4 as 12 bytes "
                         "of bfloat16, but stage 1 (rank 1) expects float32[2,3] (24 bytes)"),
-        ("wrong_microbatch", "TransportError: stage 1 (rank 1) expected activation of micro-batch 1 at step 3 "
-                             "from stage 0 (rank 0) but received activation of micro-batch 2 at step 3"),
+        ("wrong_microbatch", "TransportError: stage 1 (rank 1) expected the activation of micro-batch 1 of step 4 "
+                             "from stage 0 (rank 0) but received the activation of micro-batch 2 of step 4"),
+        ("bad_magic", "TransportError: corrupt message header from stage 0 (rank 0) to stage 1 (rank 1) while "
+                      "waiting for the activation of micro-batch 1 of step 4 (header words [1247301696, 3, 1, 0, "
+                      "24, 0], magic 1247301712)"),
+        ("wrong_step", "TransportError: stage 1 (rank 1) expected the activation of micro-batch 1 of step 4 from "
+                       "stage 0 (rank 0) but received the activation of micro-batch 1 of step 5"),
+        ("deadline", "TransportError: receive deadline: stage 1 (rank 1) waited 1 s for the activation of "
+                     "micro-batch 1 of step 4 from stage 0 (rank 0): that rank is dead, hung or far slower"),
     ],
 )
 def test_transport_checks_every_message(mode, expected):
