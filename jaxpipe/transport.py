@@ -331,6 +331,9 @@ class HostStagedMpi(ThreadedTransport):
         for reqs, _, _ in handles:
             MPI.Request.Waitall(reqs)
 
+    def progress_sends(self, handles: list[Any]) -> list[Any]:
+        return [h for h in handles if not MPI.Request.Testall(h[0])]
+
 
 # ---- GPU-resident transports (CuPy is imported lazily: CPU installs never need it) -----------------
 
@@ -351,12 +354,6 @@ def _from_bytes_on_device(buf: Any, spec: ArraySpec) -> jax.Array:
         arr = jax.dlpack.from_dlpack(buf.view("uint16"))
         return jax.lax.bitcast_convert_type(arr, jnp.bfloat16).reshape(spec.shape)
     return jax.dlpack.from_dlpack(buf.view(dtype.name)).reshape(spec.shape)
-
-    def progress_sends(self, handles: list[Any]) -> list[Any]:
-        return [h for h in handles if not MPI.Request.Testall(h[0])]
-
-    def progress_sends(self, handles: list[Any]) -> list[Any]:
-        return [h for h in handles if not MPI.Request.Testall(h[0])]
 
 
 def mpi_is_cuda_aware() -> bool:
@@ -412,19 +409,79 @@ class CudaAwareMpi(ThreadedTransport):
         for reqs, *_ in handles:
             MPI.Request.Waitall(reqs)
 
+    def progress_sends(self, handles: list[Any]) -> list[Any]:
+        return [h for h in handles if not MPI.Request.Testall(h[0])]
 
-class Nccl(ThreadedTransport):
-    """NCCL send/recv on the JAX buffers. Per neighbour pair two 2-rank communicators, one per
-    direction, so the sender thread and the receiver thread never share a communicator and each
-    communicator sees its operations in the one order the schedule fixes. Every CuPy operation runs
-    on this transport's own non-blocking streams: work on CUDA's legacy default stream would wait
-    for all of JAX's queued compute and serialise the pipeline.
 
-    No NCCL kernel is launched before its peer is ready for it: the header travels over MPI, the
-    receiver answers "ready" over MPI, and only then do both sides launch the NCCL transfer. A
-    transfer kernel that spins on the GPU waiting for a peer can otherwise meet a device-wide
+class ReadyHandshake(ThreadedTransport):
+    """A device-to-device transport whose transfers block until both sides take part (NCCL's
+    send/recv): the header travels over MPI, the receiver checks it and answers "ready" over MPI,
+    and only then do both sides start the transfer, so no transfer ever waits long for its peer.
+    A transfer kernel that spins on the GPU waiting for a peer can otherwise meet a device-wide
     synchronisation on that GPU (buffer import or export, an allocation) while the peer waits for
-    this rank in turn, which hangs schedules that send both ways at once (1F1B)."""
+    this rank in turn, which hangs schedules that send both ways at once (1F1B).
+
+    Subclasses provide the device side: `_alloc`, `_device_bytes`, `_to_array`, `_transfer_send`,
+    `_transfer_recv` (each transfer returns once complete)."""
+
+    def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
+                 net: NetworkEmulator | None = None):
+        _require_thread_multiple()
+        self.comm = comm
+        super().__init__(stage, world_rank_of, net=net)
+
+    @abstractmethod
+    def _alloc(self, link: tuple[int, int], nbytes: int) -> Any: ...
+
+    @abstractmethod
+    def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
+        """(byte buffer, what must stay alive with it) for `x`, once `x` has been computed."""
+
+    @abstractmethod
+    def _to_array(self, buf: Any, spec: ArraySpec) -> jax.Array: ...
+
+    @abstractmethod
+    def _transfer_send(self, link: tuple[int, int], buf: Any) -> None: ...
+
+    @abstractmethod
+    def _transfer_recv(self, link: tuple[int, int], buf: Any) -> None: ...
+
+    def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
+        hdr = np.zeros(_HEADER_LEN, np.int64)
+        return self.comm.Irecv([hdr, MPI.INT64_T], source=peer, tag=_tag(key, 0)), hdr
+
+    def complete_recv(self, key: MsgKey, peer: int, spec: ArraySpec, handle: Any) -> jax.Array:
+        req, hdr = handle
+        req.Wait()
+        self.check_header(key, peer, spec, hdr)  # The size is right before the transfer is set up.
+        link = (peer, self.stage)
+        payload = self._alloc(link, spec.nbytes)
+        self.comm.Send([np.ones(1, np.int64), MPI.INT64_T], dest=peer, tag=_tag(key, 1))  # ready
+        self._transfer_recv(link, payload)
+        return self._to_array(payload, spec)
+
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
+        buf, keep = self._device_bytes(x)
+        hdr = make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name)
+        return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
+
+    def wire_send(self, state: Any) -> Any:
+        key, peer, hdr, buf, _keep = state  # `_keep` holds the source alive until the transfer is done.
+        self.comm.Send([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0))
+        self.comm.Recv([np.empty(1, np.int64), MPI.INT64_T], source=peer, tag=_tag(key, 1))  # peer ready
+        self._transfer_send((self.stage, peer), buf)
+        return None
+
+    def finish_sends(self, handles: list[Any]) -> None:
+        return None  # wire_send waited for each transfer (it blocks the emulator thread meanwhile).
+
+
+class Nccl(ReadyHandshake):
+    """NCCL send/recv on the JAX buffers through CuPy (DLPack, no copy). Per neighbour pair two 2-rank
+    communicators, one per direction, so the sender thread and the receiver thread never share a
+    communicator and each sees its operations in the one order the schedule fixes. Every CuPy
+    operation runs on this transport's own non-blocking streams: work on CUDA's legacy default
+    stream would wait for all of JAX's queued compute and serialise the pipeline."""
 
     name = "nccl"
 
@@ -436,8 +493,6 @@ class Nccl(ThreadedTransport):
         except ImportError as e:
             raise ConfigError(
                 f"parallel.transport=nccl needs CuPy with NCCL ({e}); use parallel.transport=mpi") from None
-        _require_thread_multiple()
-        self.comm = comm
         self._cupy, self._nccl = cupy, nccl
         n = comm.Get_size()
         # comms[(a, b)]: the communicator carrying messages from stage a to stage b (|a - b| = 1).
@@ -455,51 +510,41 @@ class Nccl(ThreadedTransport):
                     uid = comm.recv(source=lo, tag=900 + src)
                 self._comms[(src, dst)] = nccl.NcclCommunicator(2, uid, 0 if stage == lo else 1)
                 self._streams[(src, dst)] = cupy.cuda.Stream(non_blocking=True)
-        super().__init__(stage, world_rank_of, net=net)
+        super().__init__(comm, stage, world_rank_of, net)
 
-    def _peer_rank(self, peer: int) -> int:
+    def _nccl_rank(self, link: tuple[int, int]) -> int:
+        peer = link[0] if link[1] == self.stage else link[1]
         return 0 if peer < self.stage else 1
 
-    def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
-        hdr = np.zeros(_HEADER_LEN, np.int64)
-        return self.comm.Irecv([hdr, MPI.INT64_T], source=peer, tag=_tag(key, 0)), hdr
-
-    def complete_recv(self, key: MsgKey, peer: int, spec: ArraySpec, handle: Any) -> jax.Array:
-        cp, nccl = self._cupy, self._nccl
+    def _alloc(self, link: tuple[int, int], nbytes: int) -> Any:
+        cp = self._cupy
         cp.cuda.Device(0).use()
-        req, hdr = handle
-        req.Wait()
-        self.check_header(key, peer, spec, hdr)  # The size is right before any NCCL call is made.
-        link = (peer, self.stage)
-        comm, stream = self._comms[link], self._streams[link]
+        stream = self._streams[link]
         with stream:
-            payload = cp.empty(spec.nbytes, cp.uint8)
+            buf = cp.empty(nbytes, cp.uint8)
         stream.synchronize()
-        self.comm.Send([np.ones(1, np.int64), MPI.INT64_T], dest=peer, tag=_tag(key, 1))  # ready
-        comm.recv(payload.data.ptr, spec.nbytes, nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
-        stream.synchronize()
-        return _from_bytes_on_device(payload, spec)
+        return buf
 
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
+    def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
         self._cupy.cuda.Device(0).use()
-        buf, keep = _as_bytes_on_device(x)  # Waits for the compute that produced `x`.
-        hdr = make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name)
-        return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
+        return _as_bytes_on_device(x)  # Waits for the compute that produced `x`.
 
-    def wire_send(self, state: Any) -> Any:
-        cp, nccl = self._cupy, self._nccl
-        cp.cuda.Device(0).use()
-        key, peer, hdr, buf, _keep = state  # `_keep` holds the bitcast source alive until the send is done.
-        self.comm.Send([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0))
-        self.comm.Recv([np.empty(1, np.int64), MPI.INT64_T], source=peer, tag=_tag(key, 1))  # peer ready
-        link = (self.stage, peer)
-        comm, stream = self._comms[link], self._streams[link]
-        comm.send(buf.data.ptr, int(buf.nbytes), nccl.NCCL_UINT8, self._peer_rank(peer), stream.ptr)
-        stream.synchronize()  # `x` may be freed once this returns.
-        return None
+    def _to_array(self, buf: Any, spec: ArraySpec) -> jax.Array:
+        return _from_bytes_on_device(buf, spec)
 
-    def finish_sends(self, handles: list[Any]) -> None:
-        return None  # wire_send already waited for each send (it blocks the emulator thread meanwhile).
+    def _transfer_send(self, link: tuple[int, int], buf: Any) -> None:
+        self._cupy.cuda.Device(0).use()
+        stream = self._streams[link]
+        self._comms[link].send(buf.data.ptr, int(buf.nbytes), self._nccl.NCCL_UINT8, self._nccl_rank(link),
+                               stream.ptr)
+        stream.synchronize()
+
+    def _transfer_recv(self, link: tuple[int, int], buf: Any) -> None:
+        self._cupy.cuda.Device(0).use()
+        stream = self._streams[link]
+        self._comms[link].recv(buf.data.ptr, int(buf.nbytes), self._nccl.NCCL_UINT8, self._nccl_rank(link),
+                               stream.ptr)
+        stream.synchronize()
 
     def close(self) -> None:
         super().close()

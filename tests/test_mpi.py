@@ -46,15 +46,19 @@ LAYOUTS = {
                                             "network.pairs=[[1, 0, 5, 1]]"]),
     # One process per host with several devices: each stage sharded over 2 (forced) CPU devices.
     "pp2_two_devices_per_rank": (2, ["parallel.pp=2", "parallel.dp=1", "runtime.devices_per_process=2"]),
+    # The NCCL transport's ready-handshake protocol (with NCCL's blocking transfers played by
+    # synchronous MPI sends) under 1F1B, where both directions of every link are busy at once.
+    "pp4_1f1b_handshake_transport": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.schedule=1f1b"]),
 }
 ENV = {"pp2_two_devices_per_rank": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
+SCRIPT_ARGS = {"pp4_1f1b_handshake_transport": ["--handshake-transport"]}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_equals_single_process(tmp_path, layout):
     n, parallel = LAYOUTS[layout]
-    run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(tmp_path), *sets(MODEL + TRAIN + parallel)],
-                  env=ENV.get(layout))
+    run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(tmp_path), *SCRIPT_ARGS.get(layout, []),
+                      *sets(MODEL + TRAIN + parallel)], env=ENV.get(layout))
     assert run.returncode == 0, run.stderr
     ref_losses, ref_norms, ref_params = reference()
     result = json.loads((tmp_path / "result.json").read_text())

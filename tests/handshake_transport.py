@@ -1,0 +1,49 @@
+"""NCCL's transfer semantics on CPU, for testing the ready-handshake protocol of the NCCL transport
+without GPUs: every transfer is a synchronous MPI send (it returns only once the receiver takes
+part, as an NCCL send does), on a communicator of its own, after the same MPI header and "ready"
+exchange the NCCL transport does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from mpi4py import MPI
+
+from jaxpipe.stage import ArraySpec
+from jaxpipe.transport import ReadyHandshake
+
+
+class SynchronousTransfers(ReadyHandshake):
+    name = "ready-handshake over synchronous MPI (CPU test of the NCCL protocol)"
+
+    def __init__(self, comm: Any, stage: int, world_rank_of: Any, net: Any = None):
+        self.data = comm.Dup()
+        super().__init__(comm, stage, world_rank_of, net)
+
+    @staticmethod
+    def _tag(link: tuple[int, int]) -> int:
+        return 1 if link[0] < link[1] else 2  # one channel per direction, like one NCCL comm each
+
+    def _alloc(self, link: tuple[int, int], nbytes: int) -> Any:
+        return np.empty(nbytes, np.uint8)
+
+    def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
+        host = np.ascontiguousarray(np.asarray(x))
+        return host.view(np.uint8).reshape(-1), host
+
+    def _to_array(self, buf: Any, spec: ArraySpec) -> jax.Array:
+        return jax.device_put(buf.view(jnp.dtype(spec.dtype)).reshape(spec.shape))
+
+    def _transfer_send(self, link: tuple[int, int], buf: Any) -> None:
+        self.data.Ssend([buf, MPI.BYTE], dest=link[1], tag=self._tag(link))
+
+    def _transfer_recv(self, link: tuple[int, int], buf: Any) -> None:
+        self.data.Recv([buf, MPI.BYTE], source=link[0], tag=self._tag(link))
+
+
+def make_transport(name: str, comm: Any, stage: int, world_rank_of: Any, to_device: Any = None,
+                   single_device: bool = True, net: Any = None) -> SynchronousTransfers:
+    return SynchronousTransfers(comm, stage, world_rank_of, net)
