@@ -3,7 +3,8 @@
 A `Partition` is a list of contiguous, non-empty layer ranges that covers every layer exactly once.
 Stage 0 also holds the embeddings, the last stage the final LayerNorm, LM head and loss, so an
 even split of layers is not an even split of work: `balanced` counts those too (the GPT-3 XL
-head costs about 1.75 layers), and divides by each host's relative speed when hosts differ.
+head costs about 2.6 layers: 1.75 of FLOPs plus its float32 logits traffic), and divides by each
+host's relative speed when hosts differ.
 
     >>> from jaxpipe.partition import Partition, balanced
     >>> Partition.from_counts([3, 2, 3]).ranges
