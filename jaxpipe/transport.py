@@ -292,6 +292,8 @@ def _require_thread_multiple() -> None:
 
 
 class HostStagedMpi(ThreadedTransport):
+    """mpi4py on host buffers. The three `_payload*` hooks are where CUDA-aware MPI differs."""
+
     name = "mpi (host-staged)"
 
     def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
@@ -303,9 +305,20 @@ class HostStagedMpi(ThreadedTransport):
     def prepare_send(self, x: jax.Array) -> None:
         x.copy_to_host_async()
 
+    def _payload_buffer(self, nbytes: int) -> Any:
+        return np.empty(nbytes, np.uint8)
+
+    def _payload_to_array(self, payload: Any, spec: ArraySpec) -> jax.Array:
+        return self._to_device(payload.view(jnp.dtype(spec.dtype)).reshape(spec.shape))
+
+    def _payload_of(self, x: jax.Array) -> tuple[Any, Any, str]:
+        """(byte view to send, what must stay alive with it, dtype name), once `x` is computed."""
+        buf = np.ascontiguousarray(np.asarray(x))  # Waits for the device copy; the GIL is released meanwhile.
+        return buf.view(np.uint8).reshape(-1), buf, buf.dtype.name
+
     def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
         hdr = np.zeros(_HEADER_LEN, np.int64)
-        payload = np.empty(spec.nbytes, np.uint8)
+        payload = self._payload_buffer(spec.nbytes)
         return (self.comm.Irecv([hdr, MPI.INT64_T], source=peer, tag=_tag(key, 0)),
                 self.comm.Irecv([payload, MPI.BYTE], source=peer, tag=_tag(key, 1)), hdr, payload)
 
@@ -314,21 +327,21 @@ class HostStagedMpi(ThreadedTransport):
         r_hdr.Wait()
         self.check_header(key, peer, spec, hdr)
         r_pay.Wait()
-        return self._to_device(payload.view(jnp.dtype(spec.dtype)).reshape(spec.shape))
+        return self._payload_to_array(payload, spec)
 
     def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
-        buf = np.ascontiguousarray(np.asarray(x))  # Waits for the device copy; the GIL is released meanwhile.
-        hdr = make_header(key, buf.nbytes, buf.dtype.name)
-        return buf.nbytes + hdr.nbytes, (key, peer, hdr, buf)
+        payload, keep, dtype = self._payload_of(x)
+        hdr = make_header(key, int(payload.nbytes), dtype)
+        return int(payload.nbytes) + hdr.nbytes, (key, peer, hdr, payload, keep)
 
     def wire_send(self, state: Any) -> Any:
-        key, peer, hdr, buf = state
+        key, peer, hdr, payload, _keep = state
         reqs = [self.comm.Isend([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0)),
-                self.comm.Isend([buf.view(np.uint8).reshape(-1), MPI.BYTE], dest=peer, tag=_tag(key, 1))]
-        return reqs, hdr, buf  # The buffers stay referenced until the sends complete.
+                self.comm.Isend([payload, MPI.BYTE], dest=peer, tag=_tag(key, 1))]
+        return reqs, state  # The buffers stay referenced until the sends complete.
 
     def finish_sends(self, handles: list[Any]) -> None:
-        for reqs, _, _ in handles:
+        for reqs, _ in handles:
             MPI.Request.Waitall(reqs)
 
     def progress_sends(self, handles: list[Any]) -> list[Any]:
@@ -368,7 +381,7 @@ def mpi_is_cuda_aware() -> bool:
     return False
 
 
-class CudaAwareMpi(ThreadedTransport):
+class CudaAwareMpi(HostStagedMpi):
     """mpi4py on device buffers; chosen for `transport=mpi` on GPU when the MPI is CUDA-aware."""
 
     name = "mpi (CUDA-aware)"
@@ -377,40 +390,21 @@ class CudaAwareMpi(ThreadedTransport):
                  net: NetworkEmulator | None = None):
         import cupy
 
-        _require_thread_multiple()
-        self.comm, self._cupy = comm, cupy
-        super().__init__(stage, world_rank_of, net=net)
+        self._cupy = cupy
+        super().__init__(comm, stage, world_rank_of, net=net)
 
-    def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
-        hdr = np.zeros(_HEADER_LEN, np.int64)
-        payload = self._cupy.empty(spec.nbytes, self._cupy.uint8)
-        return (self.comm.Irecv([hdr, MPI.INT64_T], source=peer, tag=_tag(key, 0)),
-                self.comm.Irecv([payload, MPI.BYTE], source=peer, tag=_tag(key, 1)), hdr, payload)
+    def prepare_send(self, x: jax.Array) -> None:
+        return None  # Nothing goes through the host.
 
-    def complete_recv(self, key: MsgKey, peer: int, spec: ArraySpec, handle: Any) -> jax.Array:
-        r_hdr, r_pay, hdr, payload = handle
-        r_hdr.Wait()
-        self.check_header(key, peer, spec, hdr)
-        r_pay.Wait()
+    def _payload_buffer(self, nbytes: int) -> Any:
+        return self._cupy.empty(nbytes, self._cupy.uint8)
+
+    def _payload_to_array(self, payload: Any, spec: ArraySpec) -> jax.Array:
         return _from_bytes_on_device(payload, spec)
 
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
+    def _payload_of(self, x: jax.Array) -> tuple[Any, Any, str]:
         buf, keep = _as_bytes_on_device(x)
-        hdr = make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name)
-        return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
-
-    def wire_send(self, state: Any) -> Any:
-        key, peer, hdr, buf, keep = state
-        reqs = [self.comm.Isend([hdr, MPI.INT64_T], dest=peer, tag=_tag(key, 0)),
-                self.comm.Isend([buf, MPI.BYTE], dest=peer, tag=_tag(key, 1))]
-        return reqs, hdr, buf, keep
-
-    def finish_sends(self, handles: list[Any]) -> None:
-        for reqs, *_ in handles:
-            MPI.Request.Waitall(reqs)
-
-    def progress_sends(self, handles: list[Any]) -> list[Any]:
-        return [h for h in handles if not MPI.Request.Testall(h[0])]
+        return buf, keep, jnp.dtype(x.dtype).name
 
 
 class ReadyHandshake(ThreadedTransport):
