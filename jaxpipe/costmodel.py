@@ -281,8 +281,10 @@ def plan(cfg: Config, stage_times: list[StageTime] | None = None, link: Link | N
     counts = stage_param_counts(cfg, partition)
     grads = [4.0 * n * cfg.network.size_scale for n in counts]
     chunks = [max(1, min(64, math.ceil(4.0 * n / CHUNK_BYTES))) for n in counts]  # cut from the real bytes
-    tied = 4.0 * m.vocab_size * m.d_model * cfg.network.size_scale if p.pp > 1 else 0.0
-    return predict(p.schedule, times, msg, link, n_microbatches=cfg.num_microbatches, dp=p.dp,
+    tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0
+    tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale if p.pp > 1 else 0.0
+    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup)
+    return predict(schedule, times, msg, link, n_microbatches=cfg.num_microbatches, dp=p.dp,
                    dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied, optimizer_s=optimizer_s,
                    grad_chunks=chunks)
 

@@ -19,6 +19,7 @@ from jaxpipe import faults
 from jaxpipe.model import Params
 from jaxpipe.schedule import Phase, Task
 from jaxpipe.stage import StageProgram
+from jaxpipe.timeline import TIMELINE
 from jaxpipe.transport import MsgKey, Transport
 from jaxpipe.watchdog import ACTIVITY
 
@@ -71,12 +72,17 @@ def run_step(
         post(i)
     for i, task in enumerate(tasks):
         ACTIVITY.doing = task  # For failure messages: one attribute store, formatted only if read.
+        TIMELINE.mark("task", task)
         if faults.ARMED:
             faults.at_task(step + 1, task.microbatch)
         post(i + lookahead)
         mb = task.microbatch
         inc = _incoming(task, program)
-        received = transport.recv(MsgKey(step, mb, inc[1]), inc[0], program.act_spec) if inc else None
+        received = None
+        if inc:
+            TIMELINE.mark("wait", task)
+            received = transport.recv(MsgKey(step, mb, inc[1]), inc[0], program.act_spec)
+            TIMELINE.mark("got", task)
 
         if task.phase == Phase.FWD:
             x = batch.inputs[mb] if spec.first else received

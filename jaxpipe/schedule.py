@@ -61,11 +61,19 @@ class OneFOneB(Schedule):
 
     Same bubble as GPipe but at most P-s micro-batches of activations alive per stage, and both
     directions of a link busy at once.
+
+    Plain 1F1B exposes the link: in steady state stage s+1 waits, every micro-batch, for a gradient
+    to travel to s, s's backward, s's next forward and that activation to travel back (two message
+    latencies per micro-batch). `extra_warmup` more warm-up forwards keep that many activations
+    queued ahead at every stage, hiding latencies up to about `extra_warmup` micro-batches of
+    compute, for that many more micro-batches of activations held per stage.
     """
+
+    extra_warmup: int = 0
 
     def tasks(self, stage: int) -> list[Task]:
         m = self.n_microbatches
-        warmup = min(self.n_stages - 1 - stage, m)
+        warmup = min(self.n_stages - 1 - stage + self.extra_warmup, m)
         out = [Task(i, Phase.FWD) for i in range(warmup)]
         fwd, bwd = warmup, 0
         while bwd < m:
@@ -80,7 +88,11 @@ class OneFOneB(Schedule):
 SCHEDULES: dict[str, type[Schedule]] = {"gpipe": GPipe, "1f1b": OneFOneB}
 
 
-def make_schedule(name: str, n_stages: int, n_microbatches: int) -> Schedule:
+def make_schedule(name: str, n_stages: int, n_microbatches: int, extra_warmup: int = 0) -> Schedule:
+    if name == "1f1b":
+        return OneFOneB(n_stages, n_microbatches, extra_warmup)
+    if extra_warmup:
+        raise ValueError(f"extra_warmup applies to the 1f1b schedule, not {name}")
     return SCHEDULES[name](n_stages, n_microbatches)
 
 

@@ -37,6 +37,7 @@ from jaxpipe.placement import assign_devices, local_mesh, peak_memory_bytes
 from jaxpipe.run_hooks import RunHooks, check_resume
 from jaxpipe.schedule import check_consistent, make_schedule
 from jaxpipe.stage import StageProgram
+from jaxpipe.timeline import TIMELINE
 from jaxpipe.topology import Topology
 from jaxpipe.transport import make_transport
 from jaxpipe.watchdog import ACTIVITY, start_watchdog
@@ -80,26 +81,37 @@ def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProg
     return program.place_params(params)
 
 
-def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | None = None) -> Params:
-    """The first stage's embedding and the last stage's head share `wte`: both get the sum."""
+def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | None = None,
+                        wire_dtype: str = "float32") -> Params:
+    """The first stage's embedding and the last stage's head share `wte`: both get the sum.
+
+    With a bfloat16 wire both ends round *both* gradients to bfloat16 and add them in float32 in
+    one order (first stage's first), so the two copies of `wte` still get identical updates."""
     if topo.tied is None:
         return grads
     g = np.asarray(grads["wte"], np.float32)
+    me = topo.tied.Get_rank()
+    if wire_dtype == "bfloat16":
+        mine = g.astype(jnp.bfloat16)
+        g = mine.astype(np.float32)
+        send_buf, mpi_type = mine.view(np.uint16), MPI.UINT16_T
+    else:
+        send_buf, mpi_type = g, MPI.FLOAT
+    theirs_buf = np.empty_like(send_buf)
     if net is None:
-        total = np.empty_like(g)
-        topo.tied.Allreduce(g, total, op=MPI.SUM)
-    else:  # An exchange over the emulated (full-duplex) link; both sides add in the same order.
-        me = topo.tied.Get_rank()
+        topo.tied.Sendrecv([send_buf, mpi_type], dest=1 - me, sendtag=77,
+                           recvbuf=[theirs_buf, mpi_type], source=1 - me, recvtag=77)
+    else:  # An exchange over the emulated (full-duplex) link.
         peer_stage = topo.pp - 1 if me == 0 else 0
-        theirs = np.empty_like(g)
-        recv = topo.tied.Irecv(theirs, source=1 - me, tag=77)
+        recv = topo.tied.Irecv([theirs_buf, mpi_type], source=1 - me, tag=77)
         sends: list[Any] = []
-        net.send(topo.world_rank_of(peer_stage), g.nbytes,
-                 lambda: sends.append(topo.tied.Isend(g, dest=1 - me, tag=77)))
+        net.send(topo.world_rank_of(peer_stage), send_buf.nbytes,
+                 lambda: sends.append(topo.tied.Isend([send_buf, mpi_type], dest=1 - me, tag=77)))
         recv.Wait()
         net.drain()
         MPI.Request.Waitall(sends)
-        total = g + theirs if me == 0 else theirs + g
+    theirs = theirs_buf.view(jnp.bfloat16).astype(np.float32) if wire_dtype == "bfloat16" else theirs_buf
+    total = g + theirs if me == 0 else theirs + g
     return {**grads, "wte": jnp.asarray(total)}
 
 
@@ -118,7 +130,8 @@ def describe(cfg: Config, topo: Topology, partition: Partition, transport: str,
              net: NetworkEmulator | None = None) -> str:
     m, p = cfg.model, cfg.parallel
     return (
-        f"jaxpipe {__version__}: {topo.world.Get_size()} ranks = PP {p.pp} x DP {p.dp} | schedule {p.schedule} | "
+        f"jaxpipe {__version__}: {topo.world.Get_size()} ranks = PP {p.pp} x DP {p.dp} | schedule {p.schedule}"
+        f"{f' +{p.extra_warmup} warm-up' if p.extra_warmup else ''} | "
         f"dp {p.dp_mode} | layers per stage {partition.counts} | model {m.preset} "
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
@@ -159,7 +172,7 @@ def train(
     resume_from = agree(comm, lambda: check_resume(cfg, resume))
 
     program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size, mesh)
-    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches)
+    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup)
     check_consistent(schedule)
     tasks = schedule.tasks(topo.stage)
     params = init_params(cfg, topo, spec, program)
@@ -197,6 +210,8 @@ def train(
             # Waits for every rank's previous step: the first two include compilation.
             with ACTIVITY.waiting("the barrier that starts the step", long=step <= start_step + 1):
                 comm.Barrier()
+            if TIMELINE.enabled:  # Keeps the last step's events only.
+                TIMELINE.start()
             t0 = time.perf_counter()
             grads = program.zero_grads(params)
             grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead,
@@ -205,7 +220,7 @@ def train(
                 grads = faults.poison(step + 1, grads)
                 faults.at_sync(step + 1)
             with ACTIVITY.waiting("the tied-embedding gradient sum"):
-                grads = sync_tied_embedding(grads, topo, net)
+                grads = sync_tied_embedding(grads, topo, net, p.tied_grad_dtype)
             with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
                 grads = program.place_params(grad_sync(grads))
             # Every stage's gradient sum of squares and the loss go to the whole pipeline; the replicas'

@@ -35,6 +35,7 @@ from jaxpipe.errors import ConfigError, TransportError
 from jaxpipe.netem import NetworkEmulator
 from jaxpipe.schedule import Phase
 from jaxpipe.stage import ArraySpec
+from jaxpipe.timeline import TIMELINE
 
 _MAGIC = 0x4A585050  # "JXPP"
 _DTYPES = ["float32", "bfloat16", "float16", "int32", "float64", "uint8"]
@@ -48,6 +49,9 @@ class MsgKey:
     step: int
     microbatch: int
     kind: Phase
+
+    def short(self) -> str:
+        return f"{'FB'[int(self.kind)]}{self.microbatch}"
 
     def describe(self) -> str:
         what = "activation" if self.kind == Phase.FWD else "gradient"
@@ -141,8 +145,9 @@ class ThreadedTransport(Transport):
         """Receiver thread: waits for the message, checks its header, returns it on the device."""
 
     @abstractmethod
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
-        """Sender thread: waits for `x` and readies it for the wire; returns (bytes, state)."""
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array, dtype: str) -> tuple[int, Any]:
+        """Sender thread: waits for `x` (what `prepare_send` returned for an array of `dtype`) and
+        readies it for the wire; returns (bytes, state)."""
 
     @abstractmethod
     def wire_send(self, state: Any) -> Any:
@@ -153,8 +158,12 @@ class ThreadedTransport(Transport):
     def finish_sends(self, handles: list[Any]) -> None:
         """Main thread, at `flush`: waits for the given sends to complete."""
 
-    def prepare_send(self, x: jax.Array) -> None:
-        """Main thread, at `send`: e.g. start the device→host copy right behind the compute."""
+    def prepare_send(self, x: jax.Array) -> jax.Array:
+        """Main thread, at `send`: whatever device work the send needs is queued here, right
+        behind the compute that produced `x` (from the sender thread it would queue behind the
+        next task's compute and delay the message by a whole task). Returns what the sender
+        thread gets."""
+        return x
 
     # -- executor interface --------------------------------------------------------------------------
     # Longest `recv` waits, in seconds (None: forever); jaxpipe.watchdog keeps it at the run's deadline.
@@ -190,8 +199,7 @@ class ThreadedTransport(Transport):
     def send(self, key: MsgKey, peer: int, x: jax.Array) -> None:
         if self._send_error is not None:
             raise self._send_error
-        self.prepare_send(x)
-        self._send_q.put((key, peer, x))
+        self._send_q.put((key, peer, self.prepare_send(x), jnp.dtype(x.dtype).name))
 
     def flush(self) -> None:
         self._send_q.join()
@@ -241,10 +249,12 @@ class ThreadedTransport(Transport):
             try:
                 if item is None:
                     return
-                key, peer, x = item
-                nbytes, state = self.stage_send(key, peer, x)
+                key, peer, x, dtype = item
+                nbytes, state = self.stage_send(key, peer, x, dtype)
+                TIMELINE.mark("ready", key.short())
                 if self.net is None:
                     self._add_handle(self.wire_send(state))
+                    TIMELINE.mark("sent", key.short())
                 else:  # Leaves when the emulated link is free, arrives one delay later.
                     self.net.send(self._world_rank_of(peer), nbytes,
                                   lambda st=state: self._add_handle(self.wire_send(st)))
@@ -261,6 +271,7 @@ class ThreadedTransport(Transport):
             key, peer, spec, handle, fut = item
             try:
                 fut.set(self.complete_recv(key, peer, spec, handle))
+                TIMELINE.mark("arrived", key.short())
             except BaseException as e:
                 fut.set(error=e)
 
@@ -302,8 +313,9 @@ class HostStagedMpi(ThreadedTransport):
         self.comm = comm
         super().__init__(stage, world_rank_of, to_device, net)
 
-    def prepare_send(self, x: jax.Array) -> None:
+    def prepare_send(self, x: jax.Array) -> jax.Array:
         x.copy_to_host_async()
+        return x
 
     def _payload_buffer(self, nbytes: int) -> Any:
         return np.empty(nbytes, np.uint8)
@@ -311,10 +323,10 @@ class HostStagedMpi(ThreadedTransport):
     def _payload_to_array(self, payload: Any, spec: ArraySpec) -> jax.Array:
         return self._to_device(payload.view(jnp.dtype(spec.dtype)).reshape(spec.shape))
 
-    def _payload_of(self, x: jax.Array) -> tuple[Any, Any, str]:
-        """(byte view to send, what must stay alive with it, dtype name), once `x` is computed."""
+    def _payload_of(self, x: jax.Array) -> tuple[Any, Any]:
+        """(byte view to send, what must stay alive with it), once `x` is computed."""
         buf = np.ascontiguousarray(np.asarray(x))  # Waits for the device copy; the GIL is released meanwhile.
-        return buf.view(np.uint8).reshape(-1), buf, buf.dtype.name
+        return buf.view(np.uint8).reshape(-1), buf
 
     def post_recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> Any:
         hdr = np.zeros(_HEADER_LEN, np.int64)
@@ -329,8 +341,8 @@ class HostStagedMpi(ThreadedTransport):
         r_pay.Wait()
         return self._payload_to_array(payload, spec)
 
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
-        payload, keep, dtype = self._payload_of(x)
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array, dtype: str) -> tuple[int, Any]:
+        payload, keep = self._payload_of(x)
         hdr = make_header(key, int(payload.nbytes), dtype)
         return int(payload.nbytes) + hdr.nbytes, (key, peer, hdr, payload, keep)
 
@@ -350,12 +362,15 @@ class HostStagedMpi(ThreadedTransport):
 
 # ---- GPU-resident transports (CuPy is imported lazily: CPU installs never need it) -----------------
 
+def _wire_view(x: jax.Array) -> jax.Array:
+    """`x` in a dtype CuPy knows (it has no bfloat16: uint16 bits). Dispatched on the main thread."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
 def _as_bytes_on_device(x: jax.Array) -> Any:
-    """A CuPy uint8 view of a JAX GPU array, without a copy (CuPy has no bfloat16, so go via uint16)."""
+    """A CuPy uint8 view of a JAX GPU array (already through `_wire_view`), without a copy."""
     import cupy
 
-    if x.dtype == jnp.bfloat16:
-        x = jax.lax.bitcast_convert_type(x, jnp.uint16)
     x.block_until_ready()
     return cupy.from_dlpack(x).ravel().view(cupy.uint8), x
 
@@ -393,8 +408,8 @@ class CudaAwareMpi(HostStagedMpi):
         self._cupy = cupy
         super().__init__(comm, stage, world_rank_of, net=net)
 
-    def prepare_send(self, x: jax.Array) -> None:
-        return None  # Nothing goes through the host.
+    def prepare_send(self, x: jax.Array) -> jax.Array:
+        return _wire_view(x)  # Nothing goes through the host.
 
     def _payload_buffer(self, nbytes: int) -> Any:
         return self._cupy.empty(nbytes, self._cupy.uint8)
@@ -402,9 +417,8 @@ class CudaAwareMpi(HostStagedMpi):
     def _payload_to_array(self, payload: Any, spec: ArraySpec) -> jax.Array:
         return _from_bytes_on_device(payload, spec)
 
-    def _payload_of(self, x: jax.Array) -> tuple[Any, Any, str]:
-        buf, keep = _as_bytes_on_device(x)
-        return buf, keep, jnp.dtype(x.dtype).name
+    def _payload_of(self, x: jax.Array) -> tuple[Any, Any]:
+        return _as_bytes_on_device(x)
 
 
 class ReadyHandshake(ThreadedTransport):
@@ -454,9 +468,9 @@ class ReadyHandshake(ThreadedTransport):
         self._transfer_recv(link, payload)
         return self._to_array(payload, spec)
 
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array) -> tuple[int, Any]:
+    def stage_send(self, key: MsgKey, peer: int, x: jax.Array, dtype: str) -> tuple[int, Any]:
         buf, keep = self._device_bytes(x)
-        hdr = make_header(key, int(buf.nbytes), jnp.dtype(x.dtype).name)
+        hdr = make_header(key, int(buf.nbytes), dtype)
         return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
 
     def wire_send(self, state: Any) -> Any:
@@ -518,6 +532,9 @@ class Nccl(ReadyHandshake):
             buf = cp.empty(nbytes, cp.uint8)
         stream.synchronize()
         return buf
+
+    def prepare_send(self, x: jax.Array) -> jax.Array:
+        return _wire_view(x)
 
     def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
         self._cupy.cuda.Device(0).use()

@@ -41,6 +41,8 @@ def test_preset_fields_can_be_overridden():
         ("train.micro_batch_size=3", "train.micro_batch_size (3) must divide the per-replica batch"),
         ("model.n_head=5", "model.d_model (128) must be divisible by model.n_head (5)"),
         ("steps=3", "--set steps: keys look like section.name"),
+        ("parallel.extra_warmup=2", "parallel.extra_warmup (2) applies to parallel.schedule=1f1b only (got gpipe)"),
+        ("parallel.tied_grad_dtype=int8", "parallel.tied_grad_dtype: 'int8' is not one of 'float32', 'bfloat16'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

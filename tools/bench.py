@@ -106,15 +106,21 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.model import model_flops_per_token
+    from jaxpipe.timeline import TIMELINE
     from jaxpipe.trainer import train
 
     cfg = _config(args)
     comm = MPI.COMM_WORLD
+    TIMELINE.enabled = args.timeline is not None
     res = train(cfg, log=(print if args.verbose else (lambda s: None)),
                 probe=lambda program, params, topo: stage_ceiling(program, params, cfg))
     ceilings = comm.gather(res.probe, root=0)
+    timelines = comm.gather(TIMELINE.stop(), root=0)
     if comm.Get_rank() != 0:
         return
+    if args.timeline:  # The last iteration's events of every rank, one JSON line per run.
+        with open(args.timeline, "a") as f:
+            f.write(json.dumps({"label": args.label, "ranks": timelines}) + "\n")
     p, t = cfg.parallel, cfg.train
     P, M = p.pp, cfg.num_microbatches
     per_stage = ceilings[:P]  # replica 0's stages
@@ -248,6 +254,7 @@ def main() -> None:
         p.add_argument("--json")
         p.add_argument("--label", default=name)
         p.add_argument("--verbose", action="store_true")
+        p.add_argument("--timeline", help="pipeline: append every rank's last-iteration events (jaxpipe.timeline) here")
         if name == "transport":
             p.add_argument("--transport", default="mpi")
             p.add_argument("--mib", type=int, nargs="+", default=[8, 16])
