@@ -64,6 +64,9 @@ class ParallelConfig:
     dp_mode: Literal["central_ps", "sharded_ps", "allreduce"] = "central_ps"
     # "balanced" (by estimated cost), "even", per-stage layer counts [2, 3, 3], or ranges [[0, 2], [2, 5], ...].
     partition: str | list[int] | list[list[int]] = "balanced"
+    # Per-stage override of model.remat, e.g. [none, none, none, dots]: rematerialise only where
+    # memory (or compile time: the last stage's fused program) needs it.
+    stage_remat: list[str] | None = None
     # Relative speed of each stage's host, for `balanced` on unequal hosts (1.0 = nominal).
     stage_weights: list[float] | None = None
     # "mpi": mpi4py (CUDA-aware where the MPI library says so, host-staged otherwise); "nccl": GPU only.
@@ -169,6 +172,12 @@ class Config:
     @property
     def batch_per_replica(self) -> int:
         return self.train.global_batch_size // self.parallel.dp
+
+    def stage_model(self, stage: int) -> ModelConfig:
+        """The model config one stage compiles with (its own remat, if parallel.stage_remat says)."""
+        if self.parallel.stage_remat is None:
+            return self.model
+        return dataclasses.replace(self.model, remat=self.parallel.stage_remat[stage])
 
     @property
     def num_microbatches(self) -> int:
@@ -350,6 +359,12 @@ def validate(cfg: Config) -> None:
     if p.extra_warmup and p.schedule != "1f1b":
         raise ConfigError(f"parallel.extra_warmup ({p.extra_warmup}) applies to parallel.schedule=1f1b only "
                           f"(got {p.schedule}): set it to 0 or use 1f1b")
+    if p.stage_remat is not None:
+        if len(p.stage_remat) != p.pp:
+            raise ConfigError(f"parallel.stage_remat has {len(p.stage_remat)} entries, need parallel.pp = {p.pp}")
+        bad = [r for r in p.stage_remat if r not in ("none", "block", "dots")]
+        if bad:
+            raise ConfigError(f"parallel.stage_remat: {bad[0]!r} is not one of 'none', 'block', 'dots'")
     if p.stage_weights is not None:
         if len(p.stage_weights) != p.pp:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")

@@ -171,7 +171,7 @@ def train(
     # A checkpoint of another model or batch size fails here, before anything compiles.
     resume_from = agree(comm, lambda: check_resume(cfg, resume))
 
-    program = StageProgram(cfg.model, spec, cfg.train.micro_batch_size, mesh)
+    program = StageProgram(cfg.stage_model(topo.stage), spec, cfg.train.micro_batch_size, mesh)
     schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup)
     check_consistent(schedule)
     tasks = schedule.tasks(topo.stage)

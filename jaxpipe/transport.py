@@ -1,9 +1,9 @@
 """Point-to-point activation and gradient exchange between neighbouring stages.
 
 All transports share one shape (`ThreadedTransport`): the executor posts receives ahead
-(`expect`) and hands outputs to `send`, which returns at once. A sender thread waits for each
-device result and puts it on the wire; a receiver thread completes posted receives in order
-and has the array on the device before the task that needs it runs. Every payload is preceded
+(`expect`) and hands outputs to `send`, which returns at once. Per neighbour, a sender thread
+waits for each device result and puts it on the wire, and a receiver thread completes posted
+receives in order and has the array on the device before the task that needs it runs. Every payload is preceded
 by a small header carrying (step, micro-batch, kind, bytes, dtype), checked on arrival: a message
 never silently lands in the wrong slot, and a shape or dtype disagreement names both ranks.
 
@@ -120,17 +120,24 @@ class ThreadedTransport(Transport):
         self._world_rank_of = world_rank_of
         self._to_device = to_device or jax.device_put
         self._pending: dict[MsgKey, _Future] = {}
-        self._send_q: queue.Queue[Any] = queue.Queue()
-        self._recv_q: queue.Queue[Any] = queue.Queue()
+        # One sender and one receiver thread per neighbour: a message waiting for one neighbour
+        # (its compute, or its readiness to receive) never holds up traffic with the other.
+        self._send_qs: dict[int, queue.Queue[Any]] = {}
+        self._recv_qs: dict[int, queue.Queue[Any]] = {}
         self._send_error: BaseException | None = None
         self._send_handles: list[Any] = []
         self._handles_lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._send_loop, name="jaxpipe-send", daemon=True),
-            threading.Thread(target=self._recv_loop, name="jaxpipe-recv", daemon=True),
-        ]
-        for t in self._threads:
+        self._threads: list[threading.Thread] = []
+
+    def _queue(self, qs: dict[int, queue.Queue[Any]], peer: int, loop: Callable[[queue.Queue[Any]], None],
+               name: str) -> queue.Queue[Any]:
+        q = qs.get(peer)
+        if q is None:  # Only the main thread creates queues and threads.
+            q = qs[peer] = queue.Queue()
+            t = threading.Thread(target=loop, args=(q,), name=f"jaxpipe-{name}-{peer}", daemon=True)
+            self._threads.append(t)
             t.start()
+        return q
 
     def who(self, stage: int) -> str:
         return f"stage {stage} (rank {self._world_rank_of(stage)})"
@@ -174,7 +181,8 @@ class ThreadedTransport(Transport):
             return
         fut = _Future()
         self._pending[key] = fut
-        self._recv_q.put((key, peer, spec, self.post_recv(key, peer, spec), fut))
+        q = self._queue(self._recv_qs, peer, self._recv_loop, "recv")
+        q.put((key, peer, spec, self.post_recv(key, peer, spec), fut))
 
     def recv(self, key: MsgKey, peer: int, spec: ArraySpec) -> jax.Array:
         """Waits at most `recv_timeout`: a peer that died or hung must end the job with a message
@@ -199,10 +207,12 @@ class ThreadedTransport(Transport):
     def send(self, key: MsgKey, peer: int, x: jax.Array) -> None:
         if self._send_error is not None:
             raise self._send_error
-        self._send_q.put((key, peer, self.prepare_send(x), jnp.dtype(x.dtype).name))
+        q = self._queue(self._send_qs, peer, self._send_loop, "send")
+        q.put((key, peer, self.prepare_send(x), jnp.dtype(x.dtype).name))
 
     def flush(self) -> None:
-        self._send_q.join()
+        for q in list(self._send_qs.values()):
+            q.join()
         if self.net is not None:
             self.net.drain()
         if self._send_error is not None:
@@ -210,8 +220,8 @@ class ThreadedTransport(Transport):
         self.finish_sends(self._take_send_handles())
 
     def close(self) -> None:
-        self._send_q.put(None)
-        self._recv_q.put(None)
+        for q in [*self._send_qs.values(), *self._recv_qs.values()]:
+            q.put(None)
         for t in self._threads:
             t.join(timeout=10)
 
@@ -236,12 +246,12 @@ class ThreadedTransport(Transport):
         next send or the flush."""
         return handles
 
-    def _send_loop(self) -> None:
+    def _send_loop(self, q: queue.Queue[Any]) -> None:
         while True:
             with self._handles_lock:
                 busy = bool(self._send_handles)
             try:
-                item = self._send_q.get(timeout=self._POLL_S if busy else None)
+                item = q.get(timeout=self._POLL_S if busy else None)
             except queue.Empty:
                 with self._handles_lock:
                     self._send_handles = self.progress_sends(self._send_handles)
@@ -261,11 +271,11 @@ class ThreadedTransport(Transport):
             except BaseException as e:  # Surfaced on the main thread at the next send or flush.
                 self._send_error = e
             finally:
-                self._send_q.task_done()
+                q.task_done()
 
-    def _recv_loop(self) -> None:
+    def _recv_loop(self, q: queue.Queue[Any]) -> None:
         while True:
-            item = self._recv_q.get()
+            item = q.get()
             if item is None:
                 return
             key, peer, spec, handle, fut = item

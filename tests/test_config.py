@@ -42,6 +42,8 @@ def test_preset_fields_can_be_overridden():
         ("model.n_head=5", "model.d_model (128) must be divisible by model.n_head (5)"),
         ("steps=3", "--set steps: keys look like section.name"),
         ("parallel.extra_warmup=2", "parallel.extra_warmup (2) applies to parallel.schedule=1f1b only (got gpipe)"),
+        ("parallel.stage_remat=[none,dots]", "parallel.stage_remat has 2 entries, need parallel.pp = 4"),
+        ("parallel.stage_remat=[none,none,none,all]", "parallel.stage_remat: 'all' is not one of 'none', 'block'"),
         ("parallel.tied_grad_dtype=int8", "parallel.tied_grad_dtype: 'int8' is not one of 'float32', 'bfloat16'"),
     ],
 )

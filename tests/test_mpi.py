@@ -31,7 +31,9 @@ def reference():
 
 LAYOUTS = {
     "pp2": (2, ["parallel.pp=2", "parallel.dp=1"]),
-    "pp4_uneven": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.partition=[1,2,2,1]"]),
+    # ...with remat chosen per stage (values must not change).
+    "pp4_uneven": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.partition=[1,2,2,1]",
+                       "parallel.stage_remat=[block,none,none,dots]"]),
     "pp2xdp2_central_ps": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps"]),
     "pp2xdp2_sharded_ps_1f1b": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=sharded_ps",
                                     "parallel.schedule=1f1b"]),

@@ -124,6 +124,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     p, t = cfg.parallel, cfg.train
     P, M = p.pp, cfg.num_microbatches
     per_stage = ceilings[:P]  # replica 0's stages
+    remat = p.stage_remat or cfg.model.remat
     measured = float(np.mean(res.iter_times[1:]))
     bound = max(per_stage) * (M + P - 1) / M
     tokens = t.global_batch_size * cfg.model.seq_len
@@ -131,8 +132,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     tflops = model_flops_per_token(cfg.model) * tokens / measured / n_dev / 1e12
     row = {
         "mode": "pipeline", "pp": P, "dp": p.dp, "devices_per_process": cfg.runtime.devices_per_process,
-        "micro_batch": t.micro_batch_size, "M": M, "schedule": p.schedule, "transport": p.transport,
-        "partition": res.partition.counts, "scan_blocks": cfg.model.scan_blocks, "remat": cfg.model.remat,
+        "micro_batch": t.micro_batch_size, "M": M, "schedule": p.schedule, "extra_warmup": p.extra_warmup,
+        "transport": p.transport,
+        "partition": res.partition.counts, "scan_blocks": cfg.model.scan_blocks, "remat": remat,
         "iter_s": measured, "iter_times": res.iter_times, "tokens_per_s": tokens / measured,
         "tflops_per_device": tflops, "mfu": tflops / H100_BF16_DENSE_TFLOPS, "stage_ceiling_s": per_stage,
         "bound_s": bound, "efficiency": bound / measured, "peak_mem_gib": [
@@ -140,7 +142,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "label": args.label,
     }
     print(f"[{args.label}] PP={P} DP={p.dp} mb={t.micro_batch_size} M={M} {p.schedule} {p.transport} "
-          f"partition={res.partition.counts} scan={cfg.model.scan_blocks} remat={cfg.model.remat}")
+          f"partition={res.partition.counts} scan={cfg.model.scan_blocks} remat={remat} "
+          f"extra_warmup={p.extra_warmup}")
     print(f"  iteration {measured:.3f} s | {tokens / measured:,.0f} tok/s | {tflops:.0f} TFLOP/s per device | "
           f"MFU {tflops / H100_BF16_DENSE_TFLOPS:.1%}")
     print(f"  stage ceilings (s per iteration): {' '.join(f'{c:.3f}' for c in per_stage)} | bound {bound:.3f} s | "

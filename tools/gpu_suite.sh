@@ -12,45 +12,63 @@ PY=${PY:-python3}
 MPI=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED
      -x JAX_COMPILATION_CACHE_DIR -x XLA_PYTHON_CLIENT_MEM_FRACTION -x NCCL_NVLS_ENABLE)
 XL=(--config configs/gpt3_xl.yaml)
+# The GPU pipeline setting: 1F1B with two extra warm-up forwards per stage (hides the per-message
+# latency), the last stage's fused program with remat=dots (its no-remat compile takes minutes on H100).
+XL1=("${XL[@]}" --set parallel.schedule=1f1b --set parallel.extra_warmup=2 --set "parallel.stage_remat=[none,none,none,dots]")
+TRANSPORT=${TRANSPORT:-nccl}
+TL=(--timeline "$OUT/timeline.jsonl")
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 run() {  # run LIMIT_S NPROCS LABEL ARGS...
   local limit=$1 n=$2 label=$3; shift 3
   log "$label"
+  local rc
   if [ "$n" = 0 ]; then
     timeout "$limit" $PY tools/bench.py "$@" --label "$label" --json "$OUT/bench.jsonl" 2>&1 | tee -a "$OUT/log.txt" | grep -v Warning
+    rc=${PIPESTATUS[0]}
   else
     timeout "$limit" "${MPI[@]}" -n "$n" $PY tools/bench.py "$@" --label "$label" --json "$OUT/bench.jsonl" \
       2>&1 | tee -a "$OUT/log.txt" | grep -E '^\[|^  |Error|error' | head -40
+    rc=${PIPESTATUS[0]}
   fi
+  [ "$rc" = 0 ] || log "$label: exit status $rc"
+  return "$rc"
 }
 for group in "$@"; do
   case $group in
     env)
       log env; nvidia-smi -L | tee -a "$OUT/log.txt"
       $PY -c "import jax, flax, optax, mpi4py, yaml, cupy; print(jax.__version__, flax.__version__, optax.__version__, mpi4py.__version__, cupy.__version__, jax.devices())" 2>&1 | tail -2 | tee -a "$OUT/log.txt";;
-    nccl_diag)  # the NCCL transport alone, then a small 1F1B pipeline over it, each under a short limit
-      run 45 2 transport-nccl transport --transport nccl --mib 8 32 --reps 10
-      run 90 4 tiny-1f1b-nccl pipeline --set parallel.schedule=1f1b --set parallel.transport=nccl --set model.n_layer=8 --set model.d_model=1024 --set model.n_head=8 --set model.seq_len=1024 --set train.global_batch_size=32 --set train.micro_batch_size=2;;
-    xl_mb4_dots)
-      run 150 4 pp4-mb4-1f1b-dots-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set model.remat=dots --set parallel.transport=nccl;;
+    cache_load)  # a compilation cache carried from an earlier call (.jaxcache/jc.part.*), if any
+      if ls .jaxcache/jc.part.* >/dev/null 2>&1; then cat .jaxcache/jc.part.* | tar xz -C "$(dirname "$JAX_COMPILATION_CACHE_DIR")" \
+        && log "compilation cache loaded: $(ls "$JAX_COMPILATION_CACHE_DIR" | wc -l) entries"; fi;;
+    cache_save)  # the compilation cache back to this machine in <= 4 parts of 15 MiB
+      tar cz -C "$(dirname "$JAX_COMPILATION_CACHE_DIR")" "$(basename "$JAX_COMPILATION_CACHE_DIR")" > /tmp/jc.tgz
+      if [ "$(stat -c %s /tmp/jc.tgz)" -le $((60 * 2**20)) ]; then split -b 15M /tmp/jc.tgz "$OUT/jc.part."; fi
+      log "compilation cache $(du -h /tmp/jc.tgz | cut -f1)";;
+    nccl_diag)  # the NCCL transport alone, then a small 1F1B pipeline over it; host-staged MPI if it fails
+      run 40 2 transport-nccl transport --transport nccl --mib 8 32 --reps 10
+      if ! run 75 4 tiny-1f1b-nccl pipeline --set parallel.schedule=1f1b --set parallel.extra_warmup=2 --set parallel.transport=nccl --set model.n_layer=8 --set model.d_model=1024 --set model.n_head=8 --set model.seq_len=1024 --set train.global_batch_size=32 --set train.micro_batch_size=2 --iters 4; then
+        TRANSPORT=mpi; log "NCCL pipeline failed: the XL runs below use parallel.transport=mpi"
+      fi;;
     transport)
-      run 120 2 transport-mpi transport --transport mpi --mib 8 16 32
-      run 120 2 transport-nccl transport --transport nccl --mib 8 16 32;;
-    xl_mb4)  # the main configuration, then the same programs (cached) over host-staged MPI
-      run 170 4 pp4-mb4-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl
-      run 120 4 pp4-mb4-1f1b-mpi pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=mpi;;
+      run 60 2 transport-mpi transport --transport mpi --mib 8 16 32
+      run 60 2 transport-nccl transport --transport nccl --mib 8 16 32;;
+    xl_mb4)
+      run 240 4 pp4-mb4-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT "${TL[@]}";;
+    xl_mb4_mpi)  # the same programs (cached) over host-staged MPI
+      run 100 4 pp4-mb4-1f1b-mpi pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=mpi "${TL[@]}";;
     xl_even)
-      run 150 4 pp4-mb4-1f1b-nccl-even pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl --set parallel.partition=even;;
+      run 200 4 pp4-mb4-1f1b-$TRANSPORT-even pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set parallel.partition=even "${TL[@]}";;
     xl_mb2)
-      run 150 4 pp4-mb2-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=2 --set parallel.schedule=1f1b --set parallel.transport=nccl;;
+      run 200 4 pp4-mb2-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=2 --set parallel.transport=$TRANSPORT "${TL[@]}";;
     xl_mb1)
-      run 170 4 pp4-mb1-1f1b-nccl pipeline "${XL[@]}" --set train.micro_batch_size=1 --set parallel.schedule=1f1b --set parallel.transport=nccl;;
+      run 200 4 pp4-mb1-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=1 --set parallel.transport=$TRANSPORT "${TL[@]}";;
     xl_gpipe)
-      run 150 4 pp4-mb4-gpipe-dots-nccl pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=nccl;;
+      run 200 4 pp4-mb4-gpipe-dots-$TRANSPORT pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=$TRANSPORT "${TL[@]}";;
     xl_scan)
-      run 150 4 pp4-mb4-1f1b-nccl-scan pipeline "${XL[@]}" --set train.micro_batch_size=4 --set parallel.schedule=1f1b --set parallel.transport=nccl --set model.scan_blocks=true;;
+      run 200 4 pp4-mb4-1f1b-$TRANSPORT-scan pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set model.scan_blocks=true "${TL[@]}";;
     single)
-      run 150 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 6;;
+      run 110 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 6;;
     spmd)
       run 150 1 spmd-pp1-4gpu pipeline "${XL[@]}" --set parallel.pp=1 --set runtime.devices_per_process=4 --set train.micro_batch_size=16;;
     *) log "unknown group $group";;

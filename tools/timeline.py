@@ -1,0 +1,57 @@
+"""Summarises the per-rank timelines that `tools/bench.py pipeline --timeline FILE` writes: for each
+run, how long each stage's host waited on receives, and how long messages took from "the sender
+has the computed output" to "the receiver has it on its device" (the latency a schedule must hide).
+
+    python tools/timeline.py FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def summarise(run: dict) -> list[str]:
+    ranks = run["ranks"]
+    lines = [f"[{run['label']}]"]
+    ready: dict[tuple[int, str], float] = {}
+    for r, events in enumerate(ranks):
+        for t, what, label in events:
+            if what == "ready":
+                ready[(r, label)] = t
+    for r, events in enumerate(ranks):
+        waits, start = [], None
+        for t, what, _ in events:
+            if what == "wait":
+                start = t
+            elif what == "got" and start is not None:
+                waits.append(t - start)
+                start = None
+        lat = []
+        for t, what, label in events:
+            if what != "arrived":
+                continue
+            src = r - 1 if label.startswith("F") else r + 1  # PP-only runs: stage = rank
+            if (src, label) in ready:
+                lat.append(t - ready[(src, label)])
+        end = max((t for t, _, _ in events), default=0.0)
+        lines.append(
+            f"  stage {r}: last event {end:.3f} s | receive waits {sum(waits):.3f} s over {len(waits)} "
+            f"(max {max(waits, default=0):.4f}) | message latency median "
+            f"{np.median(lat) * 1e3 if lat else 0:.2f} ms, max {max(lat, default=0) * 1e3:.2f} ms")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file")
+    args = parser.parse_args()
+    with open(args.file) as f:
+        for line in f:
+            print("\n".join(summarise(json.loads(line))))
+
+
+if __name__ == "__main__":
+    main()
