@@ -82,13 +82,19 @@ def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProg
 
 
 def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | None = None,
-                        wire_dtype: str = "float32") -> Params:
+                        wire_dtype: str = "float32", device_sum: Any = None) -> Params:
     """The first stage's embedding and the last stage's head share `wte`: both get the sum.
 
     With a bfloat16 wire both ends round *both* gradients to bfloat16 and add them in float32 in
-    one order (first stage's first), so the two copies of `wte` still get identical updates."""
+    one order (first stage's first), so the two copies of `wte` still get identical updates.
+    `device_sum` (NCCL, when the pipeline's transport is) sums on the GPUs instead of the host."""
     if topo.tied is None:
         return grads
+    if device_sum is not None and net is None:
+        g = grads["wte"]
+        if wire_dtype == "bfloat16":
+            g = _round_to_bf16(g)
+        return {**grads, "wte": device_sum(g)}
     g = np.asarray(grads["wte"], np.float32)
     me = topo.tied.Get_rank()
     if wire_dtype == "bfloat16":
@@ -113,6 +119,11 @@ def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | No
     theirs = theirs_buf.view(jnp.bfloat16).astype(np.float32) if wire_dtype == "bfloat16" else theirs_buf
     total = g + theirs if me == 0 else theirs + g
     return {**grads, "wte": jnp.asarray(total)}
+
+
+@jax.jit
+def _round_to_bf16(g: jax.Array) -> jax.Array:
+    return g.astype(jnp.bfloat16).astype(jnp.float32)
 
 
 def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int,
@@ -183,6 +194,11 @@ def train(
     transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
                                                    program.place_input, single_device=mesh is None, net=net))
     ACTIVITY.attach(transport)
+    tied_sum = None
+    if p.transport == "nccl" and topo.tied is not None and net is None:
+        from jaxpipe.transport import NcclPairSum
+
+        tied_sum = NcclPairSum(topo.tied)
     start_watchdog()
     scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
     skip_tied = spec.last and not spec.first
@@ -220,13 +236,16 @@ def train(
                 grads = faults.poison(step + 1, grads)
                 faults.at_sync(step + 1)
             with ACTIVITY.waiting("the tied-embedding gradient sum"):
-                grads = sync_tied_embedding(grads, topo, net, p.tied_grad_dtype)
+                TIMELINE.mark("step", "pipeline dispatched")
+                grads = sync_tied_embedding(grads, topo, net, p.tied_grad_dtype, tied_sum)
+                TIMELINE.mark("step", "tied embedding summed")
             with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
                 grads = program.place_params(grad_sync(grads))
             # Every stage's gradient sum of squares and the loss go to the whole pipeline; the replicas'
             # losses are summed over the world. DP averaging made the gradients, hence the norm, equal on
             # all replicas, so every rank of the job decides the same about a non-finite step.
             local = np.array([float(program.sq_norm(grads, skip_tied)), float(loss) if loss is not None else 0.0])
+            TIMELINE.mark("step", "gradient norm computed")
             with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
                 parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
             if net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
@@ -244,6 +263,7 @@ def train(
                                                      jnp.float32(1.0 / scaler.scale))
                 result.updates += 1
             jax.block_until_ready(params)
+            TIMELINE.mark("step", "optimizer step done")
             dt = time.perf_counter() - t0
             scaler.update(finite)
             if not finite:
@@ -281,6 +301,8 @@ def train(
     finally:
         if healthy:
             transport.close()
+            if tied_sum is not None:
+                tied_sum.close()
         if net is not None:
             net.close()
         if metrics_file is not None:

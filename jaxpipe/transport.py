@@ -573,6 +573,40 @@ class Nccl(ReadyHandshake):
             c.destroy()
 
 
+class NcclPairSum:
+    """Sum of one array over a 2-rank MPI communicator, on the GPUs (NCCL through CuPy): the tied
+    embedding's gradient between the first and last stage, which through the host costs a
+    device→host copy, an MPI exchange and a host→device copy of 412 MB (GPT-3 XL, float32).
+    With two ranks a + b = b + a exactly, so both ends get identical bits."""
+
+    def __init__(self, comm: Any):
+        import cupy
+        from cupy.cuda import nccl
+
+        self._cupy, self._nccl = cupy, nccl
+        rank = comm.Get_rank()
+        uid = nccl.get_unique_id() if rank == 0 else None
+        uid = comm.bcast(uid, root=0)
+        cupy.cuda.Device(0).use()
+        self._comm = nccl.NcclCommunicator(2, uid, rank)
+        self._stream = cupy.cuda.Stream(non_blocking=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cp = self._cupy
+        cp.cuda.Device(0).use()
+        x.block_until_ready()
+        with self._stream:
+            src = cp.from_dlpack(x)
+            out = cp.empty_like(src)
+        self._comm.allReduce(src.data.ptr, out.data.ptr, src.size, self._nccl.NCCL_FLOAT32, self._nccl.NCCL_SUM,
+                             self._stream.ptr)
+        self._stream.synchronize()
+        return jax.dlpack.from_dlpack(out)
+
+    def close(self) -> None:
+        self._comm.destroy()
+
+
 def make_transport(name: str, comm: Any, stage: int, world_rank_of: Callable[[int], int],
                    to_device: Callable[[np.ndarray], jax.Array] | None = None,
                    single_device: bool = True, net: NetworkEmulator | None = None) -> ThreadedTransport:

@@ -125,7 +125,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     P, M = p.pp, cfg.num_microbatches
     per_stage = ceilings[:P]  # replica 0's stages
     remat = p.stage_remat or cfg.model.remat
-    measured = float(np.mean(res.iter_times[1:]))
+    measured = float(np.mean(res.iter_times[args.skip:]))
     bound = max(per_stage) * (M + P - 1) / M
     tokens = t.global_batch_size * cfg.model.seq_len
     n_dev = comm.Get_size() * cfg.runtime.devices_per_process
@@ -135,7 +135,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "micro_batch": t.micro_batch_size, "M": M, "schedule": p.schedule, "extra_warmup": p.extra_warmup,
         "transport": p.transport,
         "partition": res.partition.counts, "scan_blocks": cfg.model.scan_blocks, "remat": remat,
-        "iter_s": measured, "iter_times": res.iter_times, "tokens_per_s": tokens / measured,
+        "iter_s": measured, "skipped_iters": args.skip, "iter_times": res.iter_times, "tokens_per_s": tokens / measured,
         "tflops_per_device": tflops, "mfu": tflops / H100_BF16_DENSE_TFLOPS, "stage_ceiling_s": per_stage,
         "bound_s": bound, "efficiency": bound / measured, "peak_mem_gib": [
             (x / 2**30 if x is not None else None) for x in res.peak_memory],
@@ -187,7 +187,7 @@ def cmd_single(args: argparse.Namespace) -> None:
         params, state = opt.update(params, state, grads, norm, jnp.float32(1.0))
         jax.block_until_ready(params)
         times.append(time.perf_counter() - t0)
-    measured = float(np.mean(times[1:]))
+    measured = float(np.mean(times[args.skip:]))
     tokens = cfg.train.global_batch_size * cfg.model.seq_len
     tflops = model_flops_per_token(cfg.model) * tokens / measured / k / 1e12
     peak = peak_memory_bytes(program.devices)
@@ -254,6 +254,7 @@ def main() -> None:
         p.add_argument("--config")
         p.add_argument("--set", dest="overrides", action="append", default=[])
         p.add_argument("--iters", type=int, default=10)
+        p.add_argument("--skip", type=int, default=1, help="iterations dropped before the mean (the original: 1)")
         p.add_argument("--json")
         p.add_argument("--label", default=name)
         p.add_argument("--verbose", action="store_true")

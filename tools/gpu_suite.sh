@@ -7,16 +7,18 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxcache}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
-export NCCL_NVLS_ENABLE=0
+export NCCL_NVLS_ENABLE=0 JAX_LOG_COMPILES=${JAX_LOG_COMPILES:-0}
 PY=${PY:-python3}
 MPI=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED
-     -x JAX_COMPILATION_CACHE_DIR -x XLA_PYTHON_CLIENT_MEM_FRACTION -x NCCL_NVLS_ENABLE)
+     -x JAX_COMPILATION_CACHE_DIR -x XLA_PYTHON_CLIENT_MEM_FRACTION -x NCCL_NVLS_ENABLE -x JAX_LOG_COMPILES)
 XL=(--config configs/gpt3_xl.yaml)
 # The GPU pipeline setting: 1F1B with two extra warm-up forwards per stage (hides the per-message
 # latency), the last stage's fused program with remat=dots (its no-remat compile takes minutes on H100).
 XL1=("${XL[@]}" --set parallel.schedule=1f1b --set parallel.extra_warmup=2 --set "parallel.stage_remat=[none,none,none,dots]")
 TRANSPORT=${TRANSPORT:-nccl}
 TL=(--timeline "$OUT/timeline.jsonl")
+# Two iterations dropped, not the original's one: the NCCL path's second iteration still carries one-time set-up.
+LONG=(--iters 11 --skip 2) SHORT=(--iters 7 --skip 2)
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 run() {  # run LIMIT_S NPROCS LABEL ARGS...
   local limit=$1 n=$2 label=$3; shift 3
@@ -54,23 +56,23 @@ for group in "$@"; do
       run 60 2 transport-mpi transport --transport mpi --mib 8 16 32
       run 60 2 transport-nccl transport --transport nccl --mib 8 16 32;;
     xl_mb4)
-      run 240 4 pp4-mb4-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT "${TL[@]}";;
+      JAX_LOG_COMPILES=1 run 240 4 pp4-mb4-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT "${TL[@]}" "${LONG[@]}";;
     xl_mb4_mpi)  # the same programs (cached) over host-staged MPI
-      run 100 4 pp4-mb4-1f1b-mpi pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=mpi "${TL[@]}";;
+      run 100 4 pp4-mb4-1f1b-mpi pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=mpi "${TL[@]}" "${SHORT[@]}";;
     xl_even)
-      run 200 4 pp4-mb4-1f1b-$TRANSPORT-even pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set parallel.partition=even "${TL[@]}";;
+      run 200 4 pp4-mb4-1f1b-$TRANSPORT-even pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set parallel.partition=even "${TL[@]}" "${SHORT[@]}";;
     xl_mb2)
-      run 200 4 pp4-mb2-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=2 --set parallel.transport=$TRANSPORT "${TL[@]}";;
+      run 200 4 pp4-mb2-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=2 --set parallel.transport=$TRANSPORT "${TL[@]}" "${SHORT[@]}";;
     xl_mb1)
-      run 200 4 pp4-mb1-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=1 --set parallel.transport=$TRANSPORT "${TL[@]}";;
+      run 200 4 pp4-mb1-1f1b-$TRANSPORT pipeline "${XL1[@]}" --set train.micro_batch_size=1 --set parallel.transport=$TRANSPORT "${TL[@]}" "${SHORT[@]}";;
     xl_gpipe)
-      run 200 4 pp4-mb4-gpipe-dots-$TRANSPORT pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=$TRANSPORT "${TL[@]}";;
+      run 200 4 pp4-mb4-gpipe-dots-$TRANSPORT pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=$TRANSPORT "${TL[@]}" "${SHORT[@]}";;
     xl_scan)
-      run 200 4 pp4-mb4-1f1b-$TRANSPORT-scan pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set model.scan_blocks=true "${TL[@]}";;
+      run 200 4 pp4-mb4-1f1b-$TRANSPORT-scan pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set model.scan_blocks=true "${TL[@]}" "${SHORT[@]}";;
     single)
-      run 110 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 6;;
+      run 110 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 7 --skip 2;;
     spmd)
-      run 150 1 spmd-pp1-4gpu pipeline "${XL[@]}" --set parallel.pp=1 --set runtime.devices_per_process=4 --set train.micro_batch_size=16;;
+      run 150 1 spmd-pp1-4gpu pipeline "${XL[@]}" --set parallel.pp=1 --set runtime.devices_per_process=4 --set train.micro_batch_size=16 "${SHORT[@]}";;
     *) log "unknown group $group";;
   esac
 done

@@ -36,11 +36,13 @@ def summarise(run: dict) -> list[str]:
             src = r - 1 if label.startswith("F") else r + 1  # PP-only runs: stage = rank
             if (src, label) in ready:
                 lat.append(t - ready[(src, label)])
-        end = max((t for t, _, _ in events), default=0.0)
+        end = max((t for t, w, _ in events if w != "step"), default=0.0)
+        steps = " | ".join(f"{label} {t:.3f}" for t, w, label in events if w == "step")
         lines.append(
-            f"  stage {r}: last event {end:.3f} s | receive waits {sum(waits):.3f} s over {len(waits)} "
+            f"  stage {r}: last pipeline event {end:.3f} s | receive waits {sum(waits):.3f} s over {len(waits)} "
             f"(max {max(waits, default=0):.4f}) | message latency median "
-            f"{np.median(lat) * 1e3 if lat else 0:.2f} ms, max {max(lat, default=0) * 1e3:.2f} ms")
+            f"{np.median(lat) * 1e3 if lat else 0:.2f} ms, max {max(lat, default=0) * 1e3:.2f} ms"
+            + (f"\n      after the pipeline (s since step start): {steps}" if steps else ""))
     return lines
 
 
