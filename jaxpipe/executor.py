@@ -89,13 +89,16 @@ def run_step(
             if spec.last:  # Forward, loss and backward at once; the input gradient leaves right away.
                 grads, g_x, loss = program.forward_backward_loss(params, grads, x, batch.targets[mb], scale)
                 losses.append(loss)
+                TIMELINE.mark("dispatched", task)
                 if not spec.first:
                     transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
             else:
                 y, saved[mb] = program.forward(params, x)
+                TIMELINE.mark("dispatched", task)
                 transport.send(MsgKey(step, mb, Phase.FWD), spec.index + 1, y)
         elif not spec.last:  # The last stage's backward already ran with its forward.
             grads, g_x = program.backward(grads, saved.pop(mb), received)
+            TIMELINE.mark("dispatched", task)
             if not spec.first:
                 transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
 

@@ -188,7 +188,7 @@ def train(
     tasks = schedule.tasks(topo.stage)
     params = init_params(cfg, topo, spec, program)
     optimizer = Optimizer(cfg.train)
-    opt_state = optimizer.init(params)
+    opt_state = program.place_params(optimizer.init(params))  # committed, as the update returns it
     net = NetworkEmulator.from_config(cfg.network, topo.rank)
     grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i))
     transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -372,6 +373,14 @@ class HostStagedMpi(ThreadedTransport):
 
 # ---- GPU-resident transports (CuPy is imported lazily: CPU installs never need it) -----------------
 
+def _wait_stream(stream: Any) -> None:
+    """Waits for a CuPy stream by polling an event with sleeps that release the GIL: the main
+    thread dispatches the next compute meanwhile (a blocking synchronize may hold the GIL)."""
+    event = stream.record()
+    while not event.done:
+        time.sleep(0.0001)
+
+
 def _wire_view(x: jax.Array) -> jax.Array:
     """`x` in a dtype CuPy knows (it has no bfloat16: uint16 bits). Dispatched on the main thread."""
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
@@ -540,8 +549,7 @@ class Nccl(ReadyHandshake):
         stream = self._streams[link]
         with stream:
             buf = cp.empty(nbytes, cp.uint8)
-        stream.synchronize()
-        return buf
+        return buf  # Used on `stream` only, so no wait for the allocation is needed.
 
     def prepare_send(self, x: jax.Array) -> jax.Array:
         return _wire_view(x)
@@ -558,14 +566,14 @@ class Nccl(ReadyHandshake):
         stream = self._streams[link]
         self._comms[link].send(buf.data.ptr, int(buf.nbytes), self._nccl.NCCL_UINT8, self._nccl_rank(link),
                                stream.ptr)
-        stream.synchronize()
+        _wait_stream(stream)
 
     def _transfer_recv(self, link: tuple[int, int], buf: Any) -> None:
         self._cupy.cuda.Device(0).use()
         stream = self._streams[link]
         self._comms[link].recv(buf.data.ptr, int(buf.nbytes), self._nccl.NCCL_UINT8, self._nccl_rank(link),
                                stream.ptr)
-        stream.synchronize()
+        _wait_stream(stream)
 
     def close(self) -> None:
         super().close()
@@ -600,7 +608,7 @@ class NcclPairSum:
             out = cp.empty_like(src)
         self._comm.allReduce(src.data.ptr, out.data.ptr, src.size, self._nccl.NCCL_FLOAT32, self._nccl.NCCL_SUM,
                              self._stream.ptr)
-        self._stream.synchronize()
+        _wait_stream(self._stream)
         return jax.dlpack.from_dlpack(out)
 
     def close(self) -> None:

@@ -69,6 +69,12 @@ for group in "$@"; do
       run 200 4 pp4-mb4-gpipe-dots-$TRANSPORT pipeline "${XL[@]}" --set train.micro_batch_size=4 --set model.remat=dots --set parallel.transport=$TRANSPORT "${TL[@]}" "${SHORT[@]}";;
     xl_scan)
       run 200 4 pp4-mb4-1f1b-$TRANSPORT-scan pipeline "${XL1[@]}" --set train.micro_batch_size=4 --set parallel.transport=$TRANSPORT --set model.scan_blocks=true "${TL[@]}" "${SHORT[@]}";;
+    repro_pp)  # issue 4: the original's PP table under link emulation (one launch for all six runs)
+      timeout 300 $PY tools/reproduce_seed.py --platform gpu --tables pp --timeout 280 --json-out "$OUT/repro_pp.json" \
+        2>&1 | tee -a "$OUT/log.txt" | grep -v Warning | tail -12;;
+    repro_dp)  # issue 4: PP=2 x DP=2 with the central PS, 2 GPT-3 XL layers per stage
+      timeout 300 $PY tools/reproduce_seed.py --platform gpu --tables dp --timeout 280 --json-out "$OUT/repro_dp.json" \
+        2>&1 | tee -a "$OUT/log.txt" | grep -v Warning | tail -12;;
     single)
       run 110 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 7 --skip 2;;
     spmd)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,14 +81,16 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 # ---- worker: one mpiexec run --------------------------------------------------------------------------
 
 def worker(args: argparse.Namespace) -> None:
+    """Runs the network-off calibration and then every setting in `--settings`, one after another in
+    this one launch (start-up and compilation are paid once per table, not once per row)."""
     from mpi4py import MPI
 
     from jaxpipe.config import load_config
     from jaxpipe.trainer import train
     from tools.bench import stage_times
 
-    cfg = load_config(args.config, [*args.overrides, f"train.steps={args.iters}"])
     comm = MPI.COMM_WORLD
+    settings = json.loads(args.settings)
 
     def probe(program, params, topo):
         times = stage_times(program, params, cfg)
@@ -109,13 +112,21 @@ def worker(args: argparse.Namespace) -> None:
             one_way = float(np.median(samples[1:]))
         return times, one_way
 
-    res = train(cfg, log=lambda s: None, probe=probe)
-    probes = comm.gather(res.probe, root=0)
-    if comm.Get_rank() == 0:
-        P = cfg.parallel.pp
-        out = {"iter_times": res.iter_times, "stage_times": [probes[s][0] for s in range(P)],
-               "per_message_s": max(p[1] for p in probes)}
-        Path(args.json).write_text(json.dumps(out))
+    out: dict = {"runs": []}
+    for i, setting in enumerate(settings):
+        net = [] if setting is None else [f"network.delay_ms={setting[0]}", f"network.rate_gbit={setting[1]}"]
+        iters = 2 * args.iters if setting is None else args.iters  # the calibration: more iterations
+        cfg = load_config(args.config, [*args.overrides, *net, f"train.steps={iters}"])
+        res = train(cfg, log=lambda s: None, probe=probe if i == 0 else None)
+        if i == 0:
+            probes = comm.gather(res.probe, root=0)
+            if comm.Get_rank() == 0:
+                P = cfg.parallel.pp
+                out["stage_times"] = [probes[s][0] for s in range(P)]
+                out["per_message_s"] = max(p[1] for p in probes)
+        out["runs"].append({"setting": setting, "iter_times": res.iter_times})
+        if comm.Get_rank() == 0:  # written after every row: a run cut short still leaves its rows
+            Path(args.json).write_text(json.dumps(out))
 
 
 # ---- driver ------------------------------------------------------------------------------------------
@@ -127,7 +138,20 @@ def _mpirun(n: int, args: list[str], timeout: float) -> None:
            "PYTHONUNBUFFERED": "1"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
     cmd = [*mpiexec_command(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "worker", *args]
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+    # A session of its own, so that a timeout ends every rank (they hold GPUs), not only mpiexec.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
 
 
 def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) -> list[dict]:
@@ -138,35 +162,39 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) ->
     config, overrides = _split(spec)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        def run(label: str, extra: list[str], n_iters: int = iters) -> dict:
-            out = Path(tmp) / f"{label}.json"
-            sets = [a for o in overrides + extra for a in ("--set", o)]
-            args = ["--iters", str(n_iters)] + (["--config", config] if config else [])
+        out = Path(tmp) / f"{name}.json"
+        sets = [a for o in overrides for a in ("--set", o)]
+        settings = [None] + [[delay, rate] for _, delay, rate in ORIGINAL_SETTINGS]
+        args = ["--iters", str(iters), "--settings", json.dumps(settings)] + (["--config", config] if config else [])
+        try:
             _mpirun(n, [*args, *sets, "--json", str(out)], timeout)
-            return json.loads(out.read_text())
-
-        off = run("off", [], n_iters=2 * iters)  # the calibration: more iterations, median
-        cfg = load_config(config, overrides)
-        times = [StageTime(f, b) for f, b in off["stage_times"]]
-        per_msg = off["per_message_s"]
-        measured_off = float(np.median(off["iter_times"][1:]))
-        pred_off = plan(cfg, times, Link(per_message_s=per_msg), platform=platform)
-        other = max(0.0, measured_off - pred_off.iteration_s)
-        stage_ms = [(round(t.fwd * 1e3, 1), round(t.bwd * 1e3, 1)) for t in times]
-        print(f"  calibration ({name}, network off): measured {measured_off:.3f} s, modelled "
-              f"{pred_off.iteration_s:.3f} s -> fixed remainder {other:.3f} s; real transport "
-              f"{per_msg * 1e3:.2f} ms per message; stage fwd/bwd ms {stage_ms}", flush=True)
-        ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
-        ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
-        for i, (label, delay, rate) in enumerate(ORIGINAL_SETTINGS):
-            r = run(f"s{i}", [f"network.delay_ms={delay}", f"network.rate_gbit={rate}"])
-            measured = float(np.median(r["iter_times"][1:]))
-            pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform)
-            rows.append({"setting": label, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
-                         "measured_s": measured, "predicted_s": pred.iteration_s,
-                         "predicted_sync_s": pred.sync_s, "bound": pred.bound,
-                         "iter_times": r["iter_times"]})
-            print(f"  ran {name} {label}: {measured:.3f} s (predicted {pred.iteration_s:.3f} s)", flush=True)
+        except subprocess.TimeoutExpired:  # keep the rows that finished
+            print(f"  {name} table: stopped after {timeout:.0f} s (--timeout); reporting the rows that ran",
+                  flush=True)
+        if not out.exists():
+            return rows
+        result = json.loads(out.read_text())
+    off, runs = result["runs"][0], result["runs"][1:]
+    cfg = load_config(config, overrides)
+    times = [StageTime(f, b) for f, b in result["stage_times"]]
+    per_msg = result["per_message_s"]
+    measured_off = float(np.median(off["iter_times"][1:]))
+    pred_off = plan(cfg, times, Link(per_message_s=per_msg), platform=platform)
+    other = max(0.0, measured_off - pred_off.iteration_s)
+    stage_ms = [(round(t.fwd * 1e3, 1), round(t.bwd * 1e3, 1)) for t in times]
+    print(f"  calibration ({name}, network off): measured {measured_off:.3f} s, modelled "
+          f"{pred_off.iteration_s:.3f} s -> fixed remainder {other:.3f} s; real transport "
+          f"{per_msg * 1e3:.2f} ms per message; stage fwd/bwd ms {stage_ms}", flush=True)
+    ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
+    ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
+    for i, ((label, delay, rate), r) in enumerate(zip(ORIGINAL_SETTINGS, runs, strict=False)):
+        measured = float(np.median(r["iter_times"][1:]))
+        pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform)
+        rows.append({"setting": label, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
+                     "measured_s": measured, "predicted_s": pred.iteration_s,
+                     "predicted_sync_s": pred.sync_s, "bound": pred.bound,
+                     "iter_times": r["iter_times"]})
+        print(f"  ran {name} {label}: {measured:.3f} s (predicted {pred.iteration_s:.3f} s)", flush=True)
     return rows
 
 
@@ -199,6 +227,7 @@ def main() -> None:
     w.add_argument("--set", dest="overrides", action="append", default=[])
     w.add_argument("--iters", type=int, default=4)
     w.add_argument("--json", required=True)
+    w.add_argument("--settings", required=True, help="JSON list: null (network off) or [delay_ms, rate_gbit]")
     parser.add_argument("--platform", choices=list(PLATFORMS), default="cpu")
     parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--tables", default="pp,dp")
@@ -224,6 +253,8 @@ def main() -> None:
             extra = f" | {r['predicted_sync_s']:.3f}" if name == "dp" else ""
             print(f"{r['setting']:28s} | {r['original_s']:.2f} | {r['measured_s']:.3f} | {r['predicted_s']:.3f} | "
                   f"{r['measured_s'] / r['predicted_s']:.2f} | {r['bound']}{extra}")
+        if not rows:
+            continue
         meas = [r["measured_s"] for r in rows]
         pred = [r["predicted_s"] for r in rows]
         same_rank = list(np.argsort(meas)) == list(np.argsort(pred))

@@ -29,6 +29,15 @@ def summarise(run: dict) -> list[str]:
             elif what == "got" and start is not None:
                 waits.append(t - start)
                 start = None
+        # Host time per task: from its start (after any receive wait) to the next task's start.
+        starts = [t for t, w, _ in events if w in ("task", "got")]
+        disp = []
+        task_t = None
+        for t, what, _ in events:
+            if what in ("task", "got"):
+                task_t = t
+            elif what == "dispatched" and task_t is not None:
+                disp.append(t - task_t)
         lat = []
         for t, what, label in events:
             if what != "arrived":
@@ -41,7 +50,9 @@ def summarise(run: dict) -> list[str]:
         lines.append(
             f"  stage {r}: last pipeline event {end:.3f} s | receive waits {sum(waits):.3f} s over {len(waits)} "
             f"(max {max(waits, default=0):.4f}) | message latency median "
-            f"{np.median(lat) * 1e3 if lat else 0:.2f} ms, max {max(lat, default=0) * 1e3:.2f} ms"
+            f"{np.median(lat) * 1e3 if lat else 0:.2f} ms, max {max(lat, default=0) * 1e3:.2f} ms | host per "
+            f"task: dispatch median {np.median(disp) * 1e3 if disp else 0:.2f} ms, "
+            f"busy {(end - sum(waits)) / max(1, len(starts) - len(waits)) * 1e3:.2f} ms"
             + (f"\n      after the pipeline (s since step start): {steps}" if steps else ""))
     return lines
 
