@@ -75,6 +75,13 @@ for group in "$@"; do
     repro_dp)  # issue 4: PP=2 x DP=2 with the central PS, 2 GPT-3 XL layers per stage
       timeout 300 $PY tools/reproduce_seed.py --platform gpu --tables dp --timeout 280 --json-out "$OUT/repro_dp.json" \
         2>&1 | tee -a "$OUT/log.txt" | grep -v Warning | tail -12;;
+    repro_dp_50ms)  # the DP table's last row alone (with its calibration)
+      timeout 170 $PY tools/reproduce_seed.py --platform gpu --tables dp --rows 4 --timeout 160 --json-out "$OUT/repro_dp_50ms.json" \
+        2>&1 | tee -a "$OUT/log.txt" | grep -v Warning | tail -6;;
+    xl_scan_mb1)
+      run 110 4 pp4-mb1-1f1b-$TRANSPORT-scan pipeline "${XL1[@]}" --set train.micro_batch_size=1 --set parallel.transport=$TRANSPORT --set model.scan_blocks=true "${TL[@]}" "${SHORT[@]}";;
+    xl_scan_mb2)
+      run 100 4 pp4-mb2-1f1b-$TRANSPORT-scan pipeline "${XL1[@]}" --set train.micro_batch_size=2 --set parallel.transport=$TRANSPORT --set model.scan_blocks=true "${TL[@]}" "${SHORT[@]}";;
     single)
       run 110 0 single-mb4 single "${XL[@]}" --set parallel.pp=1 --set train.micro_batch_size=4 --iters 7 --skip 2;;
     spmd)

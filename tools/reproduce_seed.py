@@ -154,7 +154,8 @@ def _mpirun(n: int, args: list[str], timeout: float) -> None:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
-def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) -> list[dict]:
+def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
+              rows_wanted: list[int] | None = None) -> list[dict]:
     from jaxpipe.config import load_config
 
     n, spec = PLATFORMS[platform][name]
@@ -164,7 +165,8 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) ->
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
         sets = [a for o in overrides for a in ("--set", o)]
-        settings = [None] + [[delay, rate] for _, delay, rate in ORIGINAL_SETTINGS]
+        wanted = rows_wanted if rows_wanted is not None else list(range(len(ORIGINAL_SETTINGS)))
+        settings = [None] + [[ORIGINAL_SETTINGS[i][1], ORIGINAL_SETTINGS[i][2]] for i in wanted]
         args = ["--iters", str(iters), "--settings", json.dumps(settings)] + (["--config", config] if config else [])
         try:
             _mpirun(n, [*args, *sets, "--json", str(out)], timeout)
@@ -187,7 +189,8 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float) ->
           f"{per_msg * 1e3:.2f} ms per message; stage fwd/bwd ms {stage_ms}", flush=True)
     ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
     ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
-    for i, ((label, delay, rate), r) in enumerate(zip(ORIGINAL_SETTINGS, runs, strict=False)):
+    for i, r in zip(wanted, runs, strict=False):
+        label, delay, rate = ORIGINAL_SETTINGS[i]
         measured = float(np.median(r["iter_times"][1:]))
         pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform)
         rows.append({"setting": label, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
@@ -232,6 +235,7 @@ def main() -> None:
     parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--tables", default="pp,dp")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--rows", help="comma-separated indices of the five settings to run (default: all)")
     parser.add_argument("--json-out", help="write all rows here")
     args = parser.parse_args()
     if args.cmd == "worker":
@@ -244,7 +248,8 @@ def main() -> None:
     results = {}
     for name in args.tables.split(","):
         print(f"\nrunning the {name} table on {args.platform} ...", flush=True)
-        results[name] = run_table(name, args.platform, fp16, args.timeout)
+        rows = [int(i) for i in args.rows.split(",")] if args.rows else None
+        results[name] = run_table(name, args.platform, fp16, args.timeout, rows)
     for name, rows in results.items():
         col = "PP" if name == "pp" else "PP+DP"
         print(f"\n{col} ({args.platform}) | original s | jaxpipe measured s | predicted s | measured/predicted "
