@@ -95,14 +95,12 @@ def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | No
         if wire_dtype == "bfloat16":
             g = _round_to_bf16(g)
         return {**grads, "wte": device_sum(g)}
-    g = np.asarray(grads["wte"], np.float32)
+    g = grads["wte"]
     me = topo.tied.Get_rank()
-    if wire_dtype == "bfloat16":
-        mine = g.astype(jnp.bfloat16)
-        g = mine.astype(np.float32)
-        send_buf, mpi_type = mine.view(np.uint16), MPI.UINT16_T
-    else:
-        send_buf, mpi_type = g, MPI.FLOAT
+    # Rounded and encoded on the device, so only the wire's bytes cross to the host and back.
+    mine = _bf16_bits(g) if wire_dtype == "bfloat16" else g
+    send_buf = np.asarray(mine)
+    mpi_type = MPI.UINT16_T if wire_dtype == "bfloat16" else MPI.FLOAT
     theirs_buf = np.empty_like(send_buf)
     if net is None:
         topo.tied.Sendrecv([send_buf, mpi_type], dest=1 - me, sendtag=77,
@@ -116,9 +114,24 @@ def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | No
         recv.Wait()
         net.drain()
         MPI.Request.Waitall(sends)
-    theirs = theirs_buf.view(jnp.bfloat16).astype(np.float32) if wire_dtype == "bfloat16" else theirs_buf
-    total = g + theirs if me == 0 else theirs + g
-    return {**grads, "wte": jnp.asarray(total)}
+    theirs = jax.device_put(theirs_buf, g.sharding)
+    first, second = (mine, theirs) if me == 0 else (theirs, mine)
+    return {**grads, "wte": _ordered_sum(first, second)}
+
+
+def _decode(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16).astype(jnp.float32) if x.dtype == jnp.uint16 else x
+
+
+@jax.jit
+def _bf16_bits(g: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(g.astype(jnp.bfloat16), jnp.uint16)
+
+
+@jax.jit
+def _ordered_sum(first: jax.Array, second: jax.Array) -> jax.Array:
+    """The first stage's gradient plus the last stage's, in that order on both ends."""
+    return _decode(first) + _decode(second)
 
 
 @jax.jit

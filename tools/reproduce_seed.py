@@ -43,9 +43,9 @@ from jaxpipe.costmodel import (  # noqa: E402
 
 # The CPU stand-in: messages of the tiny model (128 KiB) charged as GPT-3 XL's 8 MiB bf16
 # activations, so that link time, not the CPU's compute, dominates as it did in the original.
-CPU_COMMON = ["model.n_layer=8", "model.d_model=128", "model.n_head=4", "model.seq_len=128",
+CPU_COMMON = ["model.n_layer=8", "model.d_model=64", "model.n_head=4", "model.seq_len=128",
               "model.vocab_size=512", "train.global_batch_size=16", "train.micro_batch_size=2",
-              "network.size_scale=64", "train.warmup_steps=1"]
+              "network.size_scale=128", "train.warmup_steps=1"]
 PLATFORMS = {
     "cpu": {
         "pp": (4, [*CPU_COMMON, "parallel.pp=4", "parallel.dp=1", "parallel.partition=even"]),
@@ -86,8 +86,10 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.config import load_config
+    from jaxpipe.timeline import TIMELINE
     from jaxpipe.trainer import train
     from tools.bench import stage_times
+    from tools.timeline import message_latencies
 
     comm = MPI.COMM_WORLD
     settings = json.loads(args.settings)
@@ -117,13 +119,20 @@ def worker(args: argparse.Namespace) -> None:
         net = [] if setting is None else [f"network.delay_ms={setting[0]}", f"network.rate_gbit={setting[1]}"]
         iters = 2 * args.iters if setting is None else args.iters  # the calibration: more iterations
         cfg = load_config(args.config, [*args.overrides, *net, f"train.steps={iters}"])
+        TIMELINE.enabled = i == 0  # the calibration's last step: message latency under the pipeline's load
         res = train(cfg, log=lambda s: None, probe=probe if i == 0 else None)
         if i == 0:
             probes = comm.gather(res.probe, root=0)
+            events = comm.gather(TIMELINE.stop(), root=0)
             if comm.Get_rank() == 0:
                 P = cfg.parallel.pp
                 out["stage_times"] = [probes[s][0] for s in range(P)]
-                out["per_message_s"] = max(p[1] for p in probes)
+                out["ping_s"] = max(p[1] for p in probes)
+                # Replica 0's pipeline is world ranks 0..P-1 (rank = replica * P + stage).
+                # Activations only: under GPipe a gradient can wait at its receiver for the forwards
+                # to finish, which is the schedule's time, not the transport's.
+                lat = message_latencies(events[:P], kinds="F") if P > 1 else []
+                out["per_message_s"] = float(np.median(lat)) if lat else out["ping_s"]
         out["runs"].append({"setting": setting, "iter_times": res.iter_times})
         if comm.Get_rank() == 0:  # written after every row: a run cut short still leaves its rows
             Path(args.json).write_text(json.dumps(out))
@@ -186,7 +195,8 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
     stage_ms = [(round(t.fwd * 1e3, 1), round(t.bwd * 1e3, 1)) for t in times]
     print(f"  calibration ({name}, network off): measured {measured_off:.3f} s, modelled "
           f"{pred_off.iteration_s:.3f} s -> fixed remainder {other:.3f} s; real transport "
-          f"{per_msg * 1e3:.2f} ms per message; stage fwd/bwd ms {stage_ms}", flush=True)
+          f"{per_msg * 1e3:.2f} ms per message in the pipeline (idle ping-pong "
+          f"{result.get('ping_s', 0) * 1e3:.2f} ms); stage fwd/bwd ms {stage_ms}", flush=True)
     ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
     ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
     for i, r in zip(wanted, runs, strict=False):

@@ -13,6 +13,20 @@ import json
 import numpy as np
 
 
+def message_latencies(ranks: list[list], kinds: str = "FB") -> list[float]:
+    """Seconds from "the sender has the computed output" to "the receiver has it on its device",
+    for every message of a PP-only run (stage = rank)."""
+    ready = {(r, label): t for r, events in enumerate(ranks) for t, what, label in events if what == "ready"}
+    out = []
+    for r, events in enumerate(ranks):
+        for t, what, label in events:
+            if what == "arrived" and label[0] in kinds:
+                src = r - 1 if label.startswith("F") else r + 1
+                if (src, label) in ready:
+                    out.append(t - ready[(src, label)])
+    return out
+
+
 def summarise(run: dict) -> list[str]:
     ranks = run["ranks"]
     lines = [f"[{run['label']}]"]
