@@ -249,11 +249,14 @@ def train(
                 grads = faults.poison(step + 1, grads)
                 faults.at_sync(step + 1)
             with ACTIVITY.waiting("the tied-embedding gradient sum"):
-                TIMELINE.mark("step", "pipeline dispatched")
+                if TIMELINE.enabled:  # Tracing only: the phases after the pipeline start from its end.
+                    jax.block_until_ready(grads)
+                    TIMELINE.mark("step", "pipeline done")
                 grads = sync_tied_embedding(grads, topo, net, p.tied_grad_dtype, tied_sum)
                 TIMELINE.mark("step", "tied embedding summed")
             with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
                 grads = program.place_params(grad_sync(grads))
+                TIMELINE.mark("step", "data-parallel sync done")
             # Every stage's gradient sum of squares and the loss go to the whole pipeline; the replicas'
             # losses are summed over the world. DP averaging made the gradients, hence the norm, equal on
             # all replicas, so every rank of the job decides the same about a non-finite step.

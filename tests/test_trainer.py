@@ -11,6 +11,9 @@ def test_every_program_compiles_once(monkeypatch):
     """Parameters, optimizer state and fresh gradient buffers are committed to the device from the
     start, as the programs' outputs are: a program first called with uncommitted and then with
     committed arguments compiles twice, which cost a GPT-3 XL stage ~8 s in its second step."""
+    # Placement may set CUDA_VISIBLE_DEVICES in this process; later tests' mpiexec children must not inherit it.
+    # (setenv, not delenv: monkeypatch undoes only what it recorded, and delenv of an unset name records nothing.)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cfg = load_config(None, ["parallel.pp=1", "train.steps=3", "train.warmup_steps=1"])
     seen = {}
     original_init = optimizer_module.Optimizer.__init__

@@ -27,6 +27,11 @@ def message_latencies(ranks: list[list], kinds: str = "FB") -> list[float]:
     return out
 
 
+def step_mark(events: list, label: str) -> float | None:
+    """When (seconds since the step's barrier) one rank passed one of the trainer's step marks."""
+    return next((t for t, what, lab in events if what == "step" and lab == label), None)
+
+
 def summarise(run: dict) -> list[str]:
     ranks = run["ranks"]
     lines = [f"[{run['label']}]"]
