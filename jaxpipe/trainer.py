@@ -39,7 +39,7 @@ from jaxpipe.schedule import check_consistent, make_schedule
 from jaxpipe.stage import StageProgram
 from jaxpipe.timeline import TIMELINE
 from jaxpipe.topology import Topology
-from jaxpipe.transport import make_transport
+from jaxpipe.transport import make_pair_sum, make_transport
 from jaxpipe.watchdog import ACTIVITY, start_watchdog
 
 
@@ -87,13 +87,19 @@ def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | No
 
     With a bfloat16 wire both ends round *both* gradients to bfloat16 and add them in float32 in
     one order (first stage's first), so the two copies of `wte` still get identical updates.
-    `device_sum` (NCCL, when the pipeline's transport is) sums on the GPUs instead of the host."""
+    `device_sum` (NCCL, when the pipeline's transport is) sums on the GPUs instead of the host; with
+    link emulation on, each end first waits until its bytes would have crossed its emulated link (both
+    directions at once, as the host path's exchange)."""
     if topo.tied is None:
         return grads
-    if device_sum is not None and net is None:
+    if device_sum is not None:
         g = grads["wte"]
         if wire_dtype == "bfloat16":
             g = _round_to_bf16(g)
+        if net is not None:  # The bytes still cross the emulated link: wait until they would have arrived.
+            nbytes = g.size * (2 if wire_dtype == "bfloat16" else 4)
+            peer = topo.world_rank_of(topo.pp - 1 if topo.stage == 0 else 0)
+            time.sleep(max(0.0, net.reserve(peer, nbytes) - net.clock()))
         return {**grads, "wte": device_sum(g)}
     g = grads["wte"]
     me = topo.tied.Get_rank()
@@ -207,11 +213,8 @@ def train(
     transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
                                                    program.place_input, single_device=mesh is None, net=net))
     ACTIVITY.attach(transport)
-    tied_sum = None
-    if p.transport == "nccl" and topo.tied is not None and net is None:
-        from jaxpipe.transport import NcclPairSum
-
-        tied_sum = NcclPairSum(topo.tied)
+    # Every rank takes part in `agree` (it is collective); only the tied pair builds the sum.
+    tied_sum = agree(comm, lambda: make_pair_sum(p.transport, topo.tied) if topo.tied is not None else None)
     start_watchdog()
     scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
     skip_tied = spec.last and not spec.first

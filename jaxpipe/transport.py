@@ -612,6 +612,13 @@ class NcclPairSum:
         self._comm.destroy()
 
 
+def make_pair_sum(name: str, comm: Any) -> NcclPairSum | None:
+    """The device-side tied-embedding sum that goes with transport `name`, if it has one."""
+    if name == "nccl" and jax.default_backend() == "gpu":
+        return NcclPairSum(comm)
+    return None
+
+
 def make_transport(name: str, comm: Any, stage: int, world_rank_of: Callable[[int], int],
                    to_device: Callable[[np.ndarray], jax.Array] | None = None,
                    single_device: bool = True, net: NetworkEmulator | None = None) -> ThreadedTransport:

@@ -20,7 +20,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--set", dest="overrides", action="append", default=[])
 parser.add_argument("--handshake-transport", action="store_true",
-                    help="use tests/handshake_transport.py (the NCCL transport's protocol on CPU)")
+                    help="use tests/handshake_transport.py (the NCCL transport's protocol and tied sum on CPU)")
 args = parser.parse_args()
 if args.handshake_transport:
     import handshake_transport
@@ -28,6 +28,7 @@ if args.handshake_transport:
     import jaxpipe.trainer
 
     jaxpipe.trainer.make_transport = handshake_transport.make_transport
+    jaxpipe.trainer.make_pair_sum = handshake_transport.make_pair_sum
 
 cfg = load_config(None, args.overrides)
 res = train(cfg, log=lambda s: None)

@@ -50,9 +50,10 @@ LAYOUTS = {
     "pp2_two_devices_per_rank": (2, ["parallel.pp=2", "parallel.dp=1", "runtime.devices_per_process=2"]),
     # The NCCL transport's ready-handshake protocol (with NCCL's blocking transfers played by
     # synchronous MPI sends) under 1F1B, where both directions of every link are busy at once; with
-    # one extra warm-up forward per stage, as the GPU runs use it.
+    # one extra warm-up forward per stage, as the GPU runs use it; the tied embedding summed the NCCL
+    # transport's way (a device-side allreduce after the emulated link's time, links emulated).
     "pp4_1f1b_handshake_transport": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.schedule=1f1b",
-                                         "parallel.extra_warmup=1"]),
+                                         "parallel.extra_warmup=1", "network.delay_ms=1", "network.rate_gbit=10"]),
 }
 ENV = {"pp2_two_devices_per_rank": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 SCRIPT_ARGS = {"pp4_1f1b_handshake_transport": ["--handshake-transport"]}
