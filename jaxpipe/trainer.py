@@ -92,13 +92,13 @@ def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | No
     directions at once, as the host path's exchange)."""
     if topo.tied is None:
         return grads
+    peer = topo.world_rank_of(topo.pp - 1 if topo.stage == 0 else 0)
     if device_sum is not None:
         g = grads["wte"]
         if wire_dtype == "bfloat16":
             g = _round_to_bf16(g)
         if net is not None:  # The bytes still cross the emulated link: wait until they would have arrived.
             nbytes = g.size * (2 if wire_dtype == "bfloat16" else 4)
-            peer = topo.world_rank_of(topo.pp - 1 if topo.stage == 0 else 0)
             time.sleep(max(0.0, net.reserve(peer, nbytes) - net.clock()))
         return {**grads, "wte": device_sum(g)}
     g = grads["wte"]
@@ -112,10 +112,9 @@ def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | No
         topo.tied.Sendrecv([send_buf, mpi_type], dest=1 - me, sendtag=77,
                            recvbuf=[theirs_buf, mpi_type], source=1 - me, recvtag=77)
     else:  # An exchange over the emulated (full-duplex) link.
-        peer_stage = topo.pp - 1 if me == 0 else 0
         recv = topo.tied.Irecv([theirs_buf, mpi_type], source=1 - me, tag=77)
         sends: list[Any] = []
-        net.send(topo.world_rank_of(peer_stage), send_buf.nbytes,
+        net.send(peer, send_buf.nbytes,
                  lambda: sends.append(topo.tied.Isend([send_buf, mpi_type], dest=1 - me, tag=77)))
         recv.Wait()
         net.drain()
@@ -142,7 +141,7 @@ def _ordered_sum(first: jax.Array, second: jax.Array) -> jax.Array:
 
 @jax.jit
 def _round_to_bf16(g: jax.Array) -> jax.Array:
-    return g.astype(jnp.bfloat16).astype(jnp.float32)
+    return _decode(_bf16_bits(g))
 
 
 def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int,

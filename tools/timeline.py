@@ -13,18 +13,24 @@ import json
 import numpy as np
 
 
-def message_latencies(ranks: list[list], kinds: str = "FB") -> list[float]:
-    """Seconds from "the sender has the computed output" to "the receiver has it on its device",
-    for every message of a PP-only run (stage = rank)."""
+def latencies_by_receiver(ranks: list[list], kinds: str = "FB") -> list[list[float]]:
+    """For each rank, the seconds its messages took from "the sender has the computed output" to
+    "this rank has it on its device" (PP-only runs: stage = rank)."""
     ready = {(r, label): t for r, events in enumerate(ranks) for t, what, label in events if what == "ready"}
-    out = []
+    out: list[list[float]] = []
     for r, events in enumerate(ranks):
+        lat = []
         for t, what, label in events:
             if what == "arrived" and label[0] in kinds:
                 src = r - 1 if label.startswith("F") else r + 1
                 if (src, label) in ready:
-                    out.append(t - ready[(src, label)])
+                    lat.append(t - ready[(src, label)])
+        out.append(lat)
     return out
+
+
+def message_latencies(ranks: list[list], kinds: str = "FB") -> list[float]:
+    return [x for lat in latencies_by_receiver(ranks, kinds) for x in lat]
 
 
 def step_mark(events: list, label: str) -> float | None:
@@ -35,11 +41,7 @@ def step_mark(events: list, label: str) -> float | None:
 def summarise(run: dict) -> list[str]:
     ranks = run["ranks"]
     lines = [f"[{run['label']}]"]
-    ready: dict[tuple[int, str], float] = {}
-    for r, events in enumerate(ranks):
-        for t, what, label in events:
-            if what == "ready":
-                ready[(r, label)] = t
+    latencies = latencies_by_receiver(ranks)
     for r, events in enumerate(ranks):
         waits, start = [], None
         for t, what, _ in events:
@@ -57,13 +59,7 @@ def summarise(run: dict) -> list[str]:
                 task_t = t
             elif what == "dispatched" and task_t is not None:
                 disp.append(t - task_t)
-        lat = []
-        for t, what, label in events:
-            if what != "arrived":
-                continue
-            src = r - 1 if label.startswith("F") else r + 1  # PP-only runs: stage = rank
-            if (src, label) in ready:
-                lat.append(t - ready[(src, label)])
+        lat = latencies[r]
         end = max((t for t, w, _ in events if w != "step"), default=0.0)
         steps = " | ".join(f"{label} {t:.3f}" for t, w, label in events if w == "step")
         lines.append(
