@@ -23,6 +23,7 @@ in turn.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -140,12 +141,40 @@ def mpi_world_size() -> int:
     return MPI.COMM_WORLD.Get_size() if MPI.Is_initialized() and not MPI.Is_finalized() else 1
 
 
+def _wait_until_read(fd: int, limit_s: float = 2.0) -> None:
+    """Waits until the reader of pipe `fd` (the launcher's stdio forwarder) has taken what was written.
+
+    `MPI_Abort` makes the launcher kill every process of the job, its own forwarders included; a
+    message still sitting in the pipe then dies with them (seen under MPICH's hydra on a loaded box:
+    the job ended with an empty stderr). Once the forwarder has read it, the message travels to
+    `mpiexec` ahead of the abort request. A terminal or file has nothing to wait for.
+    """
+    import array
+    import fcntl
+    import termios
+
+    deadline = time.monotonic() + limit_s
+    pending = array.array("i", [0])
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, pending)
+        except OSError:  # not a pipe or socket
+            return
+        if pending[0] == 0:
+            return
+        time.sleep(0.01)
+
+
 def abort(message: str, code: int = 1) -> NoReturn:
     """Prints `message` (one write: ranks share the terminal) and ends every rank of the job."""
     sys.stdout.flush()
     sys.stderr.write(message if message.endswith("\n") else message + "\n")
     sys.stderr.flush()
     if mpi_world_size() > 1:
+        for stream in (sys.stdout, sys.stderr):
+            # Streams replaced or closed (pytest's capture) have no pipe to wait for.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                _wait_until_read(stream.fileno())
         from mpi4py import MPI
 
         MPI.COMM_WORLD.Abort(code)
