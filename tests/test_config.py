@@ -1,3 +1,5 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,7 @@ from jaxpipe.config import Config, load_config
 from jaxpipe.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+README = CONFIGS.parent / "README.md"
 
 
 def test_tiny_yaml_is_the_embedded_default():
@@ -18,6 +21,15 @@ def test_xl_config_matches_the_original_setting():
     assert (m.n_layer, m.d_model, m.n_head, m.seq_len, m.vocab_size) == (24, 2048, 16, 2048, 50257)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.parallel.pp) == (64, 1, 4)
     assert cfg.num_microbatches == 64
+
+
+def test_readme_key_table_lists_every_config_key():
+    """The README's table is the users' reference for `--set`: a key added without it is a key nobody finds."""
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", README.read_text(encoding="utf-8"), re.MULTILINE))
+    for section in dataclasses.fields(Config):
+        listed = {k for k in re.findall(r"`([^`]+)`", rows.get(section.name, "")) if re.fullmatch(r"[a-z_]\w*", k)}
+        fields = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert listed == fields, (section.name, sorted(fields - listed), sorted(listed - fields))
 
 
 def test_overrides_are_parsed_as_yaml():
