@@ -79,6 +79,35 @@ def test_exception_on_one_stage_aborts_every_rank(tmp_path):
     assert "step " not in run.stdout and after < ENDS_WITHIN_S
 
 
+def test_abort_waits_until_the_launcher_has_read_its_message():
+    """`MPI_Abort` kills the launcher's stdio forwarders too: the message must have left the pipe first."""
+    from jaxpipe.watchdog import _wait_until_read
+
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, b"jaxpipe: rank 2 failed\n")
+        taken = []
+
+        def slow_forwarder():
+            time.sleep(0.3)
+            taken.append(os.read(read_fd, 100))
+
+        forwarder = threading.Thread(target=slow_forwarder)
+        start = time.monotonic()
+        forwarder.start()
+        _wait_until_read(write_fd, limit_s=5.0)
+        assert 0.3 <= time.monotonic() - start < 5  # returned once the reader had read, not before
+        forwarder.join()
+        assert taken == [b"jaxpipe: rank 2 failed\n"]
+        os.write(write_fd, b"nobody reads this")
+        start = time.monotonic()
+        _wait_until_read(write_fd, limit_s=0.2)  # a forwarder that is gone costs the limit, not a hang
+        assert 0.2 <= time.monotonic() - start < 5
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
 DEADLINES = {
     # Stage 0 hangs before sending micro-batch 1 of step 2: stage 1's receive gives up.
     "receive": (PP2, "hang@step=2,stage=0,mb=1",
