@@ -70,7 +70,6 @@ class CentralPS(GradSync):
         self.comm.Bcast(flat, root=0)
         return flat
 
-
     def average_emulated(self, flat: np.ndarray) -> np.ndarray:
         """Chain reduce to the server, then chain broadcast from it, in pipelined chunks: what NCCL's
         reduce + broadcast did in the original (each costs about |g|/R plus one delay per hop)."""
@@ -85,7 +84,7 @@ class CentralPS(GradSync):
                 p2p.recv(incoming, me + 1, tag=c)
                 part += incoming
             if me > 0:
-                p2p.send(part.copy(), me - 1, tag=c)
+                p2p.send(part, me - 1, tag=c)
         p2p.wait()
         if me == 0:
             flat /= np.float32(n)
@@ -95,7 +94,7 @@ class CentralPS(GradSync):
             if me > 0:
                 p2p.recv(part, me - 1, tag=10000 + c)
             if me < n - 1:
-                p2p.send(part.copy(), me + 1, tag=10000 + c)
+                p2p.send(part, me + 1, tag=10000 + c)
         p2p.wait()
         return flat
 
@@ -152,7 +151,11 @@ class _EmulatedP2P:
 
 def _ring_allreduce_mean(flat: np.ndarray, p2p: _EmulatedP2P) -> np.ndarray:
     """Ring reduce-scatter then ring all-gather: every rank sends 2·(n-1)/n of the buffer (the
-    sharded PS's traffic), in 2·(n-1) steps of one delay each."""
+    sharded PS's traffic), in 2·(n-1) steps of one delay each.
+
+    Segments are sent as views of `flat`: in each phase a segment is sent after its last write of
+    that phase (reduce-scatter sends segment `me - step` and adds into `me - step - 1`; all-gather
+    receives each segment once, before forwarding it), and `wait` ends the phase."""
     comm = p2p.comm
     me, n = comm.Get_rank(), comm.Get_size()
     segs = np.array_split(np.arange(flat.size), n)
@@ -163,14 +166,14 @@ def _ring_allreduce_mean(flat: np.ndarray, p2p: _EmulatedP2P) -> np.ndarray:
         return flat[idx[0]: idx[-1] + 1] if idx.size else flat[:0]
 
     for step in range(n - 1):  # After this, rank r holds the full sum of segment r + 1.
-        p2p.send(seg(me - step).copy(), right, tag=20000 + step)
+        p2p.send(seg(me - step), right, tag=20000 + step)
         incoming = np.empty_like(seg(me - step - 1))
         p2p.recv(incoming, left, tag=20000 + step)
         seg(me - step - 1)[:] += incoming
     p2p.wait()
     seg(me + 1)[:] /= np.float32(n)
     for step in range(n - 1):
-        p2p.send(seg(me + 1 - step).copy(), right, tag=30000 + step)
+        p2p.send(seg(me + 1 - step), right, tag=30000 + step)
         p2p.recv(seg(me - step), left, tag=30000 + step)
     p2p.wait()
     return flat

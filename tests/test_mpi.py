@@ -161,3 +161,10 @@ def test_bad_input_fails_on_every_rank(case):
 def test_transport_checks_every_message(mode, expected):
     run = run_mpi(2, ["tests/mpi_transport_check.py", mode], timeout=120)
     assert expected in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [3, 4])
+def test_data_parallel_averages_over_mpi_and_emulated_links(n):
+    run = run_mpi(n, ["tests/mpi_grad_sync_check.py"], timeout=180)
+    assert run.stdout.strip() == f"all averages right on {n} ranks", run.stdout + run.stderr

@@ -4,6 +4,7 @@ dropped, the mean of the rest, reported by global rank 0.
     mpiexec -n 4 python tools/bench.py pipeline --config configs/gpt3_xl.yaml [--set k=v ...] [--json out.jsonl]
     python tools/bench.py single --config configs/gpt3_xl.yaml [--set ...]     # whole model on one device
     mpiexec -n 2 python tools/bench.py transport --transport nccl --mib 8 16   # per-message time
+    mpiexec -n 2 python tools/bench.py dp-sync --mib 830                      # gradient averaging
 
 `pipeline` also measures, in the same run, each stage's forward+backward of one iteration's
 micro-batches alone (no communication): the stage ceiling. The pipeline bound is
@@ -246,10 +247,52 @@ def cmd_transport(args: argparse.Namespace) -> None:
     t.close()
 
 
+def cmd_dp_sync(args: argparse.Namespace) -> None:
+    """Averages one float32 gradient buffer over all ranks with every data-parallel mode: MPI's
+    collectives, then the point-to-point algorithms that link emulation uses, over a link of
+    `--delay-ms` / `--rate-gbit` (default: no delay, unlimited rate, i.e. the emulation's own cost,
+    which the cost model does not predict), next to the link time the cost model charges."""
+    from mpi4py import MPI
+
+    from jaxpipe.costmodel import Link, dp_sync_s
+    from jaxpipe.data_parallel import DP_MODES
+    from jaxpipe.netem import LinkSpec, NetworkEmulator
+
+    comm = MPI.COMM_WORLD
+    rate = args.rate_gbit * 1e9 if args.rate_gbit > 0 else float("inf")
+    net = NetworkEmulator(comm.Get_rank(), LinkSpec(args.delay_ms / 1e3, rate))
+    link = Link.of(args.delay_ms, args.rate_gbit)
+    for mib in args.mib:
+        grads = np.random.default_rng(comm.Get_rank()).standard_normal(mib * 2**20 // 4).astype(np.float32)
+        for mode, cls in DP_MODES.items():
+            sync = cls(comm, net)
+            for how, average in (("mpi", sync.average), ("emulated", sync.average_emulated)):
+                times = []
+                for _ in range(args.reps + args.skip):
+                    flat = grads.copy()
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    average(flat)
+                    comm.Barrier()
+                    times.append(time.perf_counter() - t0)
+                took = float(np.mean(times[args.skip:]))
+                if comm.Get_rank() == 0:
+                    model = dp_sync_s(mode, comm.Get_size(), grads.nbytes, link) if how == "emulated" else 0.0
+                    print(f"[{args.label}] dp-sync {mode:10s} {how:8s} {mib} MiB over {comm.Get_size()} ranks: "
+                          f"{took:.3f} s (link time modelled {model:.3f} s)", flush=True)
+                    if args.json:
+                        with open(args.json, "a") as f:
+                            f.write(json.dumps({"mode": "dp-sync", "dp_mode": mode, "how": how, "mib": mib,
+                                                "ranks": comm.Get_size(), "seconds": took, "modelled_s": model,
+                                                "delay_ms": args.delay_ms, "rate_gbit": args.rate_gbit,
+                                                "label": args.label}) + "\n")
+    net.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("pipeline", "single", "transport"):
+    for name in ("pipeline", "single", "transport", "dp-sync"):
         p = sub.add_parser(name)
         p.add_argument("--config")
         p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -263,8 +306,14 @@ def main() -> None:
             p.add_argument("--transport", default="mpi")
             p.add_argument("--mib", type=int, nargs="+", default=[8, 16])
             p.add_argument("--reps", type=int, default=20)
+        if name == "dp-sync":
+            p.add_argument("--mib", type=int, nargs="+", default=[830], help="gradient size (GPT-3 XL stage 0: 830)")
+            p.add_argument("--reps", type=int, default=3)
+            p.add_argument("--delay-ms", type=float, default=0.0)
+            p.add_argument("--rate-gbit", type=float, default=0.0, help="0: unlimited")
     args = parser.parse_args()
-    {"pipeline": cmd_pipeline, "single": cmd_single, "transport": cmd_transport}[args.cmd](args)
+    {"pipeline": cmd_pipeline, "single": cmd_single, "transport": cmd_transport,
+     "dp-sync": cmd_dp_sync}[args.cmd](args)
 
 
 if __name__ == "__main__":
