@@ -12,6 +12,7 @@ import jaxpipe.transport as tr
 from jaxpipe.errors import TransportError
 from jaxpipe.schedule import Phase
 from jaxpipe.stage import ArraySpec
+from jaxpipe.watchdog import abort
 
 mode = sys.argv[1]
 comm = MPI.COMM_WORLD
@@ -47,7 +48,7 @@ else:
         got = t.recv(key, 0, spec)
         print("OK", np.asarray(got).tolist(), flush=True)
     except TransportError as e:
-        print("TransportError:", e, flush=True)
         if mode == "deadline":  # As the CLI does: the receive is still posted, so end the job.
-            comm.Abort(3)
+            abort(f"TransportError: {e}", code=3)  # (Once mpiexec has the message: see watchdog.abort.)
+        print("TransportError:", e, flush=True)
 t.close()
