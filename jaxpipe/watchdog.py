@@ -23,13 +23,15 @@ in turn.
 
 from __future__ import annotations
 
-import contextlib
+import array
+import fcntl
 import sys
+import termios
 import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, NoReturn
 
 _POLL_S = 0.25
@@ -149,10 +151,6 @@ def _wait_until_read(fd: int, limit_s: float = 2.0) -> None:
     the job ended with an empty stderr). Once the forwarder has read it, the message travels to
     `mpiexec` ahead of the abort request. A terminal or file has nothing to wait for.
     """
-    import array
-    import fcntl
-    import termios
-
     deadline = time.monotonic() + limit_s
     pending = array.array("i", [0])
     while time.monotonic() < deadline:
@@ -173,7 +171,7 @@ def abort(message: str, code: int = 1) -> NoReturn:
     if mpi_world_size() > 1:
         for stream in (sys.stdout, sys.stderr):
             # Streams replaced or closed (pytest's capture) have no pipe to wait for.
-            with contextlib.suppress(OSError, ValueError, AttributeError):
+            with suppress(OSError, ValueError, AttributeError):
                 _wait_until_read(stream.fileno())
         from mpi4py import MPI
 

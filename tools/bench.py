@@ -26,6 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 H100_BF16_DENSE_TFLOPS = 989.0
 
 
+def _append_json(path: str | None, row: dict) -> None:
+    """One JSON line per result, appended, so that several runs (and GPU calls) share one file."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def _config(args: argparse.Namespace):
     from jaxpipe.config import load_config
 
@@ -150,9 +157,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"  stage ceilings (s per iteration): {' '.join(f'{c:.3f}' for c in per_stage)} | bound {bound:.3f} s | "
           f"efficiency {bound / measured:.3f}")
     print(f"  peak memory per stage (GiB): {row['peak_mem_gib']}", flush=True)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    _append_json(args.json, row)
 
 
 def cmd_single(args: argparse.Namespace) -> None:
@@ -197,9 +202,7 @@ def cmd_single(args: argparse.Namespace) -> None:
            "peak_mem_gib": peak / 2**30 if peak else None, "label": args.label}
     print(f"[{args.label}] whole model on {k} device(s), mb={cfg.train.micro_batch_size} x {M}: iteration "
           f"{measured:.3f} s | {tflops:.0f} TFLOP/s per device | peak {row['peak_mem_gib']} GiB", flush=True)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    _append_json(args.json, row)
 
 
 def cmd_transport(args: argparse.Namespace) -> None:
@@ -240,10 +243,8 @@ def cmd_transport(args: argparse.Namespace) -> None:
             one_way = float(np.median(times[2:]))
             print(f"[{args.label}] transport {t.name}: {mib} MiB bf16 one-way {one_way * 1e3:.2f} ms "
                   f"({mib * 2**20 / one_way / 1e9:.1f} GB/s)", flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps({"mode": "transport", "transport": t.name, "mib": mib,
-                                        "one_way_s": one_way, "label": args.label}) + "\n")
+            _append_json(args.json, {"mode": "transport", "transport": t.name, "mib": mib,
+                                     "one_way_s": one_way, "label": args.label})
     t.close()
 
 
@@ -280,12 +281,10 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
                     model = dp_sync_s(mode, comm.Get_size(), grads.nbytes, link) if how == "emulated" else 0.0
                     print(f"[{args.label}] dp-sync {mode:10s} {how:8s} {mib} MiB over {comm.Get_size()} ranks: "
                           f"{took:.3f} s (link time modelled {model:.3f} s)", flush=True)
-                    if args.json:
-                        with open(args.json, "a") as f:
-                            f.write(json.dumps({"mode": "dp-sync", "dp_mode": mode, "how": how, "mib": mib,
-                                                "ranks": comm.Get_size(), "seconds": took, "modelled_s": model,
-                                                "delay_ms": args.delay_ms, "rate_gbit": args.rate_gbit,
-                                                "label": args.label}) + "\n")
+                    _append_json(args.json, {"mode": "dp-sync", "dp_mode": mode, "how": how, "mib": mib,
+                                             "ranks": comm.Get_size(), "seconds": took, "modelled_s": model,
+                                             "delay_ms": args.delay_ms, "rate_gbit": args.rate_gbit,
+                                             "label": args.label})
     net.close()
 
 
