@@ -79,13 +79,13 @@ def _agreed(e: ConfigError) -> bool:
     """Whether every rank raises this error together, so the job may end without an abort: errors
     through `jaxpipe.errors.agree`, any error of the set-up (which only raises errors every rank
     finds), and any error outside an MPI job."""
-    from jaxpipe.watchdog import ACTIVITY, mpi_world_size
+    from jaxpipe.runtime.watchdog import ACTIVITY, mpi_world_size
 
     return getattr(e, "agreed", False) or ACTIVITY.step is None or mpi_world_size() == 1
 
 
 def _cmd_supervise(args: argparse.Namespace) -> None:
-    from jaxpipe.supervise import supervise
+    from jaxpipe.runtime.supervise import supervise
 
     job = args.job[1:] if args.job[:1] == ["--"] else args.job
     if not job:
@@ -97,7 +97,7 @@ def _cmd_supervise(args: argparse.Namespace) -> None:
 
 def _cmd_partition(args: argparse.Namespace) -> None:
     from jaxpipe.config import load_config
-    from jaxpipe.partition import StageCosts, resolve_partition, stage_cost
+    from jaxpipe.pipeline.partition import StageCosts, resolve_partition, stage_cost
 
     cfg = load_config(args.config, args.overrides)
     p = cfg.parallel
@@ -113,7 +113,7 @@ def _cmd_partition(args: argparse.Namespace) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> None:
     from jaxpipe.config import load_config
-    from jaxpipe.costmodel import ORIGINAL_SETTINGS, Link, StageTime, format_prediction, plan
+    from jaxpipe.pipeline.costmodel import ORIGINAL_SETTINGS, Link, StageTime, format_prediction, plan
 
     cfg = load_config(args.config, args.overrides)
     times = None
@@ -134,20 +134,20 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 def _cmd_single_process(args: argparse.Namespace) -> None:
     """The commands that run on one process and never start MPI."""
     if args.command == "prepare-data":
-        from jaxpipe.prepare import prepare_data
+        from jaxpipe.data.prepare import prepare_data
 
         prepare_data(args.text_files, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
                      val_fraction=args.val_fraction)
     elif args.command == "demo-corpus":
-        from jaxpipe.prepare import write_demo_corpus
+        from jaxpipe.data.prepare import write_demo_corpus
 
         write_demo_corpus(args.out)
     elif args.command == "export-hf":
-        from jaxpipe.hf_export import export_hf
+        from jaxpipe.export.hf import export_hf
 
         export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
     elif args.command == "generate":
-        from jaxpipe.generate import Sampler
+        from jaxpipe.export.generate import Sampler
 
         sampler = Sampler(args.checkpoint, tokenizer=args.tokenizer)
         print(sampler.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -176,11 +176,11 @@ def main(argv: list[str] | None = None) -> None:
 
         # On every rank together: a config file missing on one host must not leave the others waiting.
         cfg = agree(MPI.COMM_WORLD, lambda: load_config(args.config, args.overrides))
-        from jaxpipe.trainer import train
+        from jaxpipe.train.trainer import train
 
         train(cfg, metrics_out=args.metrics_out, resume=args.resume)
     except (ConfigError, NonFiniteError) as e:
-        from jaxpipe.watchdog import report_failure
+        from jaxpipe.runtime.watchdog import report_failure
 
         if isinstance(e, ConfigError) and not _agreed(e):  # e.g. bad data met by one stage mid-run
             report_failure(e, code=2)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         sys.exit(2 if isinstance(e, ConfigError) else 3)
     except Exception as e:
-        from jaxpipe.watchdog import report_failure
+        from jaxpipe.runtime.watchdog import report_failure
 
         report_failure(e)
 

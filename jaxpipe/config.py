@@ -130,7 +130,7 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
-    """Emulated links (see jaxpipe.netem): off while delay and rate are 0 and no pair is listed."""
+    """Emulated links (see jaxpipe.comm.netem): off while delay and rate are 0 and no pair is listed."""
 
     delay_ms: float = 0.0
     rate_gbit: float = 0.0  # 0 = unlimited

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from mpi4py import MPI
 
-from jaxpipe.stage import ArraySpec
-from jaxpipe.transport import ReadyHandshake
+from jaxpipe.comm.message import ArraySpec
+from jaxpipe.comm.tied import TiedExchange
+from jaxpipe.comm.transport.nccl import ReadyHandshake
 
 
 class SynchronousTransfers(ReadyHandshake):
@@ -50,7 +51,7 @@ def make_transport(name: str, comm: Any, stage: int, world_rank_of: Any, to_devi
 
 
 class HostPairSum:
-    """The NCCL tied-embedding sum (`jaxpipe.transport.NcclPairSum`) played on CPU by an MPI Allreduce."""
+    """The NCCL tied-embedding sum (`jaxpipe.comm.tied.NcclPairSum`) played on CPU by an MPI Allreduce."""
 
     def __init__(self, comm: Any):
         self.comm = comm
@@ -65,5 +66,6 @@ class HostPairSum:
         pass
 
 
-def make_pair_sum(name: str, comm: Any) -> HostPairSum:
-    return HostPairSum(comm)
+def make_tied_exchange(transport: str, comm: Any, first: bool, peer_world_rank: int, net: Any = None,
+                       wire_dtype: str = "float32", device_sum: Any = None) -> TiedExchange:
+    return TiedExchange(comm, first, peer_world_rank, net, wire_dtype, HostPairSum(comm))

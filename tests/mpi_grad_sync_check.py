@@ -8,8 +8,8 @@ again before its send left would show up here as a wrong average or as replicas 
 import numpy as np
 from mpi4py import MPI
 
-from jaxpipe.data_parallel import DP_MODES
-from jaxpipe.netem import LinkSpec, NetworkEmulator
+from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
+from jaxpipe.dp.sync import DP_MODES
 
 comm = MPI.COMM_WORLD
 net = NetworkEmulator(comm.rank, LinkSpec(delay_s=0.0005, rate_bps=50e9))

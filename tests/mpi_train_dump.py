@@ -13,8 +13,8 @@ import numpy as np
 from mpi4py import MPI
 
 from jaxpipe.config import load_config
-from jaxpipe.model import flatten_per_layer
-from jaxpipe.trainer import train
+from jaxpipe.model.layout import flatten_per_layer
+from jaxpipe.train.trainer import train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -25,10 +25,10 @@ args = parser.parse_args()
 if args.handshake_transport:
     import handshake_transport
 
-    import jaxpipe.trainer
+    import jaxpipe.train.trainer
 
-    jaxpipe.trainer.make_transport = handshake_transport.make_transport
-    jaxpipe.trainer.make_pair_sum = handshake_transport.make_pair_sum
+    jaxpipe.train.trainer.make_transport = handshake_transport.make_transport
+    jaxpipe.train.trainer.make_tied_exchange = handshake_transport.make_tied_exchange
 
 cfg = load_config(None, args.overrides)
 res = train(cfg, log=lambda s: None)

@@ -8,23 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 from mpi4py import MPI
 
-import jaxpipe.transport as tr
+import jaxpipe.comm.transport.mpi as tr
+from jaxpipe.comm.message import ArraySpec, Kind, MsgKey
 from jaxpipe.errors import TransportError
-from jaxpipe.schedule import Phase
-from jaxpipe.stage import ArraySpec
-from jaxpipe.watchdog import abort
+from jaxpipe.runtime.watchdog import abort
 
 mode = sys.argv[1]
 comm = MPI.COMM_WORLD
 t = tr.HostStagedMpi(comm, comm.rank, world_rank_of=lambda s: s)
 sent = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
-key = tr.MsgKey(step=3, microbatch=1, kind=Phase.FWD)
+key = MsgKey(step=3, microbatch=1, kind=Kind.ACT)
 if comm.rank == 0:
     if mode in ("bad_magic", "wrong_step"):  # Bits flipped on the way, or a sender a step ahead.
         make_header = tr.make_header
 
-        def corrupt(key, nbytes, dtype):
-            hdr = make_header(key, nbytes, dtype)
+        def corrupt(key, nbytes, dtype, codec):
+            hdr = make_header(key, nbytes, dtype, codec)
             if mode == "bad_magic":
                 hdr[0] ^= 1 << 4
             else:
@@ -35,9 +34,9 @@ if comm.rank == 0:
     if mode == "deadline":  # A sender that never sends (dead or hung): the receive must give up.
         pass
     elif mode == "wrong_microbatch":  # A sender bug: micro-batch 2 travels on micro-batch 1's channel.
-        tag = tr._tag
-        tr._tag = lambda k, part: tag(tr.MsgKey(k.step, 1, k.kind), part)
-        t.send(tr.MsgKey(3, 2, Phase.FWD), 1, sent)
+        tag = tr.tag
+        tr.tag = lambda k, part: tag(MsgKey(k.step, 1, k.kind), part)
+        t.send(MsgKey(3, 2, Kind.ACT), 1, sent)
     else:
         t.send(key, 1, sent.astype(jnp.bfloat16) if mode == "wrong_dtype" else sent)
     t.flush()

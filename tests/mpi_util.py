@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxpipe.launch import mpiexec_command
+from jaxpipe.runtime.launch import mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
 

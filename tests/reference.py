@@ -8,9 +8,10 @@ import numpy as np
 import optax
 
 from jaxpipe.config import Config
-from jaxpipe.data import global_batch, make_source
-from jaxpipe.model import StageModel, flatten_per_layer, init_stage_params, next_token_loss
-from jaxpipe.optimizer import make_adamw
+from jaxpipe.data.source import global_batch, make_source
+from jaxpipe.model.gpt import StageModel, next_token_loss
+from jaxpipe.model.layout import flatten_per_layer, init_stage_params
+from jaxpipe.train.optimizer import make_adamw
 
 
 def reference_train(cfg: Config, skip: frozenset[int] = frozenset()) -> tuple[list[float], list[float],

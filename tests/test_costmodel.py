@@ -3,7 +3,7 @@ import math
 import pytest
 
 from jaxpipe.config import load_config
-from jaxpipe.costmodel import (
+from jaxpipe.pipeline.costmodel import (
     ORIGINAL_PP_FP16,
     ORIGINAL_PP_FP32,
     Link,
@@ -14,7 +14,7 @@ from jaxpipe.costmodel import (
     predict,
     simulate_pipeline,
 )
-from jaxpipe.schedule import GPipe, OneFOneB
+from jaxpipe.pipeline.schedule import GPipe, OneFOneB
 
 
 def test_gpipe_two_stages_by_hand():

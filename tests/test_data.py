@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from jaxpipe.config import load_config
-from jaxpipe.data import SyntheticSource, TokenFileSource, global_batch, make_source, replica_sample_indices
+from jaxpipe.data.source import SyntheticSource, TokenFileSource, global_batch, make_source, replica_sample_indices
 from jaxpipe.errors import ConfigError
 
 

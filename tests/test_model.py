@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from jaxpipe.config import load_config
-from jaxpipe.model import (
-    StageModel,
+from jaxpipe.model.gpt import StageModel
+from jaxpipe.model.layout import (
     assemble_stage_params,
     flatten_per_layer,
     init_embedding,

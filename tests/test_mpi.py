@@ -151,7 +151,7 @@ def test_bad_input_fails_on_every_rank(case):
                              "from stage 0 (rank 0) but received the activation of micro-batch 2 of step 4"),
         ("bad_magic", "TransportError: corrupt message header from stage 0 (rank 0) to stage 1 (rank 1) while "
                       "waiting for the activation of micro-batch 1 of step 4 (header words [1247301696, 3, 1, 0, "
-                      "24, 0], magic 1247301712)"),
+                      "0, 24, 0, 0], magic 1247301712)"),
         ("wrong_step", "TransportError: stage 1 (rank 1) expected the activation of micro-batch 1 of step 4 from "
                        "stage 0 (rank 0) but received the activation of micro-batch 1 of step 5"),
         ("deadline", "TransportError: receive deadline: stage 1 (rank 1) waited 1 s for the activation of "

@@ -1,8 +1,8 @@
 import threading
 import time
 
+from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
 from jaxpipe.config import NetworkConfig, load_config
-from jaxpipe.netem import LinkSpec, NetworkEmulator
 
 MB = 1_000_000
 

@@ -2,7 +2,7 @@ import pytest
 
 from jaxpipe.config import load_config
 from jaxpipe.errors import ConfigError
-from jaxpipe.partition import Partition, StageCosts, balanced, resolve_partition
+from jaxpipe.pipeline.partition import Partition, StageCosts, balanced, resolve_partition
 
 
 def test_counts_and_ranges_agree():

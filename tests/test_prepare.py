@@ -9,9 +9,9 @@ from mpi_util import REPO
 
 from jaxpipe.cli import main
 from jaxpipe.config import load_config
-from jaxpipe.data import TokenFileSource, make_source, make_val_source, replica_sample_indices
+from jaxpipe.data.prepare import EOT, load_tokenizer, play_to_text, prepare_data
+from jaxpipe.data.source import TokenFileSource, make_source, make_val_source, replica_sample_indices
 from jaxpipe.errors import ConfigError
-from jaxpipe.prepare import EOT, load_tokenizer, play_to_text, prepare_data
 
 
 def corpus_files(tmp_path):

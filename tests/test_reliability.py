@@ -2,7 +2,7 @@
 is refused before training.
 
 The multi-rank tests run real `mpiexec` jobs with hard timeouts (so a hang fails the test) and break
-them on purpose with `JAXPIPE_FAULT` (jaxpipe.faults). The fault writes a marker file when it fires,
+them on purpose with `JAXPIPE_FAULT` (jaxpipe.runtime.faults). The fault writes a marker file when it fires,
 which tells the test when the failure happened: every job must be gone within 30 s of it.
 """
 
@@ -24,13 +24,14 @@ from reference import reference_train
 from test_mpi import MODEL, TRAIN  # the small job of tests/test_mpi.py (its compilations are cached)
 from test_mpi import reference as unskipped_reference  # cached: test_mpi computes it too
 
-from jaxpipe import checkpoint, faults
 from jaxpipe.config import ModelConfig, TrainConfig, load_config
 from jaxpipe.errors import ConfigError
-from jaxpipe.model import init_stage_params
-from jaxpipe.optimizer import LossScaler, Optimizer
-from jaxpipe.partition import StageSpec
-from jaxpipe.supervise import supervise, with_resume_auto
+from jaxpipe.model.layout import init_stage_params
+from jaxpipe.pipeline.partition import StageSpec
+from jaxpipe.runtime import faults
+from jaxpipe.runtime.supervise import supervise, with_resume_auto
+from jaxpipe.train import checkpoint
+from jaxpipe.train.optimizer import LossScaler, Optimizer
 
 PP2 = ["parallel.pp=2", "parallel.dp=1"]
 ENDS_WITHIN_S = 30
@@ -81,7 +82,7 @@ def test_exception_on_one_stage_aborts_every_rank(tmp_path):
 
 def test_abort_waits_until_the_launcher_has_read_its_message():
     """`MPI_Abort` kills the launcher's stdio forwarders too: the message must have left the pipe first."""
-    from jaxpipe.watchdog import _wait_until_read
+    from jaxpipe.runtime.watchdog import _wait_until_read
 
     read_fd, write_fd = os.pipe()
     try:
@@ -348,7 +349,7 @@ def test_bad_input_is_refused_before_training_on_every_rank(tmp_path, case):
 def test_token_file_checks_every_window_it_reads(tmp_path):
     """The start-up check samples at most 256 windows of a large file; a corrupt window it missed is
     still refused when a step reads it (an id beyond the vocabulary would be silently clamped)."""
-    from jaxpipe.data import TokenFileSource
+    from jaxpipe.data.source import TokenFileSource
 
     path = _token_dir(tmp_path / "data", 8 * 1000 + 1, 8 * 1000 + 1, bad_at=8 * 1 + 3) / "train.bin"
     source = TokenFileSource(str(path), "uint16", vocab_size=128, seq_len=8)  # window 1 is not sampled

@@ -1,6 +1,6 @@
 import pytest
 
-from jaxpipe.schedule import GPipe, OneFOneB, Phase, Schedule, Task, check_consistent
+from jaxpipe.pipeline.schedule import GPipe, OneFOneB, Phase, Schedule, Task, check_consistent
 
 
 def names(tasks):

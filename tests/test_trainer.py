@@ -2,9 +2,9 @@
 
 import jax
 
-from jaxpipe import optimizer as optimizer_module
 from jaxpipe.config import load_config
-from jaxpipe.trainer import train
+from jaxpipe.train import optimizer as optimizer_module
+from jaxpipe.train.trainer import train
 
 
 def test_every_program_compiles_once(monkeypatch):

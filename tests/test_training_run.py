@@ -20,15 +20,15 @@ from mpi_util import REPO, run_mpi
 from mpi_util import test_env as mpi_env
 from test_prepare import corpus_files
 
-from jaxpipe import checkpoint
 from jaxpipe.cli import main
 from jaxpipe.config import load_config
-from jaxpipe.data import make_val_source, replica_sample_indices
-from jaxpipe.evaluate import eval_batch_count
-from jaxpipe.model import StageModel, next_token_loss
-from jaxpipe.optimizer import Optimizer
-from jaxpipe.partition import Partition
-from jaxpipe.prepare import prepare_data
+from jaxpipe.data.prepare import prepare_data
+from jaxpipe.data.source import make_val_source, replica_sample_indices
+from jaxpipe.model.gpt import StageModel, next_token_loss
+from jaxpipe.pipeline.partition import Partition
+from jaxpipe.train import checkpoint
+from jaxpipe.train.evaluate import eval_batch_count
+from jaxpipe.train.optimizer import Optimizer
 
 pytestmark = pytest.mark.mpi
 
@@ -156,7 +156,7 @@ def test_hf_export_matches(straight, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Pipeline stages exchange activations."  # shorter than seq_len (32) in tokens
     ids = tok(text, return_tensors="pt").input_ids
-    from jaxpipe.prepare import load_tokenizer
+    from jaxpipe.data.prepare import load_tokenizer
 
     assert ids[0].tolist() == load_tokenizer(straight["ckpt"] / "step_00000004" / "tokenizer.json").encode(text).ids
     with torch.no_grad():
@@ -179,12 +179,12 @@ def test_generate(straight, capsys):
 
 KILL_CHILD = """
 import sys
-from jaxpipe import checkpoint
+from jaxpipe.train import checkpoint
 from jaxpipe.config import ModelConfig
-from jaxpipe.model import init_stage_params
-from jaxpipe.optimizer import Optimizer
+from jaxpipe.model.layout import init_stage_params
+from jaxpipe.train.optimizer import Optimizer
 from jaxpipe.config import TrainConfig
-from jaxpipe.partition import StageSpec
+from jaxpipe.pipeline.partition import StageSpec
 
 class Single:  # a one-process stand-in for the MPI communicator
     def Get_rank(self): return 0

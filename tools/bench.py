@@ -113,9 +113,9 @@ def stage_times(program, params, cfg, reps: int = 3) -> tuple[float, float]:
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from jaxpipe.model import model_flops_per_token
-    from jaxpipe.timeline import TIMELINE
-    from jaxpipe.trainer import train
+    from jaxpipe.model.gpt import model_flops_per_token
+    from jaxpipe.runtime.timeline import TIMELINE
+    from jaxpipe.train.trainer import train
 
     cfg = _config(args)
     comm = MPI.COMM_WORLD
@@ -165,11 +165,12 @@ def cmd_single(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxpipe.model import init_stage_params, model_flops_per_token
-    from jaxpipe.optimizer import Optimizer
-    from jaxpipe.partition import Partition
-    from jaxpipe.placement import local_mesh, peak_memory_bytes
-    from jaxpipe.stage import StageProgram
+    from jaxpipe.model.gpt import model_flops_per_token
+    from jaxpipe.model.layout import init_stage_params
+    from jaxpipe.pipeline.partition import Partition
+    from jaxpipe.pipeline.stage import StageProgram
+    from jaxpipe.runtime.devices import local_mesh, peak_memory_bytes
+    from jaxpipe.train.optimizer import Optimizer
 
     cfg = _config(args)
     L = cfg.model.n_layer
@@ -211,13 +212,12 @@ def cmd_transport(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     from mpi4py import MPI
 
-    from jaxpipe.schedule import Phase
-    from jaxpipe.stage import ArraySpec
-    from jaxpipe.transport import MsgKey, make_transport
+    from jaxpipe.comm.message import ArraySpec, Kind, MsgKey
+    from jaxpipe.comm.transport import make_transport
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    from jaxpipe.placement import assign_devices
+    from jaxpipe.runtime.devices import assign_devices
 
     assign_devices(comm, 1)
     t = make_transport(args.transport, comm, rank, lambda s: s)
@@ -230,13 +230,13 @@ def cmd_transport(args: argparse.Namespace) -> None:
             comm.Barrier()
             t0 = time.perf_counter()
             if rank == 0:
-                t.send(MsgKey(i, 0, Phase.FWD), 1, x)
-                y = t.recv(MsgKey(i, 0, Phase.BWD), 1, spec)
+                t.send(MsgKey(i, 0, Kind.ACT), 1, x)
+                y = t.recv(MsgKey(i, 0, Kind.GRAD), 1, spec)
                 y.block_until_ready()
                 t.flush()
             else:
-                y = t.recv(MsgKey(i, 0, Phase.FWD), 0, spec)
-                t.send(MsgKey(i, 0, Phase.BWD), 0, y)
+                y = t.recv(MsgKey(i, 0, Kind.ACT), 0, spec)
+                t.send(MsgKey(i, 0, Kind.GRAD), 0, y)
                 t.flush()
             times.append((time.perf_counter() - t0) / 2)
         if rank == 0:
@@ -255,9 +255,9 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
     which the cost model does not predict), next to the link time the cost model charges."""
     from mpi4py import MPI
 
-    from jaxpipe.costmodel import Link, dp_sync_s
-    from jaxpipe.data_parallel import DP_MODES
-    from jaxpipe.netem import LinkSpec, NetworkEmulator
+    from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
+    from jaxpipe.dp.sync import DP_MODES
+    from jaxpipe.pipeline.costmodel import Link, dp_sync_s
 
     comm = MPI.COMM_WORLD
     rate = args.rate_gbit * 1e9 if args.rate_gbit > 0 else float("inf")
@@ -300,7 +300,8 @@ def main() -> None:
         p.add_argument("--json")
         p.add_argument("--label", default=name)
         p.add_argument("--verbose", action="store_true")
-        p.add_argument("--timeline", help="pipeline: append every rank's last-iteration events (jaxpipe.timeline) here")
+        p.add_argument("--timeline",
+                       help="pipeline: append every rank's last-iteration events (jaxpipe.runtime.timeline) here")
         if name == "transport":
             p.add_argument("--transport", default="mpi")
             p.add_argument("--mib", type=int, nargs="+", default=[8, 16])

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jaxpipe.costmodel import (  # noqa: E402
+from jaxpipe.pipeline.costmodel import (  # noqa: E402
     ORIGINAL_DP4_FP16,
     ORIGINAL_DP4_FP32,
     ORIGINAL_PP_FP16,
@@ -86,8 +86,8 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.config import load_config
-    from jaxpipe.timeline import TIMELINE
-    from jaxpipe.trainer import train
+    from jaxpipe.runtime.timeline import TIMELINE
+    from jaxpipe.train.trainer import train
     from tools.bench import stage_times
     from tools.timeline import message_latencies, step_mark
 
@@ -149,7 +149,7 @@ def worker(args: argparse.Namespace) -> None:
 # ---- driver ------------------------------------------------------------------------------------------
 
 def _mpirun(n: int, args: list[str], timeout: float) -> None:
-    from jaxpipe.launch import mpiexec_command
+    from jaxpipe.runtime.launch import mpiexec_command
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PYTHONUNBUFFERED": "1"}

@@ -6,7 +6,7 @@ even split of layers is not an even split of work: `balanced` counts those too (
 head costs about 2.6 layers: 1.75 of FLOPs plus its float32 logits traffic), and divides by each
 host's relative speed when hosts differ.
 
-    >>> from jaxpipe.partition import Partition, balanced
+    >>> from jaxpipe.pipeline.partition import Partition, balanced
     >>> Partition.from_counts([3, 2, 3]).ranges
     ((0, 3), (3, 5), (5, 8))
 """

@@ -10,30 +10,16 @@ so a step allocates no new gradient memory per micro-batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxpipe.comm.message import ArraySpec
 from jaxpipe.config import ModelConfig
-from jaxpipe.model import Params, StageModel, compute_dtype, next_token_loss
-from jaxpipe.partition import StageSpec
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    shape: tuple[int, ...]
-    dtype: str
-
-    def __str__(self) -> str:
-        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(jnp.dtype(self.dtype)).itemsize
+from jaxpipe.model.gpt import Params, StageModel, compute_dtype, next_token_loss
+from jaxpipe.pipeline.partition import StageSpec
 
 
 def _tree_add(a: Params, b: Params) -> Params:

@@ -5,8 +5,8 @@ position embeddings, the last owns the final LayerNorm and the LM head, which is
 embedding (the last stage keeps its own copy of `wte`; the trainer sums the two copies' gradients
 so both stay identical). The whole model is simply the stage that is both first and last.
 
-Parameters are initialised per layer from `fold_in(seed, layer)`, never per stage, so every
-partition of the model starts from exactly the same numbers as the single-process model.
+How parameters are initialised and laid out per layer (so any partition starts identical and
+checkpoints load into any other) is `jaxpipe.model.layout`.
 Naming follows nanodo: `x_BxLxD` is batch × length × model width.
 """
 
@@ -23,9 +23,6 @@ import optax
 from jaxpipe.config import ModelConfig
 
 Params = dict[str, Any]
-
-_EMBED_KEY, _POS_KEY, _LAYER_KEY0 = 0, 1, 2
-
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     if cfg.dtype == "auto":
@@ -130,105 +127,6 @@ class StageModel(nn.Module):
 def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy over all positions (targets are inputs shifted by one)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
-
-
-# ---- Per-layer parameters: the layout that is independent of the partition. --------------------------
-
-
-def _root_key(seed: int) -> jax.Array:
-    return jax.random.PRNGKey(seed)
-
-
-def init_layer(cfg: ModelConfig, seed: int, layer: int) -> Params:
-    """Parameters of transformer layer `layer` (global index): the same for every partition."""
-    x = jnp.zeros((1, 1, cfg.d_model), compute_dtype(cfg))
-    key = jax.random.fold_in(_root_key(seed), _LAYER_KEY0 + layer)
-    return Block(cfg).init(key, x)["params"]
-
-
-def init_embedding(cfg: ModelConfig, seed: int) -> Params:
-    init = nn.initializers.normal(cfg.init_std)
-    root = _root_key(seed)
-    return {
-        "wte": init(jax.random.fold_in(root, _EMBED_KEY), (cfg.vocab_size, cfg.d_model)),
-        "wpe": init(jax.random.fold_in(root, _POS_KEY), (cfg.seq_len, cfg.d_model)),
-    }
-
-
-def init_final_ln(cfg: ModelConfig) -> Params:
-    return {"scale": jnp.ones((cfg.d_model,), jnp.float32), "bias": jnp.zeros((cfg.d_model,), jnp.float32)}
-
-
-def assemble_stage_params(
-    cfg: ModelConfig,
-    layers: list[Params],
-    *,
-    embedding: Params | None,
-    final_ln: Params | None,
-    wte: jax.Array | None,
-) -> Params:
-    """Builds a StageModel parameter tree from per-layer pieces (stacked when blocks are scanned)."""
-    params: Params = {}
-    if embedding is not None:
-        params.update(embedding)
-    elif wte is not None:
-        params["wte"] = wte
-    if layers:
-        if cfg.scan_blocks:
-            params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-        else:
-            params.update({f"block_{j}": p for j, p in enumerate(layers)})
-    if final_ln is not None:
-        params["ln_f"] = final_ln
-    return params
-
-
-def split_stage_params(cfg: ModelConfig, params: Params, n_layers: int) -> list[Params]:
-    """The inverse of `assemble_stage_params` for the blocks: one tree per layer, in order."""
-    if n_layers == 0:
-        return []
-    if cfg.scan_blocks:
-        return [jax.tree.map(lambda x, j=j: x[j], params["blocks"]) for j in range(n_layers)]
-    return [params[f"block_{j}"] for j in range(n_layers)]
-
-
-def init_stage_params(cfg: ModelConfig, seed: int, layers: range, first: bool, last: bool) -> Params:
-    emb = init_embedding(cfg, seed) if (first or last) else None
-    return assemble_stage_params(
-        cfg,
-        [init_layer(cfg, seed, i) for i in layers],
-        embedding=emb if first else None,
-        final_ln=init_final_ln(cfg) if last else None,
-        wte=emb["wte"] if (last and emb is not None) else None,
-    )
-
-
-def param_count(cfg: ModelConfig) -> int:
-    d, v, s = cfg.d_model, cfg.vocab_size, cfg.seq_len
-    per_layer = 12 * d * d + 13 * d  # qkv + proj + fc + out weights and biases, two LayerNorms
-    return cfg.n_layer * per_layer + v * d + s * d + 2 * d
-
-
-def flatten_per_layer(
-    cfg: ModelConfig, layers: range, first: bool, last: bool, params: Params
-) -> dict[str, Any]:
-    """A stage's parameters keyed by global layer, independent of partition and scan/unroll:
-    `embed/wte`, `embed/wpe`, `layer_{i}/<path>`, `head/ln_f/<path>`, `head/wte` (the tied copy)."""
-    out: dict[str, Any] = {}
-
-    def put(prefix: str, tree: Params) -> None:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            out[prefix + "/".join(str(getattr(k, "key", k)) for k in path)] = leaf
-
-    if first:
-        put("embed/", {"wte": params["wte"], "wpe": params["wpe"]})
-    for i, layer in zip(layers, split_stage_params(cfg, params, len(layers)), strict=True):
-        put(f"layer_{i}/", layer)
-    if last:
-        put("head/", {"ln_f": params["ln_f"]})
-        if not first:
-            out["head/wte"] = params["wte"]
-    return out
 
 
 def model_flops_per_token(cfg: ModelConfig) -> float:

@@ -27,8 +27,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
-from jaxpipe.model import Params
-from jaxpipe.netem import NetworkEmulator
+from jaxpipe.comm.netem import NetworkEmulator
+from jaxpipe.model.gpt import Params
 
 
 class GradSync(ABC):
@@ -54,7 +54,7 @@ class GradSync(ABC):
         """The element-wise mean of `flat` over the DP group, on every member."""
 
     def average_emulated(self, flat: np.ndarray) -> np.ndarray:
-        """The same mean, moved as point-to-point chunks over the emulated links (see jaxpipe.netem),
+        """The same mean, moved as point-to-point chunks over the emulated links (see jaxpipe.comm.netem),
         with the algorithm the real system would use; subclasses pick it."""
         return _ring_allreduce_mean(flat, _EmulatedP2P(self.comm, self.net, self._world_rank_of))
 

@@ -9,7 +9,7 @@ Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
     tokenizer.json  copied from the prepared data directory, when there is one
     COMMIT        written last
 
-The layout is per layer, never per stage (keys as in `jaxpipe.model.flatten_per_layer`), so a
+The layout is per layer, never per stage (keys as in `jaxpipe.model.gpt.flatten_per_layer`), so a
 checkpoint written with one partition (PP, DP, layer split, scanned or unrolled blocks) loads into
 a run with any other, and into the single-process model for sampling and export. The tied head's
 `wte` is the embedding's (the trainer keeps both copies bit-identical), so only stage 0 writes it.
@@ -39,10 +39,11 @@ import numpy as np
 
 from jaxpipe.config import ModelConfig
 from jaxpipe.errors import ConfigError
-from jaxpipe.model import Params, StageModel, assemble_stage_params, flatten_per_layer
-from jaxpipe.partition import StageSpec
+from jaxpipe.model.gpt import Params, StageModel
+from jaxpipe.model.layout import assemble_stage_params, flatten_per_layer
+from jaxpipe.pipeline.partition import StageSpec
 
-FORMAT = "jaxpipe.checkpoint.v1"
+FORMAT = "jaxpipe.train.checkpoint.v1"
 STATE_FILE = "state.json"
 COMMIT_FILE = "COMMIT"
 TOKENIZER_FILE = "tokenizer.json"

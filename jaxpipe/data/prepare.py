@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxpipe.data import META_FILE
+from jaxpipe.data.source import META_FILE
 from jaxpipe.errors import ConfigError
 
 EOT = "<|endoftext|>"

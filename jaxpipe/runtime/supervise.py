@@ -5,7 +5,7 @@
 Runs the command; when it fails, runs it again with `--resume auto` (replacing any `--resume`
 value), so the trainer continues from the newest committed checkpoint in `train.checkpoint_dir`,
 at most K times. A resumed run computes what the uninterrupted run would have (see
-jaxpipe.run_hooks), so a job that survives its restarts ends with the same parameters.
+jaxpipe.train.hooks), so a job that survives its restarts ends with the same parameters.
 
 What is retried is decided by the exit status: 0 is success; 2 (bad input: config, data files, a
 checkpoint of another model) and 3 (non-finite loss with `train.on_nonfinite=stop`) would fail the

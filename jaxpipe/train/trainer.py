@@ -23,24 +23,27 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
-from jaxpipe import __version__, faults
+from jaxpipe import __version__
+from jaxpipe.comm.netem import NetworkEmulator
+from jaxpipe.comm.tied import make_tied_exchange
+from jaxpipe.comm.topology import Topology
+from jaxpipe.comm.transport import make_transport
 from jaxpipe.config import Config
-from jaxpipe.data import TokenSource, make_source, replica_sample_indices
-from jaxpipe.data_parallel import make_grad_sync
+from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
+from jaxpipe.dp.sync import make_grad_sync
 from jaxpipe.errors import NonFiniteError, agree
-from jaxpipe.executor import StepBatch, run_step
-from jaxpipe.model import Params, compute_dtype, init_stage_params, param_count
-from jaxpipe.netem import NetworkEmulator
-from jaxpipe.optimizer import LossScaler, Optimizer
-from jaxpipe.partition import Partition, StageSpec, resolve_partition
-from jaxpipe.placement import assign_devices, local_mesh, peak_memory_bytes
-from jaxpipe.run_hooks import RunHooks, check_resume
-from jaxpipe.schedule import check_consistent, make_schedule
-from jaxpipe.stage import StageProgram
-from jaxpipe.timeline import TIMELINE
-from jaxpipe.topology import Topology
-from jaxpipe.transport import make_pair_sum, make_transport
-from jaxpipe.watchdog import ACTIVITY, start_watchdog
+from jaxpipe.model.gpt import Params, compute_dtype
+from jaxpipe.model.layout import init_stage_params, param_count
+from jaxpipe.pipeline.executor import StepBatch, run_step
+from jaxpipe.pipeline.partition import Partition, StageSpec, resolve_partition
+from jaxpipe.pipeline.schedule import check_consistent, make_schedule
+from jaxpipe.pipeline.stage import StageProgram
+from jaxpipe.runtime import faults
+from jaxpipe.runtime.devices import assign_devices, local_mesh, peak_memory_bytes
+from jaxpipe.runtime.timeline import TIMELINE
+from jaxpipe.runtime.watchdog import ACTIVITY, start_watchdog
+from jaxpipe.train.hooks import RunHooks, check_resume
+from jaxpipe.train.optimizer import LossScaler, Optimizer
 
 
 @dataclass
@@ -79,69 +82,6 @@ def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProg
     if topo.tied is not None:  # The last stage's head starts from the first stage's embedding.
         params["wte"] = _bcast_tree(params["wte"], topo.tied, root=0)
     return program.place_params(params)
-
-
-def sync_tied_embedding(grads: Params, topo: Topology, net: NetworkEmulator | None = None,
-                        wire_dtype: str = "float32", device_sum: Any = None) -> Params:
-    """The first stage's embedding and the last stage's head share `wte`: both get the sum.
-
-    With a bfloat16 wire both ends round *both* gradients to bfloat16 and add them in float32 in
-    one order (first stage's first), so the two copies of `wte` still get identical updates.
-    `device_sum` (NCCL, when the pipeline's transport is) sums on the GPUs instead of the host; with
-    link emulation on, each end first waits until its bytes would have crossed its emulated link (both
-    directions at once, as the host path's exchange)."""
-    if topo.tied is None:
-        return grads
-    peer = topo.world_rank_of(topo.pp - 1 if topo.stage == 0 else 0)
-    if device_sum is not None:
-        g = grads["wte"]
-        if wire_dtype == "bfloat16":
-            g = _round_to_bf16(g)
-        if net is not None:  # The bytes still cross the emulated link: wait until they would have arrived.
-            nbytes = g.size * (2 if wire_dtype == "bfloat16" else 4)
-            time.sleep(max(0.0, net.reserve(peer, nbytes) - net.clock()))
-        return {**grads, "wte": device_sum(g)}
-    g = grads["wte"]
-    me = topo.tied.Get_rank()
-    # Rounded and encoded on the device, so only the wire's bytes cross to the host and back.
-    mine = _bf16_bits(g) if wire_dtype == "bfloat16" else g
-    send_buf = np.asarray(mine)
-    mpi_type = MPI.UINT16_T if wire_dtype == "bfloat16" else MPI.FLOAT
-    theirs_buf = np.empty_like(send_buf)
-    if net is None:
-        topo.tied.Sendrecv([send_buf, mpi_type], dest=1 - me, sendtag=77,
-                           recvbuf=[theirs_buf, mpi_type], source=1 - me, recvtag=77)
-    else:  # An exchange over the emulated (full-duplex) link.
-        recv = topo.tied.Irecv([theirs_buf, mpi_type], source=1 - me, tag=77)
-        sends: list[Any] = []
-        net.send(peer, send_buf.nbytes,
-                 lambda: sends.append(topo.tied.Isend([send_buf, mpi_type], dest=1 - me, tag=77)))
-        recv.Wait()
-        net.drain()
-        MPI.Request.Waitall(sends)
-    theirs = jax.device_put(theirs_buf, g.sharding)
-    first, second = (mine, theirs) if me == 0 else (theirs, mine)
-    return {**grads, "wte": _ordered_sum(first, second)}
-
-
-def _decode(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16).astype(jnp.float32) if x.dtype == jnp.uint16 else x
-
-
-@jax.jit
-def _bf16_bits(g: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(g.astype(jnp.bfloat16), jnp.uint16)
-
-
-@jax.jit
-def _ordered_sum(first: jax.Array, second: jax.Array) -> jax.Array:
-    """The first stage's gradient plus the last stage's, in that order on both ends."""
-    return _decode(first) + _decode(second)
-
-
-@jax.jit
-def _round_to_bf16(g: jax.Array) -> jax.Array:
-    return _decode(_bf16_bits(g))
 
 
 def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int,
@@ -213,7 +153,9 @@ def train(
                                                    program.place_input, single_device=mesh is None, net=net))
     ACTIVITY.attach(transport)
     # Every rank takes part in `agree` (it is collective); only the tied pair builds the sum.
-    tied_sum = agree(comm, lambda: make_pair_sum(p.transport, topo.tied) if topo.tied is not None else None)
+    tied_peer = topo.world_rank_of(topo.pp - 1 if topo.stage == 0 else 0)
+    tied = agree(comm, lambda: make_tied_exchange(p.transport, topo.tied, topo.stage == 0, tied_peer, net,
+                                                   p.tied_grad_dtype) if topo.tied is not None else None)
     start_watchdog()
     scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
     skip_tied = spec.last and not spec.first
@@ -223,7 +165,7 @@ def train(
     metrics_file = open(metrics_out, "w") if (metrics_out and is_reporter) else None  # noqa: SIM115
     if is_reporter:
         log(describe(cfg, topo, partition, transport.name, net))
-    # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.run_hooks.
+    # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
     hooks = RunHooks(cfg, topo, spec, program, transport, partition, log)
     params, opt_state, start_step = hooks.restore(params, opt_state, resume, resume_from)
     if probe is not None:
@@ -254,7 +196,8 @@ def train(
                 if TIMELINE.enabled:  # Tracing only: the phases after the pipeline start from its end.
                     jax.block_until_ready(grads)
                     TIMELINE.mark("step", "pipeline done")
-                grads = sync_tied_embedding(grads, topo, net, p.tied_grad_dtype, tied_sum)
+                if tied is not None:
+                    grads = {**grads, "wte": tied(grads["wte"])}
                 TIMELINE.mark("step", "tied embedding summed")
             with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
                 grads = program.place_params(grad_sync(grads))
@@ -319,8 +262,8 @@ def train(
     finally:
         if healthy:
             transport.close()
-            if tied_sum is not None:
-                tied_sum.close()
+            if tied is not None:
+                tied.close()
         if net is not None:
             net.close()
         if metrics_file is not None:

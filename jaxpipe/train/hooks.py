@@ -6,7 +6,7 @@ are collective over the world communicator, like a step.
 
 Exact resume needs nothing but the step: parameters and optimizer state (moments and update
 counter, hence the learning-rate schedule) come from the checkpoint, the data stream is addressed
-by step (`jaxpipe.data`), and initialisation is the only use of the seed. A resumed run therefore
+by step (`jaxpipe.data.source`), and initialisation is the only use of the seed. A resumed run therefore
 computes bit-for-bit what the uninterrupted run computes, given the same partition and hardware.
 """
 
@@ -17,17 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from jaxpipe import checkpoint
+from jaxpipe.comm.topology import Topology
+from jaxpipe.comm.transport import Transport
 from jaxpipe.config import Config
-from jaxpipe.data import make_val_source, resolve_token_files
+from jaxpipe.data.source import make_val_source, resolve_token_files
 from jaxpipe.errors import ConfigError, agree
-from jaxpipe.evaluate import Evaluator, eval_batch_count, perplexity
-from jaxpipe.model import Params
-from jaxpipe.partition import Partition, StageSpec
-from jaxpipe.stage import StageProgram
-from jaxpipe.topology import Topology
-from jaxpipe.transport import Transport
-from jaxpipe.watchdog import ACTIVITY
+from jaxpipe.model.gpt import Params
+from jaxpipe.pipeline.partition import Partition, StageSpec
+from jaxpipe.pipeline.stage import StageProgram
+from jaxpipe.runtime.watchdog import ACTIVITY
+from jaxpipe.train import checkpoint
+from jaxpipe.train.evaluate import Evaluator, eval_batch_count, perplexity
 
 
 def find_resume(resume: str, cfg: Config) -> Path | None:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxpipe import checkpoint
 from jaxpipe.config import ModelConfig
 from jaxpipe.errors import ConfigError
+from jaxpipe.train import checkpoint
 
 
 def gpt2_config(model: ModelConfig, eos_id: int | None) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
     tok_path = Path(tokenizer) if tokenizer else ckpt / checkpoint.TOKENIZER_FILE
     eos_id = None
     if tok_path.is_file():
-        from jaxpipe.prepare import EOT, load_tokenizer
+        from jaxpipe.data.prepare import EOT, load_tokenizer
 
         tok = load_tokenizer(tok_path)
         eos_id = tok.token_to_id(EOT)

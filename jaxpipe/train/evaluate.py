@@ -19,14 +19,14 @@ import jax
 import numpy as np
 from mpi4py import MPI
 
+from jaxpipe.comm.message import Kind, MsgKey
+from jaxpipe.comm.topology import Topology
+from jaxpipe.comm.transport import Transport
 from jaxpipe.config import Config
-from jaxpipe.data import TokenSource, replica_sample_indices
-from jaxpipe.model import Params
-from jaxpipe.schedule import Phase
-from jaxpipe.stage import StageProgram
-from jaxpipe.topology import Topology
-from jaxpipe.transport import MsgKey, Transport
-from jaxpipe.watchdog import ACTIVITY
+from jaxpipe.data.source import TokenSource, replica_sample_indices
+from jaxpipe.model.gpt import Params
+from jaxpipe.pipeline.stage import StageProgram
+from jaxpipe.runtime.watchdog import ACTIVITY
 
 
 def eval_msg_step(step: int) -> int:
@@ -71,7 +71,7 @@ class Evaluator:
                 idx = replica_sample_indices(cfg, b, self.topo.replica).reshape(-1)
                 samples = self.source.samples(idx).reshape(n_micro, cfg.train.micro_batch_size, -1)
             for m in range(n_micro):
-                key = MsgKey(msg_step, b * n_micro + m, Phase.FWD)
+                key = MsgKey(msg_step, b * n_micro + m, Kind.ACT)
                 if spec.first:
                     x = self._place(np.ascontiguousarray(samples[m, :, :-1]))
                 else:

@@ -21,10 +21,11 @@ import math
 from dataclasses import dataclass, field
 
 from jaxpipe.config import Config
-from jaxpipe.partition import Partition, StageCosts, resolve_partition, stage_cost
-from jaxpipe.schedule import Phase, Schedule, make_schedule
+from jaxpipe.model.layout import stage_param_counts
+from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
+from jaxpipe.pipeline.schedule import Phase, Schedule, make_schedule
 
-CHUNK_BYTES = 4 * 2**20  # jaxpipe.data_parallel's chunk size for emulated chain/ring transfers
+CHUNK_BYTES = 4 * 2**20  # jaxpipe.dp.sync's chunk size for emulated chain/ring transfers
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def simulate_pipeline(schedule: Schedule, times: list[StageTime], msg_bytes: flo
 
 def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None) -> float:
     """Time to average `grad_bytes` over `dp` replicas with jaxpipe's algorithm on these links
-    (`n_chunks`: how many pieces the chain moves, by default as jaxpipe.data_parallel cuts them)."""
+    (`n_chunks`: how many pieces the chain moves, by default as jaxpipe.dp.sync cuts them)."""
     if dp <= 1:
         return 0.0
     if mode == "central_ps":  # Pipelined chain reduce to the server, then chain broadcast back.
@@ -241,20 +242,6 @@ def original_model(fp16: bool, dp: int) -> list[Prediction]:
 
 # ---- From a jaxpipe config -------------------------------------------------------------------------
 
-def stage_param_counts(cfg: Config, partition: Partition) -> list[int]:
-    d, v, s = cfg.model.d_model, cfg.model.vocab_size, cfg.model.seq_len
-    per_layer = 12 * d * d + 13 * d
-    counts = []
-    for i, (a, b) in enumerate(partition.ranges):
-        n = (b - a) * per_layer
-        if i == 0:
-            n += v * d + s * d
-        if i == partition.n_stages - 1:
-            n += 2 * d + (v * d if partition.n_stages > 1 else 0)
-        counts.append(n)
-    return counts
-
-
 def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float = 700e12,
                           bytes_per_s: float = 3.0e12) -> list[StageTime]:
     """Roofline estimate (see StageCosts.estimate), split 1/3 forward, 2/3 backward."""
@@ -278,7 +265,7 @@ def plan(cfg: Config, stage_times: list[StageTime] | None = None, link: Link | N
     msg = cfg.train.micro_batch_size * m.seq_len * m.d_model * elt * cfg.network.size_scale
     if link is None:
         link = Link.of(cfg.network.delay_ms, cfg.network.rate_gbit)
-    counts = stage_param_counts(cfg, partition)
+    counts = stage_param_counts(cfg.model, partition.ranges)
     grads = [4.0 * n * cfg.network.size_scale for n in counts]
     chunks = [max(1, min(64, math.ceil(4.0 * n / CHUNK_BYTES))) for n in counts]  # cut from the real bytes
     tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0

@@ -15,13 +15,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpipe import faults
-from jaxpipe.model import Params
-from jaxpipe.schedule import Phase, Task
-from jaxpipe.stage import StageProgram
-from jaxpipe.timeline import TIMELINE
-from jaxpipe.transport import MsgKey, Transport
-from jaxpipe.watchdog import ACTIVITY
+from jaxpipe.comm.message import Kind, MsgKey
+from jaxpipe.comm.transport import Transport
+from jaxpipe.model.gpt import Params
+from jaxpipe.pipeline.schedule import Phase, Task
+from jaxpipe.pipeline.stage import StageProgram
+from jaxpipe.runtime import faults
+from jaxpipe.runtime.timeline import TIMELINE
+from jaxpipe.runtime.watchdog import ACTIVITY
 
 
 @dataclass
@@ -32,13 +33,13 @@ class StepBatch:
     targets: Any | None  # int32 [M, mb, L] or None
 
 
-def _incoming(task: Task, program: StageProgram) -> tuple[int, Phase] | None:
+def _incoming(task: Task, program: StageProgram) -> tuple[int, Kind] | None:
     """(peer stage, message kind) that `task` must receive before it can run, if any."""
     spec = program.spec
     if task.phase == Phase.FWD and not spec.first:
-        return spec.index - 1, Phase.FWD
+        return spec.index - 1, Kind.ACT
     if task.phase == Phase.BWD and not spec.last:
-        return spec.index + 1, Phase.BWD
+        return spec.index + 1, Kind.GRAD
     return None
 
 
@@ -91,16 +92,16 @@ def run_step(
                 losses.append(loss)
                 TIMELINE.mark("dispatched", task)
                 if not spec.first:
-                    transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
+                    transport.send(MsgKey(step, mb, Kind.GRAD), spec.index - 1, g_x)
             else:
                 y, saved[mb] = program.forward(params, x)
                 TIMELINE.mark("dispatched", task)
-                transport.send(MsgKey(step, mb, Phase.FWD), spec.index + 1, y)
+                transport.send(MsgKey(step, mb, Kind.ACT), spec.index + 1, y)
         elif not spec.last:  # The last stage's backward already ran with its forward.
             grads, g_x = program.backward(grads, saved.pop(mb), received)
             TIMELINE.mark("dispatched", task)
             if not spec.first:
-                transport.send(MsgKey(step, mb, Phase.BWD), spec.index - 1, g_x)
+                transport.send(MsgKey(step, mb, Kind.GRAD), spec.index - 1, g_x)
 
     with ACTIVITY.waiting("completing this step's sends"):
         transport.flush()

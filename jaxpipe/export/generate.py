@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe import checkpoint
 from jaxpipe.errors import ConfigError
-from jaxpipe.model import Params, StageModel
+from jaxpipe.model.gpt import Params, StageModel
+from jaxpipe.train import checkpoint
 
 
 class Sampler:
     def __init__(self, ckpt: str | Path, tokenizer: str | Path | None = None):
-        from jaxpipe.prepare import EOT, load_tokenizer
+        from jaxpipe.data.prepare import EOT, load_tokenizer
 
         self.ckpt = checkpoint.resolve(ckpt)
         self.model, self.params = checkpoint.load_model(self.ckpt)

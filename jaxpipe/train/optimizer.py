@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxpipe.config import TrainConfig
-from jaxpipe.model import Params
+from jaxpipe.model.gpt import Params
 
 _NO_DECAY = {"bias", "scale"}  # LayerNorm parameters and biases are not decayed (GPT-3, nanoGPT).
 

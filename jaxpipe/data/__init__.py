@@ -1,0 +1,1 @@
+"""Token streams addressed by global sample index, and turning text into them."""

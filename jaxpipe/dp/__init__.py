@@ -1,0 +1,1 @@
+"""Data parallelism: algorithms that keep the replicas of a stage in agreement."""

@@ -1,0 +1,1 @@
+"""Using a checkpoint outside training: Hugging Face export and sampling."""

@@ -1,0 +1,1 @@
+"""The causal GPT-3 model and its per-layer parameter layout."""

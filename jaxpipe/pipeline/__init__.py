@@ -1,0 +1,1 @@
+"""Pipeline parallelism: partitions, the schedule IR and its lowering, stage programs, the executor, the cost model."""

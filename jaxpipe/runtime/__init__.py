@@ -1,0 +1,1 @@
+"""Process-level machinery: devices, deadlines, failures, fault injection, restarts, tracing."""

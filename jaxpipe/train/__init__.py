@@ -1,0 +1,1 @@
+"""A training run: the trainer, optimizer, evaluation, checkpoints."""
