@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="where the run will happen (decides model.dtype=auto); default gpu")
     plan.add_argument("--sweep", action="store_true",
                       help="also predict the original DT-FM's five network settings for this config")
+    plan.add_argument("--show-schedule", action="store_true",
+                      help="print the configured schedule: each rank's actions placed in time with unit costs "
+                           "('.' marks idle time), then its lowered actions with receives and sends")
     prep = sub.add_parser("prepare-data", help="tokenise text files into DIR/{train,val}.bin + tokenizer.json")
     prep.add_argument("text_files", nargs="+", metavar="TEXT_FILE")
     prep.add_argument("--out", required=True, metavar="DIR")
@@ -113,7 +116,15 @@ def _cmd_partition(args: argparse.Namespace) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> None:
     from jaxpipe.config import load_config
-    from jaxpipe.pipeline.costmodel import ORIGINAL_SETTINGS, Link, StageTime, format_prediction, plan
+    from jaxpipe.pipeline.costmodel import (
+        ORIGINAL_SETTINGS,
+        Link,
+        StageTime,
+        config_schedule,
+        format_prediction,
+        plan,
+    )
+    from jaxpipe.pipeline.schedule import format_grid, format_timeline
 
     cfg = load_config(args.config, args.overrides)
     times = None
@@ -122,8 +133,16 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             times = [StageTime(*(float(v) / 1e3 for v in st.split(","))) for st in args.stage_ms.split(";")]
         except TypeError:
             raise ConfigError("--stage-ms: give 'F,B' milliseconds per stage, separated by ';'") from None
-        if len(times) != cfg.parallel.pp:
-            raise ConfigError(f"--stage-ms gives {len(times)} stages but parallel.pp is {cfg.parallel.pp}")
+        if len(times) != cfg.n_chunks:
+            what = "parallel.pp" if cfg.parallel.virtual_stages == 1 else "parallel.pp × parallel.virtual_stages"
+            raise ConfigError(f"--stage-ms gives {len(times)} stages but {what} is {cfg.n_chunks}")
+    if args.show_schedule:
+        schedule = config_schedule(cfg)
+        lowered = schedule.lowered()
+        print(f"{schedule.describe()}, in unit time (F, I, W 1; B, LI 2; L 3):")
+        print(format_timeline(lowered))
+        print("lowered:")
+        print(format_grid(lowered))
     print(format_prediction(plan(cfg, times, platform=args.platform)))
     if args.sweep:
         for label, delay, rate in ORIGINAL_SETTINGS:

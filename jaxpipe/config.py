@@ -60,12 +60,16 @@ class ModelConfig:
 class ParallelConfig:
     pp: int = 4
     dp: int = 1
-    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    # gpipe, 1f1b, interleaved_1f1b (needs virtual_stages >= 2), zb_h1 (zero-bubble H1); see jaxpipe.pipeline.schedule.
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
+    # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
+    virtual_stages: int = 1
     dp_mode: Literal["central_ps", "sharded_ps", "allreduce"] = "central_ps"
-    # "balanced" (by estimated cost), "even", per-stage layer counts [2, 3, 3], or ranges [[0, 2], [2, 5], ...].
+    # "balanced" (by estimated cost), "even", per-chunk layer counts [2, 3, 3], or ranges [[0, 2], [2, 5], ...]
+    # (one entry per chunk: pp × virtual_stages of them).
     partition: str | list[int] | list[list[int]] = "balanced"
-    # Per-stage override of model.remat, e.g. [none, none, none, dots]: rematerialise only where
-    # memory (or compile time: the last stage's fused program) needs it.
+    # Per-rank override of model.remat, e.g. [none, none, none, dots]: rematerialise only where
+    # memory (or compile time: the last stage's fused program) needs it (all of a rank's chunks).
     stage_remat: list[str] | None = None
     # Relative speed of each stage's host, for `balanced` on unequal hosts (1.0 = nominal).
     stage_weights: list[float] | None = None
@@ -178,6 +182,10 @@ class Config:
         if self.parallel.stage_remat is None:
             return self.model
         return dataclasses.replace(self.model, remat=self.parallel.stage_remat[stage])
+
+    @property
+    def n_chunks(self) -> int:
+        return self.parallel.pp * self.parallel.virtual_stages
 
     @property
     def num_microbatches(self) -> int:
@@ -323,7 +331,8 @@ def validate(cfg: Config) -> None:
     for key, value in [
         ("model.n_layer", m.n_layer), ("model.d_model", m.d_model), ("model.n_head", m.n_head),
         ("model.seq_len", m.seq_len), ("model.vocab_size", m.vocab_size), ("parallel.pp", p.pp),
-        ("parallel.dp", p.dp), ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
+        ("parallel.dp", p.dp), ("parallel.virtual_stages", p.virtual_stages),
+        ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
         ("train.micro_batch_size", t.micro_batch_size), ("parallel.recv_lookahead", p.recv_lookahead),
         ("train.eval_batches", t.eval_batches), ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.log_every", t.log_every), ("runtime.devices_per_process", cfg.runtime.devices_per_process),
@@ -333,8 +342,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-    if p.pp > m.n_layer:
-        raise ConfigError(f"parallel.pp ({p.pp}) is larger than model.n_layer ({m.n_layer}): a stage would be empty")
+    if p.pp * p.virtual_stages > m.n_layer:
+        what = (f"parallel.pp × parallel.virtual_stages ({p.pp} × {p.virtual_stages})" if p.virtual_stages > 1
+                else f"parallel.pp ({p.pp})")
+        raise ConfigError(f"{what} is larger than model.n_layer ({m.n_layer}): a stage would be empty")
     if t.global_batch_size % p.dp:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be divisible by parallel.dp ({p.dp})"
@@ -359,6 +370,8 @@ def validate(cfg: Config) -> None:
     if p.extra_warmup and p.schedule != "1f1b":
         raise ConfigError(f"parallel.extra_warmup ({p.extra_warmup}) applies to parallel.schedule=1f1b only "
                           f"(got {p.schedule}): set it to 0 or use 1f1b")
+    # (Each schedule's own rules, e.g. interleaved_1f1b's, are checked where it is built:
+    # jaxpipe.pipeline.schedule.make_schedule, before anything compiles.)
     if p.stage_remat is not None:
         if len(p.stage_remat) != p.pp:
             raise ConfigError(f"parallel.stage_remat has {len(p.stage_remat)} entries, need parallel.pp = {p.pp}")

@@ -20,13 +20,13 @@ from jaxpipe.comm.transport.nccl import ReadyHandshake
 class SynchronousTransfers(ReadyHandshake):
     name = "ready-handshake over synchronous MPI (CPU test of the NCCL protocol)"
 
-    def __init__(self, comm: Any, stage: int, world_rank_of: Any, net: Any = None):
+    def __init__(self, comm: Any, stage: int, world_rank_of: Any, net: Any = None, codecs: Any = None):
         self.data = comm.Dup()
-        super().__init__(comm, stage, world_rank_of, net)
+        super().__init__(comm, stage, world_rank_of, net, codecs)
 
-    @staticmethod
-    def _tag(link: tuple[int, int]) -> int:
-        return 1 if link[0] < link[1] else 2  # one channel per direction, like one NCCL comm each
+    def _tag(self, link: tuple[int, int]) -> int:
+        n = self.data.Get_size()  # one channel per ordered pair of ranks, like one NCCL comm each
+        return 1 + link[0] * n + link[1]
 
     def _alloc(self, link: tuple[int, int], nbytes: int) -> Any:
         return np.empty(nbytes, np.uint8)
@@ -46,8 +46,9 @@ class SynchronousTransfers(ReadyHandshake):
 
 
 def make_transport(name: str, comm: Any, stage: int, world_rank_of: Any, to_device: Any = None,
-                   single_device: bool = True, net: Any = None) -> SynchronousTransfers:
-    return SynchronousTransfers(comm, stage, world_rank_of, net)
+                   single_device: bool = True, net: Any = None, codecs: Any = None,
+                   links: Any = None) -> SynchronousTransfers:
+    return SynchronousTransfers(comm, stage, world_rank_of, net, codecs)
 
 
 class HostPairSum:

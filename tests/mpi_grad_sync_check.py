@@ -9,6 +9,8 @@ import numpy as np
 from mpi4py import MPI
 
 from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
+from jaxpipe.config import ParallelConfig
+from jaxpipe.dp.base import DPContext
 from jaxpipe.dp.sync import DP_MODES
 
 comm = MPI.COMM_WORLD
@@ -19,7 +21,7 @@ for n in (1, 5, 1001, 3_000_001):
     ranks = [np.random.default_rng([r, n]).standard_normal(n).astype(np.float32) for r in range(comm.size)]
     want = np.mean(ranks, axis=0, dtype=np.float64)
     for mode, cls in DP_MODES.items():
-        sync = cls(comm, net)
+        sync = cls(DPContext(comm, net, lambda i: i, ParallelConfig(), place=lambda t: t))
         for how, average in (("mpi", sync.average), ("emulated", sync.average_emulated)):
             got = average(ranks[comm.rank].copy())
             replicas = comm.allgather(got)

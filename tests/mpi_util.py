@@ -22,6 +22,9 @@ def test_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
     env.setdefault("JAX_PLATFORMS", "cpu")
+    # Cache every compilation, not only those over a second: layouts launched one after another in one
+    # job (tests/mpi_train_dump.py --cases) then share the programs they have in common.
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -23,7 +23,7 @@ def test_gpipe_two_stages_by_hand():
     # (grad0 leaves, arrives 5.5) and 4.75-7.75 (grad1 arrives 8.5); stage 0 runs B0 5.5-7.5 and
     # B1 8.5-10.5.
     link = Link(delay_s=0.25, rate_bps=8.0)  # half a byte at 8 bit/s: 0.5 s
-    sim = simulate_pipeline(GPipe(2, 2), [StageTime(1, 2), StageTime(1, 2)], msg_bytes=0.5, link=link)
+    sim = simulate_pipeline(GPipe(2, 2), [StageTime(1, 2), StageTime(1, 2)], msg_bytes=0.5, links=link)
     assert sim.makespan == pytest.approx(10.5)
     assert sim.stage_end == pytest.approx([10.5, 8.25])
     assert sim.link_busy == pytest.approx([1.0, 1.0])

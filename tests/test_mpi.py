@@ -2,6 +2,8 @@
 
 import json
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +14,8 @@ from jaxpipe.config import load_config
 
 pytestmark = pytest.mark.mpi
 
-# Small enough to run in seconds, deep enough for uneven 4-stage partitions.
-MODEL = ["model.n_layer=6", "model.d_model=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=128"]
+# Small enough to run in seconds, deep enough for uneven 4-stage partitions and 2 chunks per rank.
+MODEL = ["model.n_layer=8", "model.d_model=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=128"]
 # Adam's eps is raised from 1e-8 so that gradients that are zero in exact arithmetic (the attention
 # key bias: softmax ignores a per-row constant) but rounding noise in practice do not become ±lr steps.
 TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3", "train.warmup_steps=1",
@@ -29,50 +31,82 @@ def reference():
     return reference_train(load_config(None, MODEL + TRAIN))
 
 
-LAYOUTS = {
-    "pp2": (2, ["parallel.pp=2", "parallel.dp=1"]),
-    # ...with remat chosen per stage (values must not change).
-    "pp4_uneven": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.partition=[1,2,2,1]",
-                       "parallel.stage_remat=[block,none,none,dots]"]),
-    "pp2xdp2_central_ps": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps"]),
-    "pp2xdp2_sharded_ps_1f1b": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=sharded_ps",
-                                    "parallel.schedule=1f1b"]),
-    "pp3_1f1b_unrolled": (3, ["parallel.pp=3", "parallel.dp=1", "parallel.schedule=1f1b",
-                              "model.scan_blocks=false", "parallel.partition=[[0,3],[3,4],[4,6]]"]),
-    # Link emulation on: gradients move as a ring over the emulated links instead of MPI_Allreduce.
-    "pp1xdp2_allreduce_emulated_net": (2, ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce",
-                                           "network.delay_ms=2", "network.rate_gbit=5"]),
-    # ...and as a chain reduce + broadcast for the central PS, with the tied embedding exchanged too.
-    "pp2xdp2_central_ps_emulated_net": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps",
-                                            "network.delay_ms=2", "network.rate_gbit=5",
-                                            "network.pairs=[[1, 0, 5, 1]]"]),
-    # One process per host with several devices: each stage sharded over 2 (forced) CPU devices.
-    "pp2_two_devices_per_rank": (2, ["parallel.pp=2", "parallel.dp=1", "runtime.devices_per_process=2"]),
-    # The NCCL transport's ready-handshake protocol (with NCCL's blocking transfers played by
-    # synchronous MPI sends) under 1F1B, where both directions of every link are busy at once; with
-    # one extra warm-up forward per stage, as the GPU runs use it; the tied embedding summed the NCCL
-    # transport's way (a device-side allreduce after the emulated link's time, links emulated).
-    "pp4_1f1b_handshake_transport": (4, ["parallel.pp=4", "parallel.dp=1", "parallel.schedule=1f1b",
-                                         "parallel.extra_warmup=1", "network.delay_ms=1", "network.rate_gbit=10"]),
+INTERLEAVED = ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
+EMULATED = ["network.delay_ms=2", "network.rate_gbit=5"]
+# Layouts that must reproduce the single process, grouped by world size: each group is one mpiexec
+# launch (start-up paid once) that trains every layout in turn. Micro-batches per replica M: 4 unless
+# the micro-batch size says otherwise (global batch 8).
+GROUPS = {
+    2: {
+        # One process per host with several devices: each stage sharded over 2 (forced) CPU devices.
+        "pp2_two_devices_per_rank": ["parallel.pp=2", "parallel.dp=1", "runtime.devices_per_process=2"],
+        "pp2_interleaved_v2_m2": ["parallel.pp=2", *INTERLEAVED, "train.micro_batch_size=4"],  # M = PP
+        "pp2_interleaved_v2_m4": ["parallel.pp=2", *INTERLEAVED],  # M = 2·PP
+        # Link emulation on: gradients move as a ring over the emulated links instead of MPI_Allreduce.
+        "pp1xdp2_allreduce_emulated_net": ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce",
+                                           *EMULATED],
+    },
+    3: {"pp3_1f1b_unrolled": ["parallel.pp=3", "parallel.dp=1", "parallel.schedule=1f1b",
+                              "model.scan_blocks=false", "parallel.partition=[[0,3],[3,5],[5,8]]"]},
+    4: {
+        # ...with remat chosen per stage (values must not change).
+        "pp4_uneven": ["parallel.pp=4", "parallel.dp=1", "parallel.partition=[2,2,3,1]",
+                       "parallel.stage_remat=[block,none,none,dots]"],
+        "pp4_interleaved_v2_m4": ["parallel.pp=4", *INTERLEAVED],  # M = PP
+        "pp4_interleaved_v2_m8": ["parallel.pp=4", *INTERLEAVED, "train.micro_batch_size=1"],  # M = 2·PP
+        "pp4_zb_h1": ["parallel.pp=4", "parallel.schedule=zb_h1", "parallel.partition=even"],
+        "pp2xdp2_central_ps": ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps"],
+        "pp2xdp2_sharded_ps_1f1b": ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=sharded_ps",
+                                    "parallel.schedule=1f1b"],
+        # ...as a chain reduce + broadcast for the central PS, with the tied embedding exchanged too.
+        "pp2xdp2_central_ps_emulated_net": ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps",
+                                            *EMULATED, "network.pairs=[[1, 0, 5, 1]]"],
+        "pp2xdp2_interleaved_emulated_net": ["parallel.pp=2", "parallel.dp=2", *INTERLEAVED,
+                                             "train.micro_batch_size=2", *EMULATED],
+        "pp2xdp2_zb_h1_emulated_net": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=zb_h1",
+                                       "parallel.dp_mode=sharded_ps", *EMULATED],
+        # The NCCL transport's ready-handshake protocol (with NCCL's blocking transfers played by
+        # synchronous MPI sends) under 1F1B, where both directions of every link are busy at once; with
+        # one extra warm-up forward per stage, as the GPU runs use it; the tied embedding summed the NCCL
+        # transport's way (a device-side allreduce after the emulated link's time, links emulated).
+        "pp4_1f1b_handshake_transport": ["parallel.pp=4", "parallel.dp=1", "parallel.schedule=1f1b",
+                                         "parallel.extra_warmup=1", "network.delay_ms=1", "network.rate_gbit=10"],
+        # ...and under interleaved 1F1B, where the last rank also sends back to the first, with 2 replicas.
+        "pp2xdp2_interleaved_handshake_transport": ["parallel.pp=2", "parallel.dp=2", *INTERLEAVED,
+                                                    "network.delay_ms=1", "network.rate_gbit=10"],
+    },
 }
-ENV = {"pp2_two_devices_per_rank": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
-SCRIPT_ARGS = {"pp4_1f1b_handshake_transport": ["--handshake-transport"]}
+HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_transport"}
+ENV = {2: {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
+_runs: dict[int, Any] = {}
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_pipeline_equals_single_process(tmp_path, layout):
-    n, parallel = LAYOUTS[layout]
-    run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(tmp_path), *SCRIPT_ARGS.get(layout, []),
-                      *sets(MODEL + TRAIN + parallel)], env=ENV.get(layout))
-    assert run.returncode == 0, run.stderr
+def group_run(n: int, tmp_root: Path):
+    """One launch trains every layout of the group (the first test of a group pays for it)."""
+    if n not in _runs:
+        cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE}
+                 for name, extra in GROUPS[n].items()}
+        out = tmp_root / f"group{n}"
+        out.mkdir()
+        run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)],
+                      timeout=1200, env=ENV.get(n))
+        _runs[n] = (run, out)
+    return _runs[n]
+
+
+@pytest.mark.parametrize(("n", "layout"), [(n, name) for n, group in GROUPS.items() for name in group])
+def test_pipeline_equals_single_process(tmp_path_factory, n, layout):
+    run, out = group_run(n, tmp_path_factory.getbasetemp())
+    assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, ref_norms, ref_params = reference()
-    result = json.loads((tmp_path / "result.json").read_text())
+    case = out / layout
+    result = json.loads((case / "result.json").read_text())
     # Tight: a dropped micro-batch, a mismatched label or summed-not-averaged gradients move these by >1%.
     np.testing.assert_allclose(result["losses"], ref_losses, rtol=2e-6)
     np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=2e-6)
     got: dict[str, np.ndarray] = {}
     tied_copies = []
-    for f in sorted(tmp_path.glob("rank*.npz")):
+    for f in sorted(case.glob("rank*.npz")):
         for k, v in np.load(f).items():
             if k == "head/wte":
                 tied_copies.append(v)
@@ -83,7 +117,7 @@ def test_pipeline_equals_single_process(tmp_path, layout):
     assert got.keys() == ref_params.keys()
     for k, ref in ref_params.items():
         np.testing.assert_allclose(got[k], ref, rtol=0, atol=2e-6, err_msg=k)
-    for wte in tied_copies:  # the last stage's copy of the tied embedding stays bit-identical
+    for wte in tied_copies:  # the last chunk's copy of the tied embedding stays bit-identical
         np.testing.assert_array_equal(wte, got["embed/wte"])
 
 

@@ -24,10 +24,11 @@ def test_every_program_compiles_once(monkeypatch):
 
     monkeypatch.setattr(optimizer_module.Optimizer, "__init__", capture)
 
-    def probe(program, params, topo):
+    def probe(run, state):
+        (program,) = run.programs.values()
         seen["program"] = program
-        seen["committed"] = [x.committed for x in jax.tree.leaves(params)] + [
-            x.committed for x in jax.tree.leaves(program.zero_grads(params))]
+        seen["committed"] = [x.committed for x in jax.tree.leaves(state.params)] + [
+            x.committed for x in jax.tree.leaves(program.zero_grads(state.params[0]))]
 
     res = train(cfg, log=lambda s: None, probe=probe)
     assert len(res.losses) == 3

@@ -94,12 +94,14 @@ def test_resume_is_bit_identical(straight, tmp_path):
 
 
 def test_resume_into_another_partition(straight, tmp_path):
-    """The PP=2 checkpoint continues as PP=2 x DP=2 with another layer split and unrolled blocks, optimizer
-    state included: losses, validation (each replica evaluates half the samples) and the parameters it
-    saves agree to rounding (other partitions compile other programs, so bits may differ)."""
+    """The PP=2 checkpoint (one chunk per rank) continues as PP=2 x DP=2 with two chunks per rank
+    (interleaved 1F1B), another layer split and unrolled blocks, optimizer state included: losses,
+    validation (each replica evaluates half the samples) and the parameters it saves agree to rounding
+    (other partitions compile other programs, so bits may differ)."""
     out = tmp_path / "metrics.jsonl"
     train(4, straight["data"], tmp_path / "ckpt", out,
-          ["parallel.pp=2", "parallel.dp=2", "parallel.partition=[1,5]", "model.scan_blocks=false"],
+          ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+           "parallel.partition=[1,2,1,2]", "model.scan_blocks=false"],
           resume=straight["ckpt"] / "step_00000002")
     losses, val = metrics(out)
     ref_losses, ref_val = straight["metrics"]
@@ -124,17 +126,33 @@ def test_eval_loss_equals_single_process(straight):
     np.testing.assert_allclose(straight["metrics"][1][2], loss, rtol=2e-6)
 
 
-def _stage_chain_logits(ckpt, counts, tokens, **overrides):
-    """Logits of the model loaded stage by stage as a pipeline with `counts` layers per stage would."""
+def _stage_chain_logits(ckpt, counts, tokens, ranks=None, **overrides):
+    """Logits of the model loaded as a pipeline with `counts` layers per chunk would load it: each
+    rank its chunks at once (`ranks` pipeline ranks, chunk c on rank c mod ranks; default one chunk
+    per rank), optimizer state included, then the chunks applied in order."""
     model = checkpoint.model_config(checkpoint.read_state(ckpt), **overrides)
+    partition = Partition.from_counts(counts)
+    ranks = ranks or len(counts)
+    modules, loaded = {}, {}
     x = tokens
-    for spec in (Partition.from_counts(counts).stage(i) for i in range(len(counts))):
-        module = StageModel(model, n_layers=spec.n_layers, first=spec.first, last=spec.last)
-        template = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
-        params, opt = checkpoint.load_stage(ckpt, model, spec, template, Optimizer(load_config().train).init(
-            jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), template)))
+    for c in range(len(counts)):
+        spec = partition.stage(c)
+        modules[c] = StageModel(model, n_layers=spec.n_layers, first=spec.first, last=spec.last)
+    templates = {}
+    for c in range(len(counts)):  # shapes need the input each chunk sees
+        templates[c] = jax.eval_shape(modules[c].init, jax.random.PRNGKey(0), x)["params"]
+        x = jax.eval_shape(lambda p, xx, c=c: modules[c].apply({"params": p}, xx), templates[c], x)
+    for r in range(ranks):
+        chunks = range(r, len(counts), ranks)
+        zeros = {c: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), templates[c]) for c in chunks}
+        opt_template = Optimizer(load_config().train).init(zeros)
+        params, opt = checkpoint.load_rank(ckpt, model, {c: partition.stage(c) for c in chunks},
+                                           {c: templates[c] for c in chunks}, opt_template)
         assert int(opt[0].count) == 4  # Adam's update counter came back with the moments
-        x = module.apply({"params": params}, x)
+        loaded.update(params)
+    x = tokens
+    for c in range(len(counts)):
+        x = modules[c].apply({"params": loaded[c]}, x)
     return np.asarray(x)
 
 
@@ -143,9 +161,10 @@ def test_checkpoint_loads_into_other_partitions(straight):
     tokens = jnp.asarray(np.arange(64).reshape(2, 32) % 300, jnp.int32)
     model, params = checkpoint.load_model(ckpt)  # PP=1, scanned blocks
     whole = np.asarray(StageModel(model, n_layers=6, first=True, last=True).apply({"params": params}, tokens))
-    for counts, overrides in [([3, 3], {}), ([1, 2, 2, 1], {"scan_blocks": False}), ([6], {"scan_blocks": False})]:
-        np.testing.assert_allclose(_stage_chain_logits(ckpt, counts, tokens, **overrides), whole, rtol=0, atol=2e-5,
-                                   err_msg=str(counts))
+    for counts, ranks, overrides in [([3, 3], None, {}), ([1, 2, 2, 1], None, {"scan_blocks": False}),
+                                     ([6], None, {"scan_blocks": False}), ([1, 2, 1, 2], 2, {})]:  # last: v = 2
+        np.testing.assert_allclose(_stage_chain_logits(ckpt, counts, tokens, ranks, **overrides), whole, rtol=0,
+                                   atol=2e-5, err_msg=str(counts))
 
 
 def test_hf_export_matches(straight, tmp_path):
@@ -193,9 +212,9 @@ class Single:  # a one-process stand-in for the MPI communicator
 model = ModelConfig(n_layer=2, d_model=32, n_head=2, seq_len=8, vocab_size=64)
 spec = StageSpec(0, 1, 0, 2)
 params = init_stage_params(model, 0, range(2), True, True)
-opt = Optimizer(TrainConfig()).init(params)
+opt = Optimizer(TrainConfig()).init({0: params})
 for step in (1, 2):
-    checkpoint.save(sys.argv[1], step, comm=Single(), writer=True, model=model, spec=spec, params=params,
+    checkpoint.save(sys.argv[1], step, comm=Single(), writer=True, model=model, specs={0: spec}, params={0: params},
                     opt_state=opt, state={"config": {"model": model.__dict__}}, keep=3,
                     pause_before_commit=0 if step == 1 else 60)
     print("saved", step, flush=True)

@@ -39,37 +39,56 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, [*args.overrides, f"train.steps={args.iters}"])
 
 
-def _random_inputs(program, cfg, seed: int = 0):
+class _MessagesAlreadyThere:
+    """A transport whose every message has already arrived (a fixed random array) and whose sends
+    go nowhere: a rank's lowered actions run as pure compute, with the executor's own dispatch."""
+
+    name = "none (stage timing)"
+
+    def __init__(self, x):
+        self.x = x
+
+    def expect(self, key, peer, spec):
+        pass
+
+    def recv(self, key, peer, spec):
+        return self.x
+
+    def send(self, key, peer, x):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _local_executor(run):
+    """This rank's lowered actions over a transport that never waits, with random data."""
     import jax
     import jax.numpy as jnp
 
-    spec = program.spec
-    key = jax.random.PRNGKey(seed)
+    from jaxpipe.pipeline.executor import Executor, StepBatch
+
+    cfg = run.cfg
+    program = next(iter(run.programs.values()))
+    key = jax.random.PRNGKey(0)
     mb, seq = cfg.train.micro_batch_size, cfg.model.seq_len
-    tokens = jax.random.randint(key, (mb, seq), 0, cfg.model.vocab_size, jnp.int32)
-    act = jax.random.normal(key, program.act_spec.shape, jnp.float32).astype(program.act_spec.dtype)
-    x = program.place_input(tokens if spec.first else act)
-    return x, program.place_input(tokens), program.place_input(act)
+    tokens = program.place_input(jax.random.randint(key, (mb, seq), 0, cfg.model.vocab_size, jnp.int32))
+    act = program.place_input(jax.random.normal(key, program.act_spec.shape, jnp.float32).astype(
+        program.act_spec.dtype))
+    executor = Executor(run.lowered, run.topo.stage, run.programs, _MessagesAlreadyThere(act), 1)
+    return executor, StepBatch(lambda m: tokens, lambda m: tokens)
 
 
-def stage_ceiling(program, params, cfg, reps: int = 2) -> float:
-    """Seconds for this stage to run forward + backward of M micro-batches with no communication."""
+def stage_ceiling(run, state, reps: int = 2) -> float:
+    """Seconds for this rank to run one step's actions with every message already there: the stage
+    ceiling (pure compute, in the schedule's own order)."""
     import jax
-    import jax.numpy as jnp
 
-    M = cfg.num_microbatches
-    x, targets, g = _random_inputs(program, cfg)
-    scale = jnp.float32(1.0 / M)
+    executor, batch = _local_executor(run)
 
     def one_pass():
-        grads = program.zero_grads(params)
-        if program.spec.last:
-            for _ in range(M):
-                grads, _, _ = program.forward_backward_loss(params, grads, x, targets, scale)
-        else:  # Forward then backward per micro-batch: the same work as any schedule, little memory.
-            for _ in range(M):
-                grads, _ = program.backward(grads, program.forward(params, x)[1], g)
-        jax.block_until_ready(grads)
+        grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
+        jax.block_until_ready(executor.run(0, state.params, grads, batch).grads)
 
     one_pass()
     times = []
@@ -80,40 +99,38 @@ def stage_ceiling(program, params, cfg, reps: int = 2) -> float:
     return float(np.median(times))
 
 
-def stage_times(program, params, cfg, reps: int = 3) -> tuple[float, float]:
-    """(forward, backward) seconds per micro-batch of this stage alone; the last stage's fused
-    forward+loss+backward is reported as forward (its backward task only sends)."""
-    import jax
-    import jax.numpy as jnp
+def stage_times(run, state, reps: int = 1) -> dict:
+    """Per chunk of this rank, {chunk: StageTime}: the median seconds of each computation per
+    micro-batch, each waited for on its own (the last chunk's fused L counts as forward + backward;
+    split chunks give the input-gradient share of the backward)."""
+    from jaxpipe.pipeline.costmodel import StageTime
+    from jaxpipe.pipeline.schedule import Op
 
-    M = cfg.num_microbatches
-    x, targets, g = _random_inputs(program, cfg)
-    scale = jnp.float32(1.0 / M)
-    grads = program.zero_grads(params)
-    fwd, bwd = [], []
-    for _ in range(reps + 1):
-        jax.block_until_ready(grads)
-        t0 = time.perf_counter()
-        if program.spec.last:
-            grads, _, _ = program.forward_backward_loss(params, grads, x, targets, scale)
-            jax.block_until_ready(grads)
-            fwd.append(time.perf_counter() - t0)
-            bwd.append(0.0)
-            continue
-        y, vjp = program.forward(params, x)
-        jax.block_until_ready(y)
-        t1 = time.perf_counter()
-        grads, _ = program.backward(grads, vjp, g)
-        jax.block_until_ready(grads)
-        fwd.append(t1 - t0)
-        bwd.append(time.perf_counter() - t1)
-    return float(np.median(fwd[1:])), float(np.median(bwd[1:]))
+    executor, batch = _local_executor(run)
+    profile: dict = {}
+    for i in range(reps + 1):
+        grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
+        executor.run(0, state.params, grads, batch, profile=profile if i else None)
+    med = {k: float(np.median(v)) for k, v in profile.items()}
+    out = {}
+    for c in run.programs:
+        if (c, Op.L) in med:
+            out[c] = StageTime(med[(c, Op.L)], 0.0)
+        elif (c, Op.LI) in med:
+            out[c] = StageTime(med[(c, Op.LI)], med[(c, Op.W)], input_frac=0.0)
+        elif (c, Op.I) in med:
+            i, w = med[(c, Op.I)], med[(c, Op.W)]
+            out[c] = StageTime(med[(c, Op.F)], i + w, input_frac=i / (i + w))
+        else:
+            out[c] = StageTime(med[(c, Op.F)], med[(c, Op.B)])
+    return out
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.model.gpt import model_flops_per_token
+    from jaxpipe.pipeline.costmodel import bubble_fraction, config_schedule
     from jaxpipe.runtime.timeline import TIMELINE
     from jaxpipe.train.trainer import train
 
@@ -121,8 +138,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     TIMELINE.enabled = args.timeline is not None
     res = train(cfg, log=(print if args.verbose else (lambda s: None)),
-                probe=lambda program, params, topo: stage_ceiling(program, params, cfg))
-    ceilings = comm.gather(res.probe, root=0)
+                probe=lambda run, state: (stage_ceiling(run, state), stage_times(run, state)))
+    probes = comm.gather(res.probe, root=0)
     timelines = comm.gather(TIMELINE.stop(), root=0)
     if comm.Get_rank() != 0:
         return
@@ -131,10 +148,14 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
             f.write(json.dumps({"label": args.label, "ranks": timelines}) + "\n")
     p, t = cfg.parallel, cfg.train
     P, M = p.pp, cfg.num_microbatches
-    per_stage = ceilings[:P]  # replica 0's stages
+    per_stage = [c for c, _ in probes[:P]]  # replica 0's ranks
+    chunk_times = {c: t for _, times in probes[:P] for c, t in times.items()}
     remat = p.stage_remat or cfg.model.remat
     measured = float(np.mean(res.iter_times[args.skip:]))
-    bound = max(per_stage) * (M + P - 1) / M
+    # The schedule's own bound: the slowest rank's compute, plus the bubble the schedule leaves with
+    # these computation times and free links (the cost model's simulation of the lowered schedule).
+    bubble = bubble_fraction(config_schedule(cfg), [chunk_times[c] for c in sorted(chunk_times)])
+    bound = max(per_stage) * (1 + bubble)
     tokens = t.global_batch_size * cfg.model.seq_len
     n_dev = comm.Get_size() * cfg.runtime.devices_per_process
     tflops = model_flops_per_token(cfg.model) * tokens / measured / n_dev / 1e12
@@ -145,7 +166,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "partition": res.partition.counts, "scan_blocks": cfg.model.scan_blocks, "remat": remat,
         "iter_s": measured, "skipped_iters": args.skip, "iter_times": res.iter_times, "tokens_per_s": tokens / measured,
         "tflops_per_device": tflops, "mfu": tflops / H100_BF16_DENSE_TFLOPS, "stage_ceiling_s": per_stage,
-        "bound_s": bound, "efficiency": bound / measured, "peak_mem_gib": [
+        "bound_s": bound, "bubble": bubble, "efficiency": bound / measured, "peak_mem_gib": [
             (x / 2**30 if x is not None else None) for x in res.peak_memory],
         "label": args.label,
     }
@@ -182,7 +203,9 @@ def cmd_single(args: argparse.Namespace) -> None:
     opt = Optimizer(cfg.train)
     state = opt.init(params)
     M = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    x, targets, _ = _random_inputs(program, cfg)
+    key = jax.random.PRNGKey(0)
+    x = targets = program.place_input(jax.random.randint(
+        key, (cfg.train.micro_batch_size, cfg.model.seq_len), 0, cfg.model.vocab_size, jnp.int32))
     scale = jnp.float32(1.0 / M)
     times = []
     for _ in range(args.iters):
@@ -256,6 +279,8 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
+    from jaxpipe.config import ParallelConfig
+    from jaxpipe.dp.base import DPContext
     from jaxpipe.dp.sync import DP_MODES
     from jaxpipe.pipeline.costmodel import Link, dp_sync_s
 
@@ -266,7 +291,7 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
     for mib in args.mib:
         grads = np.random.default_rng(comm.Get_rank()).standard_normal(mib * 2**20 // 4).astype(np.float32)
         for mode, cls in DP_MODES.items():
-            sync = cls(comm, net)
+            sync = cls(DPContext(comm, net, lambda i: i, ParallelConfig(), place=lambda t: t))
             for how, average in (("mpi", sync.average), ("emulated", sync.average_emulated)):
                 times = []
                 for _ in range(args.reps + args.skip):

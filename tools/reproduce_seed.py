@@ -94,8 +94,9 @@ def worker(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     settings = json.loads(args.settings)
 
-    def probe(program, params, topo):
-        times = stage_times(program, params, cfg)
+    def probe(run, state):
+        topo, program = run.topo, next(iter(run.programs.values()))
+        times = {c: [t.fwd, t.bwd, t.input_frac] for c, t in stage_times(run, state).items()}
         # The real transport's time per message (no emulation): ping between stages 0 and 1.
         one_way = 0.0
         if cfg.parallel.pp > 1 and topo.replica == 0 and topo.stage in (0, 1):
@@ -134,7 +135,8 @@ def worker(args: argparse.Namespace) -> None:
             probes = comm.gather(res.probe, root=0)
             if comm.Get_rank() == 0:
                 P = cfg.parallel.pp
-                out["stage_times"] = [probes[s][0] for s in range(P)]
+                merged = {c: t for s in range(P) for c, t in probes[s][0].items()}  # replica 0's ranks
+                out["stage_times"] = [merged[c] for c in sorted(merged)]
                 out["ping_s"] = max(p[1] for p in probes)
                 # Replica 0's pipeline is world ranks 0..P-1 (rank = replica * P + stage).
                 # Activations only: under GPipe a gradient can wait at its receiver for the forwards
@@ -195,7 +197,7 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
         result = json.loads(out.read_text())
     off, runs = result["runs"][0], result["runs"][1:]
     cfg = load_config(config, overrides)
-    times = [StageTime(f, b) for f, b in result["stage_times"]]
+    times = [StageTime(*t) for t in result["stage_times"]]
     per_msg = result["per_message_s"]
     measured_off = float(np.median(off["iter_times"][1:]))
     pred_off = plan(cfg, times, Link(per_message_s=per_msg), platform=platform)

@@ -1,14 +1,18 @@
-"""Rank layout: world = PP × DP, pipeline rank = rank % PP, DP rank = rank // PP (the original's layout).
+"""Rank layout: which pipeline rank (stage) and data-parallel replica each MPI rank runs.
 
-Pipelines are contiguous blocks of ranks, so with one process per GPU and hosts filled in rank
-order, neighbouring stages share a host whenever they can. Sub-communicators:
-- `pipe`: the P stages of this rank's pipeline (point-to-point activations and gradients),
-- `dp`: the D replicas of this rank's stage (gradient averaging),
-- `tied`: first and last stage of this pipeline, which both hold the tied token embedding.
+By default world rank r runs stage r % PP of replica r // PP (the original's layout): pipelines
+are contiguous blocks of ranks, so with one process per GPU and hosts filled in rank order,
+neighbouring stages share a host whenever they can. A `layout` (one (stage, replica) per world
+rank, from `parallel.placement`) puts them anywhere else. Sub-communicators:
+- `pipe`: the P pipeline ranks of this rank's replica, ordered by stage (activations and gradients),
+- `dp_comm`: the D replicas of this rank's stage, ordered by replica (gradient averaging),
+- `tied`: the two pipeline ranks of this replica that hold the tied token embedding (the first and
+  the last chunk), when they are different ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,8 @@ class Topology:
     pipe: Any
     dp_comm: Any
     tied: Any | None
+    layout: tuple[tuple[int, int], ...]  # world rank -> (stage, replica)
+    tied_stages: tuple[int, int] = (0, 0)  # pipeline ranks of the first and the last chunk
 
     @property
     def rank(self) -> int:
@@ -32,11 +38,11 @@ class Topology:
 
     @property
     def stage(self) -> int:
-        return self.rank % self.pp
+        return self.layout[self.rank][0]
 
     @property
     def replica(self) -> int:
-        return self.rank // self.pp
+        return self.layout[self.rank][1]
 
     @property
     def is_first(self) -> bool:
@@ -47,28 +53,55 @@ class Topology:
         return self.stage == self.pp - 1
 
     def world_rank_of(self, stage: int, replica: int | None = None) -> int:
-        return (self.replica if replica is None else replica) * self.pp + stage
+        return self._inverse[(stage, self.replica if replica is None else replica)]
+
+    def __post_init__(self) -> None:
+        self._inverse = {sr: r for r, sr in enumerate(self.layout)}
+
+    @staticmethod
+    def launch_order(pp: int, dp: int) -> list[tuple[int, int]]:
+        return [(r % pp, r // pp) for r in range(pp * dp)]
 
     @classmethod
-    def create(cls, world: Any, pp: int, dp: int) -> Topology:
-        """Collective over `world`; every rank checks the size first, so a wrong `-n` fails everywhere."""
+    def create(cls, world: Any, pp: int, dp: int, tied_stages: tuple[int, int] | None = None,
+               layout: Sequence[Sequence[int]] | None = None) -> Topology:
+        """Collective over `world`; every rank checks the size first, so a wrong `-n` fails everywhere.
+        `tied_stages`: the pipeline ranks holding the first and the last chunk (default 0 and PP-1)."""
         size = world.Get_size()
         if size != pp * dp:
             raise ConfigError(
                 f"mpiexec started {size} ranks but parallel.pp × parallel.dp = {pp} × {dp} = {pp * dp}: "
                 f"launch with -n {pp * dp} or change parallel.pp/parallel.dp"
             )
+        lay = tuple((int(s), int(r)) for s, r in layout) if layout is not None else tuple(cls.launch_order(pp, dp))
+        check_layout(lay, pp, dp)
         rank = world.Get_rank()
-        stage, replica = rank % pp, rank // pp
+        stage, replica = lay[rank]
         pipe = world.Split(color=replica, key=stage)
         dp_comm = world.Split(color=stage, key=replica)
-        in_tied = pp > 1 and stage in (0, pp - 1)
-        tied = world.Split(color=replica if in_tied else MPI.UNDEFINED, key=stage)
+        ends = tied_stages if tied_stages is not None else (0, pp - 1)
+        in_tied = ends[0] != ends[1] and stage in ends
+        tied = world.Split(color=replica if in_tied else MPI.UNDEFINED, key=0 if stage == ends[0] else 1)
         if tied == MPI.COMM_NULL:
             tied = None
-        return cls(world=world, pp=pp, dp=dp, pipe=pipe, dp_comm=dp_comm, tied=tied)
+        return cls(world=world, pp=pp, dp=dp, pipe=pipe, dp_comm=dp_comm, tied=tied, layout=lay, tied_stages=ends)
 
     def free(self) -> None:
         for comm in (self.pipe, self.dp_comm, self.tied):
             if comm is not None:
                 comm.Free()
+
+
+def check_layout(layout: Sequence[tuple[int, int]], pp: int, dp: int) -> None:
+    """Every (stage, replica) exactly once, in range; the message says which is missing or repeated."""
+    if len(layout) != pp * dp:
+        raise ConfigError(f"the placement lists {len(layout)} ranks, but parallel.pp × parallel.dp = {pp * dp}")
+    seen: dict[tuple[int, int], int] = {}
+    for r, (s, d) in enumerate(layout):
+        if not (0 <= s < pp and 0 <= d < dp):
+            raise ConfigError(f"the placement puts rank {r} at stage {s}, replica {d}: stages are 0..{pp - 1}, "
+                              f"replicas 0..{dp - 1}")
+        if (s, d) in seen:
+            raise ConfigError(f"the placement gives stage {s}, replica {d} to ranks {seen[(s, d)]} and {r}: "
+                              f"each (stage, replica) needs exactly one rank")
+        seen[(s, d)] = r

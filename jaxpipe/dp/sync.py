@@ -18,7 +18,7 @@ back, the other two as a ring reduce-scatter + all-gather.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any
 
 import jax
@@ -28,26 +28,32 @@ from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
 from jaxpipe.comm.netem import NetworkEmulator
-from jaxpipe.model.gpt import Params
+from jaxpipe.dp.base import DataParallel, DPContext, Trees
 
 
-class GradSync(ABC):
-    def __init__(self, comm: Any, net: NetworkEmulator | None = None, world_rank_of: Any = None):
-        self.comm = comm
-        self.size = comm.Get_size()
-        self.net = net
-        self._world_rank_of = world_rank_of or (lambda i: i)
+class GradSync(DataParallel):
+    """The exact algorithms: every step, every replica gets the replicas' average gradient."""
+
+    def __init__(self, ctx: DPContext):
+        super().__init__(ctx)
+        self.comm, self.size, self.net = ctx.comm, ctx.size, ctx.net
+        self._world_rank_of = ctx.world_rank_of
         self._unravel: Any = None
         self._ravel = jax.jit(lambda g: ravel_pytree(g)[0])
 
-    def __call__(self, grads: Params) -> Params:
+    def sync_gradients(self, step: int, grads: Trees) -> Trees:
         if self.size == 1:
             return grads
         if self._unravel is None:
             self._unravel = jax.jit(ravel_pytree(grads)[1])
         flat = np.array(self._ravel(grads), dtype=np.float32)  # Host copy we may write into.
         averaged = self.average(flat) if self.net is None else self.average_emulated(flat)
-        return self._unravel(jnp.asarray(averaged))
+        self._wire_bytes = self.traffic_bytes(flat.nbytes)
+        return self.ctx.place(self._unravel(jnp.asarray(averaged)))
+
+    def traffic_bytes(self, nbytes: int) -> int:
+        """What this rank sends per sync of `nbytes` (ring: 2·(D-1)/D of the buffer)."""
+        return int(2 * (self.size - 1) * nbytes / self.size)
 
     @abstractmethod
     def average(self, flat: np.ndarray) -> np.ndarray:
@@ -60,6 +66,13 @@ class GradSync(ABC):
 
 
 class CentralPS(GradSync):
+    name = "central_ps"
+
+    def traffic_bytes(self, nbytes: int) -> int:
+        """The chain reduce + broadcast: every member but the ends sends the buffer once each way."""
+        me, n = self.comm.Get_rank(), self.size
+        return nbytes * ((me > 0) + (me < n - 1))
+
     def average(self, flat: np.ndarray) -> np.ndarray:
         total = np.empty_like(flat) if self.comm.Get_rank() == 0 else None
         self.comm.Reduce(flat, total, op=MPI.SUM, root=0)
@@ -100,6 +113,8 @@ class CentralPS(GradSync):
 
 
 class ShardedPS(GradSync):
+    name = "sharded_ps"
+
     def average(self, flat: np.ndarray) -> np.ndarray:
         n = flat.size
         shard = -(-n // self.size)
@@ -113,6 +128,8 @@ class ShardedPS(GradSync):
 
 
 class Allreduce(GradSync):
+    name = "allreduce"
+
     def average(self, flat: np.ndarray) -> np.ndarray:
         out = np.empty_like(flat)
         self.comm.Allreduce(flat, out, op=MPI.SUM)
@@ -179,8 +196,9 @@ def _ring_allreduce_mean(flat: np.ndarray, p2p: _EmulatedP2P) -> np.ndarray:
     return flat
 
 
-DP_MODES: dict[str, type[GradSync]] = {"central_ps": CentralPS, "sharded_ps": ShardedPS, "allreduce": Allreduce}
+DP_MODES: dict[str, type[DataParallel]] = {"central_ps": CentralPS, "sharded_ps": ShardedPS, "allreduce": Allreduce}
 
 
-def make_grad_sync(mode: str, comm: Any, net: NetworkEmulator | None = None, world_rank_of: Any = None) -> GradSync:
-    return DP_MODES[mode](comm, net, world_rank_of)
+def make_data_parallel(ctx: DPContext) -> DataParallel:
+    """The algorithm `parallel.dp_mode` names."""
+    return DP_MODES[ctx.parallel.dp_mode](ctx)

@@ -38,6 +38,17 @@ def _attention_impl(cfg: ModelConfig) -> str:
     return "cudnn" if (half and jax.default_backend() == "gpu") else "xla"
 
 
+# Collections for the split backward (zero-bubble schedules): every parametrised op records its input
+# in WEIGHT_INPUTS and marks its output with a zero perturbation, whose cotangent is the gradient at
+# that output. The input-gradient half differentiates with respect to the input and the
+# perturbations only; the weight-gradient half applies each op to its recorded input again and takes
+# the parameter gradient of <output gradient, op(params, input)>, which is exactly the weight part
+# of the backward (the op's forward matmul is dead code there and compiled away).
+WEIGHT_INPUTS = "weight_inputs"
+PERTURBATIONS = "perturbations"
+BLOCK_OPS = ("ln_1", "qkv", "proj", "ln_2", "fc", "out")
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)).
 
@@ -46,31 +57,39 @@ class Block(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    def setup(self) -> None:
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         n_head, d_head = cfg.n_head, cfg.d_model // cfg.n_head
         init = nn.initializers.normal(cfg.init_std)
         # GPT-2/3 scale the residual projections by 1/sqrt(2 * n_layer) so depth does not grow the stream.
         out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.ln_1 = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype)
+        self.qkv = nn.DenseGeneral((3, n_head, d_head), dtype=dtype, kernel_init=init)
+        self.proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dtype, kernel_init=out_init)
+        self.ln_2 = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype)
+        self.fc = nn.Dense(4 * cfg.d_model, dtype=dtype, kernel_init=init)
+        self.out = nn.Dense(cfg.d_model, dtype=dtype, kernel_init=out_init)
 
-        h_BxLxD = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_1")(x_BxLxD)
-        qkv_BxLx3xNxH = nn.DenseGeneral((3, n_head, d_head), dtype=dtype, kernel_init=init, name="qkv")(h_BxLxD)
+    def _op(self, name: str, x: jax.Array) -> jax.Array:
+        self.sow(WEIGHT_INPUTS, name + "_in", x)
+        return self.perturb(name + "_out", getattr(self, name)(x), collection=PERTURBATIONS)
+
+    def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        h_BxLxD = self._op("ln_1", x_BxLxD)
+        qkv_BxLx3xNxH = self._op("qkv", h_BxLxD)
         q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         o_BxLxNxH = jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True, implementation=_attention_impl(cfg)
+            q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True, implementation=_attention_impl(self.cfg)
         )
-        o_BxLxD = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), dtype=dtype, kernel_init=out_init, name="proj"
-        )(o_BxLxNxH)
-        x_BxLxD = x_BxLxD + o_BxLxD
+        x_BxLxD = x_BxLxD + self._op("proj", o_BxLxNxH)
+        h_BxLxF = nn.gelu(self._op("fc", self._op("ln_2", x_BxLxD)), approximate=True)
+        return x_BxLxD + self._op("out", h_BxLxF), None
 
-        h_BxLxD = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_2")(x_BxLxD)
-        h_BxLxF = nn.Dense(4 * cfg.d_model, dtype=dtype, kernel_init=init, name="fc")(h_BxLxD)
-        h_BxLxF = nn.gelu(h_BxLxF, approximate=True)
-        h_BxLxD = nn.Dense(cfg.d_model, dtype=dtype, kernel_init=out_init, name="out")(h_BxLxF)
-        return x_BxLxD + h_BxLxD, None
+    def weight_ops(self, _: Any, inputs: dict[str, Any]) -> tuple[None, dict[str, jax.Array]]:
+        """Each parametrised op applied to its recorded input (`WEIGHT_INPUTS`), keyed like the
+        perturbations; scanned like `__call__`."""
+        return None, {name + "_out": getattr(self, name)(inputs[name + "_in"][0]) for name in BLOCK_OPS}
 
 
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -92,36 +111,64 @@ class StageModel(nn.Module):
     first: bool
     last: bool
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.cfg
-        dtype = compute_dtype(cfg)
         init = nn.initializers.normal(cfg.init_std)
-        wte_VxD = None
         if self.first or self.last:
-            wte_VxD = self.param("wte", init, (cfg.vocab_size, cfg.d_model))
+            self.wte = self.param("wte", init, (cfg.vocab_size, cfg.d_model))
         if self.first:
-            wpe_SxD = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
-            tokens_BxL = x
-            x = (jnp.take(wte_VxD, tokens_BxL, axis=0) + wpe_SxD[: tokens_BxL.shape[1]]).astype(dtype)
-        x_BxLxD = x.astype(dtype)
-
+            self.wpe = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
         block = _block_class(cfg)
-        if self.n_layers:
-            if cfg.scan_blocks:
-                stack = nn.scan(
-                    block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.n_layers
-                )
-                x_BxLxD, _ = stack(cfg, name="blocks")(x_BxLxD, None)
-            else:
-                for j in range(self.n_layers):
-                    x_BxLxD, _ = block(cfg, name=f"block_{j}")(x_BxLxD)
+        if self.n_layers and cfg.scan_blocks:
+            axes = {"params": 0, WEIGHT_INPUTS: 0, PERTURBATIONS: 0}
+            self.blocks = nn.scan(block, variable_axes=axes, split_rngs={"params": True}, length=self.n_layers,
+                                  methods=["__call__", "weight_ops"])(cfg)
+        elif self.n_layers:
+            self.block_list = [block(cfg, name=f"block_{j}") for j in range(self.n_layers)]
+        if self.last:
+            self.ln_f = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=compute_dtype(cfg))
 
+    # The stage's own parametrised ops (embedding, final LayerNorm, LM head), as functions of their input.
+    def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
+        x = jnp.take(self.wte, tokens_BxL, axis=0) + self.wpe[: tokens_BxL.shape[1]]
+        return x.astype(compute_dtype(self.cfg))
+
+    def _head(self, h_BxLxD: jax.Array) -> jax.Array:
+        logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte.astype(compute_dtype(self.cfg)))
+        return logits_BxLxV.astype(jnp.float32)
+
+    def _op(self, name: str, fn: Any, x: jax.Array) -> jax.Array:
+        self.sow(WEIGHT_INPUTS, name + "_in", x)
+        return self.perturb(name + "_out", fn(x), collection=PERTURBATIONS)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.first:
+            x = self._op("embed", self._embed, x)
+        x_BxLxD = x.astype(compute_dtype(self.cfg))
+        if self.n_layers and self.cfg.scan_blocks:
+            x_BxLxD, _ = self.blocks(x_BxLxD, None)
+        elif self.n_layers:
+            for block in self.block_list:
+                x_BxLxD, _ = block(x_BxLxD)
         if not self.last:
             return x_BxLxD
-        h_BxLxD = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_f")(x_BxLxD)
-        logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, wte_VxD.astype(dtype))
-        return logits_BxLxV.astype(jnp.float32)
+        return self._op("head", self._head, self._op("ln_f", self.ln_f, x_BxLxD))
+
+    def weight_ops(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Every parametrised op of the stage applied to its recorded input: the outputs whose
+        parameter gradient, against the output gradients, is the stage's weight gradient."""
+        out: dict[str, Any] = {}
+        if self.first:
+            out["embed_out"] = self._embed(inputs["embed_in"][0])
+        if self.n_layers and self.cfg.scan_blocks:
+            out["blocks"] = self.blocks.weight_ops(None, inputs["blocks"])[1]
+        elif self.n_layers:
+            for j, block in enumerate(self.block_list):
+                out[f"block_{j}"] = block.weight_ops(None, inputs[f"block_{j}"])[1]
+        if self.last:
+            out["ln_f_out"] = self.ln_f(inputs["ln_f_in"][0])
+            out["head_out"] = self._head(inputs["head_in"][0])
+        return out
 
 
 def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

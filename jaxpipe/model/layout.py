@@ -7,6 +7,8 @@ tree is assembled from per-layer pieces and flattened back into per-layer keys f
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,20 +26,31 @@ def _root_key(seed: int) -> jax.Array:
     return jax.random.PRNGKey(seed)
 
 
+@functools.cache
+def _jitted_inits(cfg_key: tuple[Any, ...]) -> tuple[Any, Any]:
+    """One compiled initialiser per model shape, for layers and embeddings: run eagerly, a layer's
+    initialisation dispatches hundreds of tiny programs (seconds per stage on CPU)."""
+    cfg = ModelConfig(**dict(cfg_key))
+    x = jnp.zeros((1, 1, cfg.d_model), compute_dtype(cfg))
+    init = nn.initializers.normal(cfg.init_std)
+    layer = jax.jit(lambda key: Block(cfg).init(key, x)["params"])
+    embedding = jax.jit(lambda k_te, k_pe: {"wte": init(k_te, (cfg.vocab_size, cfg.d_model)),
+                                             "wpe": init(k_pe, (cfg.seq_len, cfg.d_model))})
+    return layer, embedding
+
+
+def _inits(cfg: ModelConfig) -> tuple[Any, Any]:
+    return _jitted_inits(tuple(sorted(dataclasses.asdict(cfg).items())))
+
+
 def init_layer(cfg: ModelConfig, seed: int, layer: int) -> Params:
     """Parameters of transformer layer `layer` (global index): the same for every partition."""
-    x = jnp.zeros((1, 1, cfg.d_model), compute_dtype(cfg))
-    key = jax.random.fold_in(_root_key(seed), _LAYER_KEY0 + layer)
-    return Block(cfg).init(key, x)["params"]
+    return _inits(cfg)[0](jax.random.fold_in(_root_key(seed), _LAYER_KEY0 + layer))
 
 
 def init_embedding(cfg: ModelConfig, seed: int) -> Params:
-    init = nn.initializers.normal(cfg.init_std)
     root = _root_key(seed)
-    return {
-        "wte": init(jax.random.fold_in(root, _EMBED_KEY), (cfg.vocab_size, cfg.d_model)),
-        "wpe": init(jax.random.fold_in(root, _POS_KEY), (cfg.seq_len, cfg.d_model)),
-    }
+    return _inits(cfg)[1](jax.random.fold_in(root, _EMBED_KEY), jax.random.fold_in(root, _POS_KEY))
 
 
 def init_final_ln(cfg: ModelConfig) -> Params:

@@ -1,43 +1,53 @@
-"""Predicts an iteration's time from stage compute times, message sizes, the schedule, the
+"""Predicts an iteration's time from chunk compute times, message sizes, the schedule, the
 data-parallel algorithm and the links, and names what bounds it.
 
-The pipeline part is an event simulation of exactly what the executor does: every stage walks its
-schedule's task list; a task starts when the stage is free and its input has arrived; each output
-leaves through the stage's egress link (shared by both directions, like a NIC under netem), which
-it occupies for bytes·8/R, and arrives one delay later. The last stage runs forward, loss and
-backward at its FWD task and sends the input gradient then. After its last task each stage
-exchanges the tied embedding's gradient (first and last stage) and averages its gradients over
+The pipeline part simulates the lowered schedule (`jaxpipe.pipeline.schedule.lower`) with the
+same engine the validator uses (`walk`): every rank runs its actions in order; a computation
+starts when the rank is free and its input has arrived and lasts its chunk's time for that
+computation (`StageTime.of`); each send leaves through the sender's egress link (shared by all its
+messages, like a NIC under netem, unless `links` gives a pair a link of its own), occupies it for
+bytes·8/R and arrives one delay later. After its last action each rank exchanges the tied
+embedding's gradient (the ranks of the first and the last chunk) and averages its gradients over
 the DP replicas with the algorithm's traffic pattern; then a small allreduce and the optimizer
 step end the iteration.
 
-The bound is the largest of: compute (M micro-batches on the slowest stage), the pipeline bubble
-(what compute-only simulation adds to that), the link (what the real links add to compute-only
+The bound is the largest of: compute (the busiest rank's computations), the pipeline bubble (what
+compute-only simulation adds to that), the link (what the real links add to compute-only
 simulation) and synchronisation (tied embedding + DP + control after the pipeline).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
-from jaxpipe.pipeline.schedule import Phase, Schedule, make_schedule
+from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, lower, make_schedule, walk
 
 CHUNK_BYTES = 4 * 2**20  # jaxpipe.dp.sync's chunk size for emulated chain/ring transfers
 
 
 @dataclass(frozen=True)
 class StageTime:
-    """Seconds per micro-batch; for the last stage `fwd` + `bwd` run fused at its FWD task."""
+    """Seconds per micro-batch of one chunk: its forward and its full backward. The split backward's
+    halves take `input_frac` and 1 - `input_frac` of the backward (for matmuls the input and the
+    weight gradient cost the same)."""
 
     fwd: float
     bwd: float
+    input_frac: float = 0.5
 
     @property
     def total(self) -> float:
         return self.fwd + self.bwd
+
+    def of(self, op: Op) -> float:
+        i = self.bwd * self.input_frac
+        return {Op.F: self.fwd, Op.B: self.bwd, Op.I: i, Op.W: self.bwd - i, Op.L: self.fwd + self.bwd,
+                Op.LI: self.fwd + i, Op.E: self.fwd, Op.EL: self.fwd}[op]
 
 
 @dataclass(frozen=True)
@@ -54,61 +64,70 @@ class Link:
         return cls(delay_ms / 1e3, rate_gbit * 1e9 if rate_gbit > 0 else math.inf, per_message_s)
 
 
+# Links between pipeline ranks: one for all pairs, or a function of (src rank, dst rank) returning
+# the pair's link and whether it has an egress of its own (True) or shares the sender's (False).
+Links = Link | Callable[[int, int], tuple[Link, bool]]
+
+
+def _link_fn(links: Links) -> Callable[[int, int], tuple[Link, bool]]:
+    if isinstance(links, Link):
+        return lambda a, b: (links, False)
+    return links
+
+
 @dataclass
 class PipelineSim:
     makespan: float
-    stage_end: list[float]
-    link_busy: list[float]  # seconds each stage's egress carried data
+    stage_end: list[float]  # per rank
+    link_busy: list[float]  # seconds each rank's egress carried data
+    starts: list[list[tuple[float, Action]]] = field(default_factory=list)  # per rank: (start, compute action)
 
 
-def simulate_pipeline(schedule: Schedule, times: list[StageTime], msg_bytes: float, link: Link) -> PipelineSim:
-    P = schedule.n_stages
-    if len(times) != P:
-        raise ValueError(f"{len(times)} stage times for {P} stages")
-    tasks = [schedule.tasks(s) for s in range(P)]
-    ptr, free, egress, busy = [0] * P, [0.0] * P, [0.0] * P, [0.0] * P
-    arrived: dict[tuple[int, int, Phase], float] = {}
+def simulate_pipeline(schedule: Schedule | Lowered, times: Sequence[StageTime],
+                      msg_bytes: float | Callable[[Action], float], links: Links) -> PipelineSim:
+    """`times` per chunk; `msg_bytes` per message (a number, or a function of the send action)."""
+    lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
+    s = lowered.schedule
+    if len(times) != s.n_chunks:
+        raise ValueError(f"{len(times)} chunk times for {s.n_chunks} chunks")
+    P = s.n_ranks
+    link_of = _link_fn(links)
+    nbytes = msg_bytes if callable(msg_bytes) else (lambda a: float(msg_bytes))
+    egress: dict[tuple[int, int | None], float] = {}
+    busy = [0.0] * P
+    starts: list[list[tuple[float, Action]]] = [[] for _ in range(P)]
 
-    def send(src: int, dst: int, mb: int, kind: Phase, ready: float) -> None:
-        start = max(ready, egress[src])
-        tx = link.transfer_s(msg_bytes)
-        egress[src] = start + tx
-        busy[src] += tx
-        arrived[(dst, mb, kind)] = egress[src] + link.delay_s + link.per_message_s
+    def compute(r: int, a: Action, start: float) -> float:
+        starts[r].append((start, a))
+        return start + times[a.chunk].of(a.op)
 
-    remaining = sum(len(t) for t in tasks)
-    while remaining:
-        progressed = False
-        for s in range(P):
-            while ptr[s] < len(tasks[s]):
-                t = tasks[s][ptr[s]]
-                first, last = s == 0, s == P - 1
-                need = None
-                if t.phase == Phase.FWD and not first:
-                    need = (s, t.microbatch, Phase.FWD)
-                elif t.phase == Phase.BWD and not last:
-                    need = (s, t.microbatch, Phase.BWD)
-                if need is not None and need not in arrived:
-                    break
-                start = max(free[s], arrived.get(need, 0.0) if need else 0.0)
-                if t.phase == Phase.FWD:
-                    end = start + (times[s].total if last else times[s].fwd)
-                    if not last:
-                        send(s, s + 1, t.microbatch, Phase.FWD, end)
-                    elif not first:  # The fused last stage sends the input gradient at once.
-                        send(s, s - 1, t.microbatch, Phase.BWD, end)
-                else:
-                    end = start + (0.0 if last else times[s].bwd)
-                    if not first and not last:
-                        send(s, s - 1, t.microbatch, Phase.BWD, end)
-                free[s] = end
-                ptr[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise ValueError("schedule deadlocks: no stage can run its next task")
-    ends = [max(free[s], egress[s]) for s in range(P)]
-    return PipelineSim(max(ends), ends, busy)
+    def send(r: int, a: Action, ready: float) -> float:
+        assert a.peer is not None
+        link, own = link_of(r, a.peer)
+        key = (r, a.peer if own else None)
+        start = max(ready, egress.get(key, 0.0))
+        tx = link.transfer_s(nbytes(a))
+        egress[key] = start + tx
+        busy[r] += tx
+        return start + tx + link.delay_s + link.per_message_s
+
+    ends = walk(lowered, compute, send)
+    for (r, _), t in egress.items():
+        ends[r] = max(ends[r], t)
+    return PipelineSim(max(ends), ends, busy, starts)
+
+
+def rank_compute_s(lowered: Lowered, times: Sequence[StageTime]) -> list[float]:
+    """Each rank's computation time per step (no waiting)."""
+    return [sum(times[a.chunk].of(a.op) for a in lowered.compute(r)) for r in range(len(lowered.ranks))]
+
+
+def bubble_fraction(schedule: Schedule, times: Sequence[StageTime]) -> float:
+    """Idle time of the busiest rank over its compute, with free links: (P-1)/M for GPipe and 1F1B,
+    (P-1)/(3M) for ZB-H1 with equal F, I and W times."""
+    lowered = lower(schedule)
+    compute = max(rank_compute_s(lowered, times))
+    return (simulate_pipeline(lowered, times, 0.0, Link()).makespan - compute) / compute
 
 
 def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None) -> float:
@@ -131,46 +150,53 @@ class Prediction:
     iteration_s: float
     pipeline_s: float
     compute_only_s: float
-    sync_s: float  # after the pipeline: tied embedding + DP + control, on the critical stage
+    sync_s: float  # after the pipeline: tied embedding + DP + control, on the critical rank
     components: dict[str, float] = field(default_factory=dict)
     bound: str = ""
     explanation: str = ""
+    bubble: float = 0.0  # idle fraction of the busiest rank with free links
 
 
 def predict(
     schedule: str | Schedule,
-    times: list[StageTime],
+    times: Sequence[StageTime],
     msg_bytes: float,
     link: Link,
     *,
     n_microbatches: int | None = None,
     dp: int = 1,
     dp_mode: str = "central_ps",
-    grad_bytes: list[float] | None = None,
+    grad_bytes: Sequence[float] | None = None,
     tied_bytes: float = 0.0,
     optimizer_s: float = 0.0,
-    grad_chunks: list[int] | None = None,
+    grad_chunks: Sequence[int] | None = None,
+    links: Links | None = None,
 ) -> Prediction:
-    """Iteration time of one pipeline (and its DP peers) and what bounds it."""
-    P = len(times)
+    """Iteration time of one pipeline (and its DP peers) and what bounds it. `times` per chunk;
+    `grad_bytes` and `grad_chunks` per pipeline rank; `links` (default: `link` everywhere) for
+    the pipeline's messages, `link` for the tied and DP exchanges."""
     if isinstance(schedule, str):
         if n_microbatches is None:
             raise ValueError("n_microbatches is needed with a schedule name")
-        schedule = make_schedule(schedule, P, n_microbatches)
-    M = schedule.n_microbatches
-    sim = simulate_pipeline(schedule, times, msg_bytes, link)
-    ideal = simulate_pipeline(schedule, times, msg_bytes, Link())
-    grads = grad_bytes or [0.0] * P
-    tied = (link.transfer_s(tied_bytes) + link.delay_s + link.per_message_s) if (P > 1 and tied_bytes) else 0.0
+        schedule = make_schedule(schedule, len(times), n_microbatches)
+    lowered = lower(schedule)
+    P, M = schedule.n_ranks, schedule.n_microbatches
+    sim = simulate_pipeline(lowered, times, msg_bytes, links if links is not None else link)
+    ideal = simulate_pipeline(lowered, times, msg_bytes, Link())
+    grads = list(grad_bytes or [0.0] * P)
+    ends_of = (schedule.rank_of(0), schedule.rank_of(schedule.n_chunks - 1))
+    tied = (link.transfer_s(tied_bytes) + link.delay_s + link.per_message_s) if (
+        ends_of[0] != ends_of[1] and tied_bytes) else 0.0
     control = 2 * max(0, (P - 1).bit_length()) * link.delay_s
     ends = []
-    for s in range(P):
-        start = sim.stage_end[s]
-        if s in (0, P - 1) and tied:  # The exchange needs both ends of the pipeline.
-            start = max(sim.stage_end[0], sim.stage_end[P - 1]) + tied
-        ends.append(start + dp_sync_s(dp_mode, dp, grads[s], link, grad_chunks[s] if grad_chunks else None))
+    for r in range(P):
+        start = sim.stage_end[r]
+        if r in ends_of and tied:  # The exchange needs both ends of the tied embedding.
+            start = max(sim.stage_end[ends_of[0]], sim.stage_end[ends_of[1]]) + tied
+        ends.append(start + dp_sync_s(dp_mode, dp, grads[r], link, grad_chunks[r] if grad_chunks else None))
     iteration = max(ends) + control + optimizer_s
-    compute = M * max(t.total for t in times)
+    per_rank = rank_compute_s(lowered, times)
+    compute = max(per_rank)
     comps = {  # Each term is a length of time the iteration cannot be shorter than.
         "compute": compute,
         "pipeline bubble": max(0.0, ideal.makespan - compute),
@@ -178,23 +204,25 @@ def predict(
         "synchronisation": max(0.0, iteration - optimizer_s - sim.makespan),
     }
     bound = max(comps, key=comps.get)  # type: ignore[arg-type]
-    slow = max(range(P), key=lambda s: sim.link_busy[s])
-    per_phase_compute = M * max(t.fwd for t in times)
+    slow = max(range(P), key=lambda r: sim.link_busy[r])
+    per_phase_compute = M * max(t.fwd for t in times) * schedule.virtual_stages
+    rate = link.rate_bps / 1e9
     why = {
-        "compute": f"the slowest stage computes {compute:.3f} s of the {iteration:.3f} s",
-        "pipeline bubble": f"filling and draining {P} stages adds {comps['pipeline bubble']:.3f} s to "
-                           f"{compute:.3f} s of compute (M = {M} micro-batches)",
+        "compute": f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s",
+        "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to "
+                           f"{compute:.3f} s of compute (M = {M} micro-batches, {schedule.name})",
         "link": f"stage {slow}'s link is busy {sim.link_busy[slow]:.3f} s per iteration, more than the "
                 f"{compute:.3f} s the slowest stage computes: {msg_bytes / 2**20:.1f} MiB per message at "
-                f"{link.rate_bps / 1e9:.3g} Gbit/s is {link.transfer_s(msg_bytes) * 1e3:.0f} ms, and a "
-                f"forward phase moves {M} of them ({M * link.transfer_s(msg_bytes):.3f} s) against "
+                f"{rate:.3g} Gbit/s is {link.transfer_s(msg_bytes) * 1e3:.0f} ms, and a "
+                f"forward phase moves {M * schedule.virtual_stages} of them "
+                f"({M * schedule.virtual_stages * link.transfer_s(msg_bytes):.3f} s) against "
                 f"{per_phase_compute:.3f} s of forward compute",
         "synchronisation": f"after the pipeline, {comps['synchronisation']:.3f} s of gradient exchange "
                            f"(tied embedding {tied:.3f} s, DP {dp_mode} over {dp} replicas up to "
                            f"{max(dp_sync_s(dp_mode, dp, g, link) for g in grads):.3f} s)",
     }[bound]
     return Prediction(iteration, sim.makespan, ideal.makespan, iteration - sim.makespan - optimizer_s - control,
-                      comps, bound, f"{bound}-bound: {why}")
+                      comps, bound, f"{bound}-bound: {why}", (ideal.makespan - compute) / compute if compute else 0.0)
 
 
 # ---- The original DT-FM GPT-3 XL runs, from their facts only ----------------------------------------
@@ -244,7 +272,7 @@ def original_model(fp16: bool, dp: int) -> list[Prediction]:
 
 def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float = 700e12,
                           bytes_per_s: float = 3.0e12) -> list[StageTime]:
-    """Roofline estimate (see StageCosts.estimate), split 1/3 forward, 2/3 backward."""
+    """Roofline estimate per chunk (see StageCosts.estimate), split 1/3 forward, 2/3 backward."""
     costs = StageCosts.estimate(cfg.model, cfg.train.micro_batch_size, flops_per_s, bytes_per_s)
     out = []
     for i, (a, b) in enumerate(partition.ranges):
@@ -253,27 +281,39 @@ def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float 
     return out
 
 
-def plan(cfg: Config, stage_times: list[StageTime] | None = None, link: Link | None = None,
-         optimizer_s: float = 0.0, platform: str = "gpu") -> Prediction:
-    """The prediction for a config: its partition, schedule, DP mode, message and gradient sizes,
-    and its `network` settings unless `link` is given. `platform` resolves `model.dtype=auto`."""
+def config_schedule(cfg: Config) -> Schedule:
     p = cfg.parallel
-    partition = resolve_partition(p.partition, cfg.model, p.pp, cfg.train.micro_batch_size, p.stage_weights)
-    times = stage_times or estimated_stage_times(cfg, partition)
+    return make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
+
+
+def config_partition(cfg: Config, schedule: Schedule) -> Partition:
+    p = cfg.parallel
+    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
+    return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)
+
+
+def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link | None = None,
+         optimizer_s: float = 0.0, platform: str = "gpu", links: Links | None = None) -> Prediction:
+    """The prediction for a config: its schedule, partition, DP mode, message and gradient sizes,
+    and its `network` settings unless `link` is given. `stage_times` per chunk (default: the
+    roofline estimate); `platform` resolves `model.dtype=auto`."""
+    p = cfg.parallel
+    schedule = config_schedule(cfg)
+    partition = config_partition(cfg, schedule)
+    times = list(stage_times) if stage_times is not None else estimated_stage_times(cfg, partition)
     m = cfg.model
     elt = 2 if compute_dtype_name(cfg, platform) in ("bfloat16", "float16") else 4
     msg = cfg.train.micro_batch_size * m.seq_len * m.d_model * elt * cfg.network.size_scale
     if link is None:
         link = Link.of(cfg.network.delay_ms, cfg.network.rate_gbit)
-    counts = stage_param_counts(cfg.model, partition.ranges)
-    grads = [4.0 * n * cfg.network.size_scale for n in counts]
-    chunks = [max(1, min(64, math.ceil(4.0 * n / CHUNK_BYTES))) for n in counts]  # cut from the real bytes
+    counts = stage_param_counts(m, partition.ranges)
+    per_rank = [sum(counts[c] for c in schedule.chunks_of(r)) for r in range(p.pp)]
+    grads = [4.0 * n * cfg.network.size_scale for n in per_rank]
+    chunks = [max(1, min(64, math.ceil(4.0 * n / CHUNK_BYTES))) for n in per_rank]  # cut from the real bytes
     tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0
-    tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale if p.pp > 1 else 0.0
-    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup)
-    return predict(schedule, times, msg, link, n_microbatches=cfg.num_microbatches, dp=p.dp,
-                   dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied, optimizer_s=optimizer_s,
-                   grad_chunks=chunks)
+    tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale
+    return predict(schedule, times, msg, link, dp=p.dp, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
+                   optimizer_s=optimizer_s, grad_chunks=chunks, links=links)
 
 
 def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:
@@ -285,4 +325,5 @@ def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:
 
 def format_prediction(pred: Prediction) -> str:
     parts = " | ".join(f"{k} {v:.3f} s" for k, v in pred.components.items())
-    return f"predicted iteration {pred.iteration_s:.3f} s ({parts})\n{pred.explanation}"
+    return (f"predicted iteration {pred.iteration_s:.3f} s ({parts})\n{pred.explanation}\n"
+            f"bubble with free links: {pred.bubble:.1%} of the busiest rank's compute")

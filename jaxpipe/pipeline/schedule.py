@@ -1,121 +1,623 @@
-"""Pipeline schedules as data: for each stage, the ordered list of tasks it runs in one step.
+"""Pipeline schedules as data: one action IR, the schedules written over it, and the one pass that
+lowers them to what the executor runs.
 
-The executor (`jaxpipe.executor`) only walks these lists, so a new schedule is one class here and
-nothing else. A schedule must be *consistent*: the order in which stage s sends activations
-(FWD tasks) is the order in which stage s+1 consumes them, and likewise for gradients going back.
-`check_consistent` verifies that for any schedule.
+A schedule emits, for each pipeline rank, the ordered *compute* actions of one step. An action
+names the model chunk (virtual stage), the micro-batch and the computation (`Op`); what each
+computation consumes and produces is stated once, in `CONSUMES` / `PRODUCES`, never implied by a
+position in the list. The model is cut into `n_ranks × virtual_stages` chunks, and the schedule's
+chunk→rank map places them: looped (chunk c on rank c mod P) or V-shaped (rank 0 holds the first
+and the last chunk).
 
-The last stage runs forward, loss and backward of a micro-batch as one fused program at its FWD
-task and sends the input gradient right away (its BWD task has nothing left to do), so the
-previous stage's first backward can start as soon as its forwards are done. GPipe keeps its two
-phases on every other stage.
+`lower` adds what crosses between ranks: a receive before every action whose input lives on
+another rank, a send after every action whose output another rank consumes (a neighbouring chunk
+on the same rank hands its value over in memory). Everything else works on its output:
+`jaxpipe.pipeline.executor` runs it, `check` validates it in linear time (printing the per-rank
+grid with the offending action marked), `jaxpipe.pipeline.costmodel` simulates it, evaluation
+runs the forward-only schedule through the same executor, and `format_grid` prints it. No other
+module works out what an action receives or sends.
+
+Computations:
+- `F`   forward of a chunk, keeping what its backward needs;
+- `B`   full backward (input and weight gradients) from those residuals;
+- `I`   input-gradient half of the backward (zero-bubble's "B"), keeping what `W` needs;
+- `W`   weight-gradient half, from what `I` kept (no second forward);
+- `L`   the last chunk's forward + loss + full backward, fused in one program;
+- `LI`  the last chunk's forward + loss + input gradient (its `W` comes later);
+- `E`   forward only (evaluation), keeping nothing; `EL` the last chunk's forward + loss.
 """
 
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import ClassVar
+
+from jaxpipe.comm.message import Kind
+from jaxpipe.errors import ConfigError
 
 
-class Phase(enum.IntEnum):
-    FWD = 0
-    BWD = 1
+class Op(enum.Enum):
+    F = "F"
+    B = "B"
+    I = "I"
+    W = "W"
+    L = "L"
+    LI = "LI"
+    E = "E"
+    EL = "EL"
+    # Added by `lower`:
+    RECV_ACT = "recv-act"  # the chunk's input activation, from the rank of chunk - 1
+    SEND_ACT = "send-act"  # the chunk's output activation, to the rank of chunk + 1
+    RECV_GRAD = "recv-grad"  # the gradient of the chunk's output, from the rank of chunk + 1
+    SEND_GRAD = "send-grad"  # the gradient of the chunk's input, to the rank of chunk - 1
+
+    @property
+    def is_comm(self) -> bool:
+        return self in _COMM
+
+
+_COMM = {Op.RECV_ACT, Op.SEND_ACT, Op.RECV_GRAD, Op.SEND_GRAD}
+# What each computation consumes from a neighbouring chunk and produces for one (the first chunk's
+# input is tokens, the last chunk's output gradient is the loss's: those need no message).
+CONSUMES: dict[Op, Kind | None] = {Op.F: Kind.ACT, Op.B: Kind.GRAD, Op.I: Kind.GRAD, Op.W: None, Op.L: Kind.ACT,
+                                   Op.LI: Kind.ACT, Op.E: Kind.ACT, Op.EL: Kind.ACT}
+PRODUCES: dict[Op, Kind | None] = {Op.F: Kind.ACT, Op.B: Kind.GRAD, Op.I: Kind.GRAD, Op.W: None, Op.L: Kind.GRAD,
+                                   Op.LI: Kind.GRAD, Op.E: Kind.ACT, Op.EL: None}
+LAST_CHUNK_ONLY = {Op.L, Op.LI, Op.EL}  # they compute the loss
+NOT_LAST_CHUNK = {Op.F, Op.B, Op.I, Op.E}  # they need a chunk after them
+# The complete ways to run one micro-batch through one chunk.
+TRAINING_LIFECYCLES = ({Op.F: 1, Op.B: 1}, {Op.F: 1, Op.I: 1, Op.W: 1}, {Op.L: 1}, {Op.LI: 1, Op.W: 1})
+EVAL_LIFECYCLES = ({Op.E: 1}, {Op.EL: 1})
 
 
 @dataclass(frozen=True)
-class Task:
+class Action:
+    op: Op
+    chunk: int
     microbatch: int
-    phase: Phase
+    peer: int | None = None  # communication actions: the other pipeline rank
 
-    def __repr__(self) -> str:
-        return f"{self.phase.name[0]}{self.microbatch}"
+    def __str__(self) -> str:
+        if self.op.is_comm:
+            arrow = "<" if self.op in (Op.RECV_ACT, Op.RECV_GRAD) else ">"
+            what = "a" if self.op in (Op.RECV_ACT, Op.SEND_ACT) else "g"
+            return f"{self.chunk}{what}{self.microbatch}{arrow}{self.peer}"
+        return f"{self.chunk}{self.op.value}{self.microbatch}"
+
+    def describe(self, chunk: bool = True) -> str:
+        """The action in the failure messages' words."""
+        what = {Op.F: "forward", Op.B: "backward", Op.I: "input-gradient backward", Op.W: "weight-gradient backward",
+                Op.L: "forward", Op.LI: "forward", Op.E: "evaluation forward", Op.EL: "evaluation forward",
+                Op.RECV_ACT: "receive of the activation", Op.RECV_GRAD: "receive of the gradient",
+                Op.SEND_ACT: "send of the activation", Op.SEND_GRAD: "send of the gradient"}[self.op]
+        return f"{what} of micro-batch {self.microbatch}" + (f" on chunk {self.chunk}" if chunk else "")
+
+    def message(self) -> tuple[Kind, int, int]:
+        """(kind, receiving chunk, micro-batch) of the message a communication action moves: the
+        identity a send and its receive share."""
+        if self.op == Op.RECV_ACT:
+            return Kind.ACT, self.chunk, self.microbatch
+        if self.op == Op.SEND_ACT:
+            return Kind.ACT, self.chunk + 1, self.microbatch
+        if self.op == Op.RECV_GRAD:
+            return Kind.GRAD, self.chunk, self.microbatch
+        if self.op == Op.SEND_GRAD:
+            return Kind.GRAD, self.chunk - 1, self.microbatch
+        raise ValueError(f"{self} moves no message")
+
+
+class ScheduleError(ValueError):
+    """A schedule that would deadlock, mix up messages or leave work undone; the message holds the
+    per-rank grid with the offending action marked."""
+
+
+# ---- Schedules -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Schedule(ABC):
-    n_stages: int
+    """`n_ranks` pipeline ranks, `n_microbatches` per step, `virtual_stages` chunks per rank."""
+
+    n_ranks: int
     n_microbatches: int
+    virtual_stages: int = 1
+    name: ClassVar[str] = "?"
+    shape: ClassVar[str] = "loop"  # chunk → rank map: "loop" or "v"
+    forward_only: ClassVar[bool] = False
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_ranks * self.virtual_stages
+
+    def rank_of(self, chunk: int) -> int:
+        if self.shape == "v":  # 0, 1, ..., P-1, P-1, ..., 1, 0
+            return chunk if chunk < self.n_ranks else 2 * self.n_ranks - 1 - chunk
+        return chunk % self.n_ranks
+
+    def chunks_of(self, rank: int) -> list[int]:
+        return [c for c in range(self.n_chunks) if self.rank_of(c) == rank]
 
     @abstractmethod
-    def tasks(self, stage: int) -> list[Task]:
-        """Tasks of `stage` in execution order; each micro-batch has exactly one FWD and one BWD."""
+    def actions(self, rank: int) -> list[Action]:
+        """The compute actions of `rank` for one step, in execution order."""
+
+    def lowered(self) -> Lowered:
+        return lower(self)
+
+    def uses(self, chunk: int, ops: set[Op]) -> bool:
+        return any(a.op in ops for a in self.actions(self.rank_of(chunk)) if a.chunk == chunk)
+
+    def describe(self) -> str:
+        v = f", {self.virtual_stages} chunks per rank" if self.virtual_stages > 1 else ""
+        return f"{self.name} ({self.n_ranks} ranks, {self.n_microbatches} micro-batches{v})"
+
+    def _last(self, chunk: int) -> bool:
+        return chunk == self.n_chunks - 1
 
 
 @dataclass(frozen=True)
 class GPipe(Schedule):
     """All forwards, then all backwards, both in micro-batch order (GPipe; the original's default).
 
-    Backwards in forward order because the fused last stage produces gradients in that order:
-    the first gradient a stage needs is the first one that exists.
-    """
+    Backwards in forward order because the fused last chunk produces gradients in that order: the
+    first gradient a rank needs is the first one that exists."""
 
-    def tasks(self, stage: int) -> list[Task]:
-        m = self.n_microbatches
-        return [Task(i, Phase.FWD) for i in range(m)] + [Task(i, Phase.BWD) for i in range(m)]
+    name: ClassVar[str] = "gpipe"
+
+    def actions(self, rank: int) -> list[Action]:
+        m = range(self.n_microbatches)
+        (c,) = self.chunks_of(rank)
+        if self._last(c):
+            return [Action(Op.L, c, i) for i in m]
+        return [Action(Op.F, c, i) for i in m] + [Action(Op.B, c, i) for i in m]
 
 
 @dataclass(frozen=True)
 class OneFOneB(Schedule):
-    """PipeDream-flush 1F1B: P-1-s warm-up forwards, then alternate one forward and one backward.
+    """PipeDream-flush 1F1B: P-1-r warm-up forwards, then alternate one forward and one backward.
 
-    Same bubble as GPipe but at most P-s micro-batches of activations alive per stage, and both
-    directions of a link busy at once.
-
-    Plain 1F1B exposes the link: in steady state stage s+1 waits, every micro-batch, for a gradient
-    to travel to s, s's backward, s's next forward and that activation to travel back (two message
-    latencies per micro-batch). `extra_warmup` more warm-up forwards keep that many activations
-    queued ahead at every stage, hiding latencies up to about `extra_warmup` micro-batches of
-    compute, for that many more micro-batches of activations held per stage.
-    """
+    Same bubble as GPipe but at most P-r micro-batches of activations alive per rank, and both
+    directions of a link busy at once. Plain 1F1B exposes the link: in steady state rank r+1 waits,
+    every micro-batch, for a gradient to travel to r, r's backward, r's next forward and that
+    activation to travel back (two message latencies per micro-batch). `extra_warmup` more warm-up
+    forwards keep that many activations queued ahead at every rank, hiding latencies up to about
+    `extra_warmup` micro-batches of compute, for that many more activations held per rank."""
 
     extra_warmup: int = 0
+    name: ClassVar[str] = "1f1b"
 
-    def tasks(self, stage: int) -> list[Task]:
+    def actions(self, rank: int) -> list[Action]:
+        (c,) = self.chunks_of(rank)
         m = self.n_microbatches
-        warmup = min(self.n_stages - 1 - stage + self.extra_warmup, m)
-        out = [Task(i, Phase.FWD) for i in range(warmup)]
-        fwd, bwd = warmup, 0
-        while bwd < m:
-            if fwd < m:
-                out.append(Task(fwd, Phase.FWD))
-                fwd += 1
-            out.append(Task(bwd, Phase.BWD))
-            bwd += 1
-        return out
+        if self._last(c):
+            return [Action(Op.L, c, i) for i in range(m)]
+        warmup = min(self.n_ranks - 1 - rank + self.extra_warmup, m)
+        return _one_f_one_b([(c, i) for i in range(m)], [(c, i) for i in range(m)], warmup, lambda _: False)
 
 
-SCHEDULES: dict[str, type[Schedule]] = {"gpipe": GPipe, "1f1b": OneFOneB}
+def _one_f_one_b(fwd: Sequence[tuple[int, int]], bwd: Sequence[tuple[int, int]], warmup: int,
+                 fused: Callable[[int], bool]) -> list[Action]:
+    """`warmup` forwards, then one forward and one backward in turn, then the remaining backwards.
+    A chunk for which `fused` holds runs its forward as `L`; its backward slots stay in the order
+    and run nothing, so every other backward keeps the place the unfused order gives it."""
+    out = [Action(Op.L if fused(c) else Op.F, c, i) for c, i in fwd[:warmup]]
+    f, b = warmup, 0
+    while f < len(fwd) or b < len(bwd):
+        if f < len(fwd):
+            c, i = fwd[f]
+            out.append(Action(Op.L if fused(c) else Op.F, c, i))
+            f += 1
+        if b < len(bwd):
+            if not fused(bwd[b][0]):
+                out.append(Action(Op.B, *bwd[b]))
+            b += 1
+    return out
 
 
-def make_schedule(name: str, n_stages: int, n_microbatches: int, extra_warmup: int = 0) -> Schedule:
+@dataclass(frozen=True)
+class Interleaved1F1B(Schedule):
+    """Megatron-LM's interleaved 1F1B over v chunks per rank (looped: chunk c on rank c mod P).
+
+    Micro-batches go in rounds of P: within a round a rank runs each of its chunks' forwards in
+    chunk order (backwards in reverse chunk order), so the bubble shrinks to (P-1)/(v·M) at v
+    times the messages. Warm-up: 2(P-1-r) + (v-1)·P forwards. The last chunk runs fused (`L`), so
+    its backward slots run nothing. Needs at least P micro-batches. With M a multiple of P this is
+    Megatron's order; with a last round shorter than P, ranks whose next backward would wait for
+    a forward they have not run get one more warm-up forward at a time until the order cannot
+    deadlock (the same walk `check` uses), which holds a few more activations there."""
+
+    name: ClassVar[str] = "interleaved_1f1b"
+
+    def actions(self, rank: int) -> list[Action]:
+        return list(_interleaved_orders(self.n_ranks, self.n_microbatches, self.virtual_stages)[rank])
+
+
+@dataclass(frozen=True)
+class Explicit(Schedule):
+    """A schedule given as its per-rank action lists (tests, and orders computed elsewhere)."""
+
+    orders: tuple[tuple[Action, ...], ...] = ()
+    placement: str = "loop"
+    name: ClassVar[str] = "explicit"
+
+    def rank_of(self, chunk: int) -> int:
+        if self.placement == "v":
+            return chunk if chunk < self.n_ranks else 2 * self.n_ranks - 1 - chunk
+        return chunk % self.n_ranks
+
+    def actions(self, rank: int) -> list[Action]:
+        return list(self.orders[rank])
+
+
+@cache
+def _interleaved_orders(P: int, M: int, v: int) -> tuple[tuple[Action, ...], ...]:
+    rounds = [list(range(s, min(s + P, M))) for s in range(0, M, P)]
+    last = v * P - 1
+    fwd = [[(j * P + r, i) for rnd in rounds for j in range(v) for i in rnd] for r in range(P)]
+    bwd = [[(j * P + r, i) for rnd in rounds for j in reversed(range(v)) for i in rnd] for r in range(P)]
+    warmup = [min(2 * (P - 1 - r) + (v - 1) * P, v * M) for r in range(P)]
+    while True:
+        orders = tuple(tuple(_one_f_one_b(fwd[r], bwd[r], warmup[r], lambda c: c == last)) for r in range(P))
+        try:
+            walk(lower(Explicit(P, M, v, orders)), lambda r, a, t: t, lambda r, a, t: t)
+            return orders
+        except Deadlock as e:
+            grown = [r for r in e.blocked if warmup[r] < v * M]
+            if not grown:  # all forwards first cannot deadlock; unreachable
+                raise
+            for r in grown:
+                warmup[r] += 1
+
+
+@dataclass(frozen=True)
+class ZeroBubbleH1(Schedule):
+    """Zero-bubble ZB-H1 (Qi et al., 2023): the backward split into I (input gradient, which the
+    previous rank waits for) and W (weight gradient, which nobody waits for); W actions move into
+    the bubbles, so with equal F, I and W times the bubble falls from 1F1B's (P-1)/M to
+    (P-1)/(3M).
+
+    The order is the one a greedy list scheduler finds with equal unit times (the last rank's fused
+    forward + loss + input gradient `LI` counting two): each rank runs, whenever it is free, the
+    input gradient that has arrived, else the next forward, else a pending W. Activation memory is
+    1F1B's: at most P-r micro-batches between their F and their I on rank r; a W may wait behind
+    up to P-1 later micro-batches, holding only what W needs (the inputs of the weight matmuls and
+    the gradients of their outputs)."""
+
+    name: ClassVar[str] = "zb_h1"
+
+    def actions(self, rank: int) -> list[Action]:
+        return _zb_h1_orders(self.n_ranks, self.n_microbatches)[rank]
+
+
+def _zb_h1_orders(P: int, M: int) -> list[list[Action]]:
+    clock, orders = [0] * P, [[] for _ in range(P)]
+    act = {(0, m): 0 for m in range(M)}  # (rank, micro-batch) -> when its input activation is there
+    grad: dict[tuple[int, int], int] = {}
+    nf, ni, nw = [0] * P, [0] * P, [0] * P
+    while any(n < M for n in nw):
+        best: tuple[int, int, int, Op] | None = None
+        for r in range(P):
+            if nw[r] == M:
+                continue
+            last = r == P - 1
+            options = []
+            may_forward = nf[r] < M and nf[r] - ni[r] < P - r and nf[r] - nw[r] < 2 * P - r - 1
+            if may_forward and (r, nf[r]) in act:
+                options.append((max(clock[r], act[(r, nf[r])]), 0 if last else 1, Op.LI if last else Op.F))
+            if not last and ni[r] < nf[r] and (r, ni[r]) in grad:
+                options.append((max(clock[r], grad[(r, ni[r])]), 0, Op.I))
+            if nw[r] < ni[r]:
+                options.append((clock[r], 2, Op.W))
+            if options:
+                start, prio, op = min(options, key=lambda o: (o[0], o[1]))
+                if best is None or (start, r) < (best[0], best[1]):
+                    best = (start, r, prio, op)
+        assert best is not None
+        start, r, _, op = best
+        if op in (Op.F, Op.LI):
+            m = nf[r]
+            nf[r] += 1
+            if op == Op.LI:
+                ni[r] += 1
+        elif op == Op.I:
+            m = ni[r]
+            ni[r] += 1
+        else:
+            m = nw[r]
+            nw[r] += 1
+        end = start + (2 if op == Op.LI else 1)
+        if op == Op.F:
+            act[(r + 1, m)] = end
+        elif op in (Op.I, Op.LI) and r > 0:
+            grad[(r - 1, m)] = end
+        clock[r] = end
+        orders[r].append(Action(op, r, m))
+    return orders
+
+
+@dataclass(frozen=True)
+class ForwardOnly(Schedule):
+    """Evaluation: every micro-batch forward through every chunk, keeping nothing; the last chunk
+    computes the loss. Chunks sit where the training schedule put them (`chunk_ranks`). Micro-batches
+    go in rounds of `round_size` (evaluation: one validation batch); within a round a rank runs all
+    of them through one chunk before its next, so ranks overlap as under GPipe and a chunk's values
+    for the next chunk on the same rank never pile up beyond a round."""
+
+    chunk_ranks: tuple[int, ...] = ()
+    round_size: int = 0  # 0: all micro-batches in one round
+    name: ClassVar[str] = "forward"
+    forward_only: ClassVar[bool] = True
+
+    @classmethod
+    def like(cls, schedule: Schedule, n_microbatches: int | None = None, round_size: int = 0) -> ForwardOnly:
+        return cls(schedule.n_ranks, n_microbatches or schedule.n_microbatches, schedule.virtual_stages,
+                   tuple(schedule.rank_of(c) for c in range(schedule.n_chunks)), round_size)
+
+    def rank_of(self, chunk: int) -> int:
+        return self.chunk_ranks[chunk] if self.chunk_ranks else super().rank_of(chunk)
+
+    def actions(self, rank: int) -> list[Action]:
+        m, size = self.n_microbatches, self.round_size or self.n_microbatches
+        return [Action(Op.EL if self._last(c) else Op.E, c, i) for start in range(0, m, size)
+                for c in self.chunks_of(rank) for i in range(start, min(start + size, m))]
+
+
+SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (GPipe, OneFOneB, Interleaved1F1B, ZeroBubbleH1)}
+SPLIT_BACKWARD = {Op.I, Op.LI, Op.W}
+
+
+def make_schedule(name: str, n_ranks: int, n_microbatches: int, extra_warmup: int = 0,
+                  virtual_stages: int = 1) -> Schedule:
+    """The schedule `name` (parallel.schedule), with the rules each imposes checked here."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"parallel.schedule: {name!r} is not one of {', '.join(SCHEDULES)}")
+    if extra_warmup and name != "1f1b":
+        raise ConfigError(f"parallel.extra_warmup ({extra_warmup}) applies to parallel.schedule=1f1b only "
+                          f"(got {name}): set it to 0 or use 1f1b")
+    if name == "interleaved_1f1b":
+        if virtual_stages < 2:
+            raise ConfigError("parallel.schedule=interleaved_1f1b needs parallel.virtual_stages >= 2 (model chunks "
+                              "per rank); with one chunk per rank use 1f1b")
+        if n_microbatches < n_ranks:
+            raise ConfigError(f"parallel.schedule=interleaved_1f1b needs at least parallel.pp = {n_ranks} "
+                              f"micro-batches per replica, got {n_microbatches}: raise train.global_batch_size or "
+                              f"lower train.micro_batch_size")
+        return Interleaved1F1B(n_ranks, n_microbatches, virtual_stages)
+    if virtual_stages != 1:
+        raise ConfigError(f"parallel.virtual_stages={virtual_stages} needs a schedule over several chunks per rank "
+                          f"(interleaved_1f1b); {name} runs one chunk per rank")
     if name == "1f1b":
-        return OneFOneB(n_stages, n_microbatches, extra_warmup)
-    if extra_warmup:
-        raise ValueError(f"extra_warmup applies to the 1f1b schedule, not {name}")
-    return SCHEDULES[name](n_stages, n_microbatches)
+        return OneFOneB(n_ranks, n_microbatches, 1, extra_warmup)
+    return SCHEDULES[name](n_ranks, n_microbatches)
 
 
-def check_consistent(schedule: Schedule) -> None:
-    """Raises if the schedule could deadlock or mix up messages between neighbouring stages."""
-    for s in range(schedule.n_stages):
-        tasks = schedule.tasks(s)
-        m = schedule.n_microbatches
-        for phase in Phase:
-            ids = sorted(t.microbatch for t in tasks if t.phase == phase)
-            if ids != list(range(m)):
-                raise ValueError(f"stage {s}: {phase.name} tasks cover micro-batches {ids}, expected 0..{m - 1}")
-        for t in tasks:
-            if t.phase == Phase.BWD and tasks.index(Task(t.microbatch, Phase.FWD)) > tasks.index(t):
-                raise ValueError(f"stage {s}: backward of micro-batch {t.microbatch} before its forward")
-    for s in range(schedule.n_stages - 1):
-        sent = [t.microbatch for t in schedule.tasks(s) if t.phase == Phase.FWD]
-        used = [t.microbatch for t in schedule.tasks(s + 1) if t.phase == Phase.FWD]
-        if sent != used:
-            raise ValueError(f"stages {s}->{s + 1}: activations sent in order {sent} but consumed in {used}")
-        # The (fused) last stage sends each gradient at its FWD task, every other stage at its BWD task.
-        back_phase = Phase.FWD if s + 1 == schedule.n_stages - 1 else Phase.BWD
-        back = [t.microbatch for t in schedule.tasks(s + 1) if t.phase == back_phase]
-        need = [t.microbatch for t in schedule.tasks(s) if t.phase == Phase.BWD]
-        if back != need:
-            raise ValueError(f"stages {s + 1}->{s}: gradients sent in order {back} but consumed in {need}")
+# ---- Lowering ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """Per rank, the compute actions of the schedule with their receives and sends in place."""
+
+    schedule: Schedule
+    ranks: tuple[tuple[Action, ...], ...]
+    _links: frozenset[tuple[int, int]] = field(default=frozenset())
+
+    @property
+    def links(self) -> frozenset[tuple[int, int]]:
+        """The unordered pairs of ranks that exchange messages."""
+        return self._links
+
+    def compute(self, rank: int) -> list[Action]:
+        return [a for a in self.ranks[rank] if not a.op.is_comm]
+
+    def send_order(self, src: int, dst: int) -> list[tuple[Kind, int, int]]:
+        """The messages `src` sends to `dst`, in the order it sends them: the order in which `dst`
+        must post its receives from `src` (a transport completes one peer's messages in order)."""
+        return [a.message() for a in self.ranks[src] if a.op in (Op.SEND_ACT, Op.SEND_GRAD) and a.peer == dst]
+
+
+def lower(schedule: Schedule) -> Lowered:
+    """The one pass that decides what crosses between ranks."""
+    ranks, links = [], set()
+    last = schedule.n_chunks - 1
+    for rank in range(schedule.n_ranks):
+        out: list[Action] = []
+        for a in schedule.actions(rank):
+            consumes, produces = CONSUMES[a.op], PRODUCES[a.op]
+            if consumes == Kind.ACT and a.chunk > 0 and (src := schedule.rank_of(a.chunk - 1)) != rank:
+                out.append(Action(Op.RECV_ACT, a.chunk, a.microbatch, src))
+            elif consumes == Kind.GRAD and a.chunk < last and (src := schedule.rank_of(a.chunk + 1)) != rank:
+                out.append(Action(Op.RECV_GRAD, a.chunk, a.microbatch, src))
+            out.append(a)
+            if produces == Kind.ACT and a.chunk < last and (dst := schedule.rank_of(a.chunk + 1)) != rank:
+                out.append(Action(Op.SEND_ACT, a.chunk, a.microbatch, dst))
+                links.add((min(rank, dst), max(rank, dst)))
+            elif produces == Kind.GRAD and a.chunk > 0 and (dst := schedule.rank_of(a.chunk - 1)) != rank:
+                out.append(Action(Op.SEND_GRAD, a.chunk, a.microbatch, dst))
+                links.add((min(rank, dst), max(rank, dst)))
+        ranks.append(tuple(out))
+    return Lowered(schedule, tuple(ranks), frozenset(links))
+
+
+# ---- Walking a lowered schedule: the validator's and the simulator's one engine --------------------
+
+
+class Deadlock(Exception):
+    def __init__(self, blocked: dict[int, int]):
+        super().__init__("deadlock")
+        self.blocked = blocked  # rank -> index of the action it cannot run
+
+
+def walk(lowered: Lowered, compute: Callable[[int, Action, float], float],
+         send: Callable[[int, Action, float], float]) -> list[float]:
+    """Runs every rank's actions in order: `compute(rank, action, start)` returns when the action
+    ends, `send(rank, action, ready)` when its message arrives; a receive waits for its message.
+    Each action is visited once (ranks wait on a message, not in a loop). Returns each rank's end
+    time; raises `Deadlock` with every stuck rank's action when no rank can move on."""
+    n = len(lowered.ranks)
+    clock, ptr = [0.0] * n, [0] * n
+    arrived: dict[tuple[int, tuple[Kind, int, int]], float] = {}  # (receiver, message) -> time
+    waiting: dict[tuple[int, tuple[Kind, int, int]], int] = {}
+    ready = deque(range(n))
+    while ready:
+        r = ready.popleft()
+        actions = lowered.ranks[r]
+        while ptr[r] < len(actions):
+            a = actions[ptr[r]]
+            if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
+                key = (r, a.message())
+                if key not in arrived:
+                    waiting[key] = r
+                    break
+                clock[r] = max(clock[r], arrived.pop(key))
+            elif a.op in (Op.SEND_ACT, Op.SEND_GRAD):
+                assert a.peer is not None
+                key = (a.peer, a.message())
+                arrived[key] = send(r, a, clock[r])
+                if waiting.pop(key, None) is not None:
+                    ready.append(a.peer)
+            else:
+                clock[r] = compute(r, a, clock[r])
+            ptr[r] += 1
+    blocked = {r: ptr[r] for r in range(n) if ptr[r] < len(lowered.ranks[r])}
+    if blocked:
+        raise Deadlock(blocked)
+    return clock
+
+
+# ---- Validation ----------------------------------------------------------------------------------------
+
+
+def format_grid(lowered: Lowered, marks: dict[tuple[int, int], str] | None = None, comm: bool = True) -> str:
+    """One line per rank, its actions in order; marked actions read `>>action<<` with a note below."""
+    marks = marks or {}
+    lines, notes = [], []
+    for r, actions in enumerate(lowered.ranks):
+        cells = []
+        for i, a in enumerate(actions):
+            if a.op.is_comm and not comm and (r, i) not in marks:
+                continue
+            cells.append(f">>{a}<<" if (r, i) in marks else str(a))
+            if (r, i) in marks:
+                notes.append(f"  rank {r}, action {i} ({a}): {marks[(r, i)]}")
+        lines.append(f"rank {r}: " + " ".join(cells))
+    legend = ("(chunk, computation, micro-batch; '0a3>1': chunk 0 sends micro-batch 3's activation to rank 1, "
+              "'1g3<2': chunk 1 receives micro-batch 3's gradient from rank 2)")
+    return "\n".join([*lines, legend, *notes])
+
+
+def format_timeline(lowered: Lowered, cost: Callable[[Action], int] | None = None) -> str:
+    """The compute actions placed in time with unit costs (`L` 3, `LI` 2, `B` 2 unless `cost` says
+    otherwise) and free messages: a column per time unit, '.' where a rank idles (the bubble)."""
+    cost = cost or (lambda a: {Op.L: 3, Op.LI: 2, Op.B: 2}.get(a.op, 1))
+    rows: list[list[tuple[float, Action]]] = [[] for _ in lowered.ranks]
+
+    def compute(r: int, a: Action, start: float) -> float:
+        rows[r].append((start, a))
+        return start + cost(a)
+
+    ends = walk(lowered, compute, lambda r, a, t: t)
+    width = max(len(str(a)) for row in rows for _, a in row)
+    out = []
+    for r, row in enumerate(rows):
+        cells, t = [], 0.0
+        for start, a in row:
+            cells += ["." * width] * int(start - t)
+            cells += [str(a).ljust(width)] + ["-" * width] * (cost(a) - 1)
+            t = start + cost(a)
+        cells += ["." * width] * int(max(ends) - t)
+        out.append(f"rank {r}: " + " ".join(cells))
+    return "\n".join(out)
+
+
+def check(lowered: Lowered) -> None:
+    """Raises ScheduleError unless every micro-batch runs through every chunk exactly once in a
+    valid order, every message is sent once and received once in the order it was sent, and the
+    ranks cannot deadlock. Linear in the number of actions."""
+    s = lowered.schedule
+
+    def fail(what: str, marks: dict[tuple[int, int], str]) -> None:
+        raise ScheduleError(f"schedule {s.describe()}: {what}\n{format_grid(lowered, marks)}")
+
+    lifecycles = EVAL_LIFECYCLES if s.forward_only else TRAINING_LIFECYCLES
+    last = s.n_chunks - 1
+    for r, actions in enumerate(lowered.ranks):
+        seen: dict[tuple[int, int], dict[Op, int]] = defaultdict(dict)
+        for i, a in enumerate(actions):
+            if a.op.is_comm:
+                continue
+            if s.rank_of(a.chunk) != r or not 0 <= a.microbatch < s.n_microbatches:
+                fail(f"rank {r} runs chunk {a.chunk}, micro-batch {a.microbatch}, which is not its own",
+                     {(r, i): "not this rank's chunk or micro-batch"})
+            if a.op in LAST_CHUNK_ONLY and a.chunk != last:
+                fail(f"{a.op.value} computes the loss, but chunk {a.chunk} is not the last", {(r, i): "not the last"})
+            if a.op in NOT_LAST_CHUNK and a.chunk == last:
+                fail(f"the last chunk must compute the loss (L, LI or EL), not {a.op.value}", {(r, i): "use L or LI"})
+            done = seen[(a.chunk, a.microbatch)]
+            if a.op in done:
+                fail(f"{a} runs twice", {(r, i): "second time"})
+            need = {Op.B: (Op.F,), Op.I: (Op.F,), Op.W: (Op.I, Op.LI)}.get(a.op)
+            if need and not any(n in done for n in need):
+                fail(f"{a} runs before its {'/'.join(n.value for n in need)}", {(r, i): "too early"})
+            done[a.op] = i
+        for c in s.chunks_of(r):
+            for m in range(s.n_microbatches):
+                done = seen.get((c, m), {})
+                if {op: 1 for op in done} not in lifecycles:
+                    have = " ".join(op.value for op in done) or "nothing"
+                    at = {(r, i): "incomplete" for i in done.values()}
+                    fail(f"rank {r} runs {have} for chunk {c}, micro-batch {m}: a micro-batch needs one of "
+                         + ", ".join("+".join(op.value for op in lc) for lc in lifecycles), at)
+    # Messages: each sent once, after the computation that produces it, and received once by the rank
+    # that consumes it. (Their order may differ: a rank posts its receives from a peer in the order
+    # that peer sends, `Lowered.send_order`, so a message never waits behind one sent later.)
+    sends: dict[tuple[int, tuple[Kind, int, int]], tuple[int, int]] = {}
+    for r, actions in enumerate(lowered.ranks):
+        made = set()
+        for i, a in enumerate(actions):
+            if not a.op.is_comm:
+                made.add((PRODUCES[a.op], a.chunk, a.microbatch))
+            elif a.op in (Op.SEND_ACT, Op.SEND_GRAD):
+                kind = Kind.ACT if a.op == Op.SEND_ACT else Kind.GRAD
+                if (kind, a.chunk, a.microbatch) not in made:
+                    fail(f"{a} sends before {a.chunk}'s computation produces it (a send out of order)",
+                         {(r, i): "nothing to send yet"})
+                key = (a.peer, a.message())
+                if key in sends:
+                    fail(f"{a} is sent twice", {sends[key]: "first", (r, i): "again"})
+                sends[key] = (r, i)  # type: ignore[assignment]
+    for r, actions in enumerate(lowered.ranks):
+        for i, a in enumerate(actions):
+            if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
+                src = sends.pop((r, a.message()), None)
+                if src is None or src[0] != a.peer:
+                    fail(f"rank {r} waits for a message rank {a.peer} never sends", {(r, i): "never sent"})
+    for (dst, _), (r, i) in sends.items():
+        fail(f"rank {r} sends a message rank {dst} never receives", {(r, i): "never received"})
+    # Local hand-overs: a chunk's neighbour on the same rank must have produced its input first.
+    for r, actions in enumerate(lowered.ranks):
+        produced = set()
+        for i, a in enumerate(actions):
+            if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
+                produced.add(a.message())
+                continue
+            if a.op.is_comm:
+                continue
+            kind = CONSUMES[a.op]
+            if kind is not None and not (a.chunk == 0 and kind == Kind.ACT) and not (
+                    a.chunk == last and kind == Kind.GRAD) and (kind, a.chunk, a.microbatch) not in produced:
+                fail(f"{a} runs before its input exists", {(r, i): "input not yet produced"})
+            out_kind = PRODUCES[a.op]
+            if out_kind == Kind.ACT and a.chunk < last:
+                produced.add((Kind.ACT, a.chunk + 1, a.microbatch))
+            elif out_kind == Kind.GRAD and a.chunk > 0:
+                produced.add((Kind.GRAD, a.chunk - 1, a.microbatch))
+    try:
+        walk(lowered, lambda r, a, t: t, lambda r, a, t: t)
+    except Deadlock as e:
+        fail("deadlock: every rank that has work left waits for a message that is never sent first",
+             {(r, i): "waits here" for r, i in e.blocked.items()})

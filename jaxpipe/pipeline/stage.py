@@ -1,10 +1,19 @@
-"""A pipeline stage's compiled programs: forward, backward, and the last stage's fused step.
+"""A model chunk's compiled programs: one per computation of the schedule IR
+(`jaxpipe.pipeline.schedule.Op`): forward, full backward, the split backward's input-gradient and
+weight-gradient halves, the last chunk's fused forward + loss + backward (whole or input half), and
+the forward-only programs of evaluation.
 
 Backward uses the residuals that `jax.vjp` saved during the forward (returned out of the forward
 program as a pytree and fed to the backward program), not recomputation: recomputing costs a
 third more FLOPs per step, and memory is better traded per block with `model.remat=block`, which
 keeps only block inputs. Gradients accumulate into a float32 buffer that each program donates,
 so a step allocates no new gradient memory per micro-batch.
+
+Split backward (`split=True`, for schedules with I and W actions): the forward also returns each
+parametrised op's input (`jaxpipe.model.gpt.WEIGHT_INPUTS`) and differentiates with respect to the
+chunk's input and zero perturbations at each op's output only, so its residuals serve the input
+gradient (I), which yields the gradients at the op outputs; W then forms the weight gradients from
+those and the recorded inputs, with no second forward.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxpipe.comm.message import ArraySpec
 from jaxpipe.config import ModelConfig
-from jaxpipe.model.gpt import Params, StageModel, compute_dtype, next_token_loss
+from jaxpipe.model.gpt import PERTURBATIONS, WEIGHT_INPUTS, Params, StageModel, compute_dtype, next_token_loss
 from jaxpipe.pipeline.partition import StageSpec
 
 
@@ -33,10 +42,12 @@ class StageProgram:
     every micro-batch is split along its batch axis; XLA inserts the gradient all-reduce.
     """
 
-    def __init__(self, cfg: ModelConfig, spec: StageSpec, micro_batch_size: int, mesh: Any = None):
+    def __init__(self, cfg: ModelConfig, spec: StageSpec, micro_batch_size: int, mesh: Any = None,
+                 split: bool = False):
         self.cfg = cfg
         self.spec = spec
         self.mesh = mesh
+        self.split = split
         self.module = StageModel(cfg, n_layers=spec.n_layers, first=spec.first, last=spec.last)
         self.act_spec = ArraySpec((micro_batch_size, cfg.seq_len, cfg.d_model), jnp.dtype(compute_dtype(cfg)).name)
         self.token_spec = ArraySpec((micro_batch_size, cfg.seq_len), "int32")
@@ -44,16 +55,27 @@ class StageProgram:
         self.in_spec = None if spec.first else self.act_spec
         self.out_spec = None if spec.last else self.act_spec
 
-        self.forward: Callable[..., Any] = jax.jit(self._forward)
+        self.forward: Callable[..., Any] = jax.jit(self._forward_split if split else self._forward)
         self.backward: Callable[..., Any] = jax.jit(self._backward, donate_argnums=(0,))
+        self.backward_input: Callable[..., Any] = jax.jit(self._backward_input)
+        self.backward_weight: Callable[..., Any] = jax.jit(self._backward_weight, donate_argnums=(0,))
         self.forward_backward_loss: Callable[..., Any] = jax.jit(self._forward_backward_loss, donate_argnums=(1,))
+        self.forward_input_loss: Callable[..., Any] = jax.jit(self._forward_input_loss)
+        self.eval_forward: Callable[..., Any] = jax.jit(self._apply)
         self.eval_loss: Callable[..., Any] = jax.jit(self._eval_loss)
 
     # -- shapes ------------------------------------------------------------------------------------
-    def param_shapes(self) -> Params:
-        x = jnp.zeros(self.token_spec.shape, jnp.int32) if self.spec.first else jnp.zeros(
+    def _shapes(self) -> dict[str, Any]:
+        x = jax.ShapeDtypeStruct(self.token_spec.shape, jnp.int32) if self.spec.first else jax.ShapeDtypeStruct(
             self.act_spec.shape, self.act_spec.dtype)
-        return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), x)["params"]
+        return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), x)
+
+    def param_shapes(self) -> Params:
+        return self._shapes()["params"]
+
+    def _zero_perturbations(self) -> Params:
+        """Zeros at every parametrised op's output (inside a program: constants XLA folds away)."""
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._shapes()[PERTURBATIONS])
 
     def zero_grads(self, params: Params) -> Params:
         # The zeros depend on no input value, so jit leaves them uncommitted: commit them like the
@@ -107,12 +129,46 @@ class StageProgram:
         g_params, g_x = vjp(g_y)
         return _tree_add(grads, g_params), g_x
 
+    def _forward_split(self, params: Params, x: jax.Array) -> tuple[jax.Array, Any]:
+        """Non-last chunk, split backward: activations out, plus (I's residuals, W's inputs)."""
+
+        def f(x_in: Any, pert: Params) -> tuple[jax.Array, Any]:
+            return self.module.apply({"params": params, PERTURBATIONS: pert}, x_in, mutable=[WEIGHT_INPUTS])
+
+        pert = self._zero_perturbations()
+        if self.spec.first:
+            y, vjp, state = jax.vjp(lambda pe: f(x, pe), pert, has_aux=True)
+        else:
+            y, vjp, state = jax.vjp(f, x, pert, has_aux=True)
+        return y, (vjp, state[WEIGHT_INPUTS])
+
+    def _backward_input(self, saved: Any, g_y: jax.Array) -> tuple[jax.Array | None, Any]:
+        """I: the input gradient (None on the first chunk) and what W needs."""
+        vjp, inputs = saved
+        if self.spec.first:
+            (g_ops,) = vjp(g_y)
+            return None, (inputs, g_ops)
+        g_x, g_ops = vjp(g_y)
+        return g_x, (inputs, g_ops)
+
+    def _backward_weight(self, grads: Params, params: Params, w: Any) -> Params:
+        """W: the weight gradients, sum over ops of (d op / d params)^T · (gradient at the op's output)."""
+        inputs, g_ops = w
+
+        def pairing(p: Params) -> jax.Array:
+            outs = self.module.apply({"params": p}, inputs, method=StageModel.weight_ops)
+            return sum(jnp.vdot(g.astype(jnp.float32), o.astype(jnp.float32))
+                       for g, o in zip(jax.tree.leaves(g_ops), jax.tree.leaves(outs), strict=True))
+
+        return _tree_add(grads, jax.grad(pairing)(params))
+
     def _forward_backward_loss(
         self, params: Params, grads: Params, x: jax.Array, targets: jax.Array, scale: jax.Array
     ) -> tuple[Params, jax.Array | None, jax.Array]:
-        """Last stage: loss of one micro-batch, its parameter gradients (accumulated) and input gradient.
+        """Last chunk: loss of one micro-batch, its parameter gradients (accumulated) and input gradient.
 
-        `scale` is 1 / number of micro-batches, so the accumulated gradient is that of the mean loss.
+        `scale` is loss scale / number of micro-batches, so the accumulated gradient is that of the
+        (scaled) mean loss.
         """
 
         def loss_fn(p: Params, x_in: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -124,6 +180,23 @@ class StageProgram:
             return _tree_add(grads, g_params), None, loss
         (_, loss), (g_params, g_x) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
         return _tree_add(grads, g_params), g_x, loss
+
+    def _forward_input_loss(self, params: Params, x: jax.Array, targets: jax.Array,
+                            scale: jax.Array) -> tuple[jax.Array | None, jax.Array, Any]:
+        """LI: the last chunk's loss and input gradient; its weight gradients wait for W."""
+
+        def loss_fn(x_in: Any, pert: Params) -> tuple[jax.Array, Any]:
+            logits, state = self.module.apply({"params": params, PERTURBATIONS: pert}, x_in,
+                                              mutable=[WEIGHT_INPUTS])
+            loss = next_token_loss(logits, targets)
+            return loss * scale, (loss, state[WEIGHT_INPUTS])
+
+        pert = self._zero_perturbations()
+        if self.spec.first:
+            g_ops, (loss, inputs) = jax.grad(lambda pe: loss_fn(x, pe), has_aux=True)(pert)
+            return None, loss, (inputs, g_ops)
+        (g_x, g_ops), (loss, inputs) = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(x, pert)
+        return g_x, loss, (inputs, g_ops)
 
     def _eval_loss(self, params: Params, x: jax.Array, targets: jax.Array) -> jax.Array:
         return next_token_loss(self._apply(params, x), targets)

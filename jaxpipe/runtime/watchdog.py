@@ -40,7 +40,8 @@ DEADLINE_KEYS = "deadline: runtime.comm_timeout_s, or runtime.first_step_timeout
 
 
 class Activity:
-    """One per process (`ACTIVITY`). `doing` is a string or a schedule Task, formatted only when read."""
+    """One per process (`ACTIVITY`). `doing` says what this rank is doing now, in the failure
+    messages' words (the executor prepares its strings once, so keeping it current is one store)."""
 
     def __init__(self) -> None:
         self.rank: int | None = None
@@ -118,8 +119,6 @@ class Activity:
 
     def where(self) -> str:
         doing = self.doing
-        if hasattr(doing, "phase") and hasattr(doing, "microbatch"):  # a schedule Task
-            doing = f"{'forward' if int(doing.phase) == 0 else 'backward'} of micro-batch {doing.microbatch}"
         return f"during {doing}" if self.step is None else f"at step {self.step}, {doing}"
 
 

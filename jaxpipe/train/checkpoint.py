@@ -149,12 +149,18 @@ def _opt_parts(opt_state: Any) -> tuple[dict[str, Params], dict[str, Any]]:
     return moments, scalars
 
 
-def stage_items(model: ModelConfig, spec: StageSpec, params: Params, opt_state: Any) -> dict[str, Any]:
-    """What this stage writes: {item name: {"params": ..., "opt": {slot: ...}}}."""
-    items = {name: {"params": tree, "opt": {}} for name, tree in _per_item(model, spec, params).items()}
-    for slot, tree in _opt_parts(opt_state)[0].items():
-        for name, sub in _per_item(model, spec, tree).items():
-            items[name]["opt"][slot] = sub
+def rank_items(model: ModelConfig, specs: Mapping[int, StageSpec], params: Mapping[int, Params],
+               opt_state: Any) -> dict[str, Any]:
+    """What a rank writes for its chunks (`params` and the optimizer's moments keyed by chunk):
+    {item name: {"params": ..., "opt": {slot: ...}}}."""
+    items: dict[str, Any] = {}
+    moments = _opt_parts(opt_state)[0]
+    for c, spec in specs.items():
+        chunk_items = {name: {"params": tree, "opt": {}} for name, tree in _per_item(model, spec, params[c]).items()}
+        for slot, tree in moments.items():
+            for name, sub in _per_item(model, spec, tree[c]).items():
+                chunk_items[name]["opt"][slot] = sub
+        items.update(chunk_items)
     return items
 
 
@@ -199,15 +205,15 @@ def save(
     comm: Any,
     writer: bool,
     model: ModelConfig,
-    spec: StageSpec,
-    params: Params,
+    specs: Mapping[int, StageSpec],
+    params: Mapping[int, Params],
     opt_state: Any,
     state: dict[str, Any],
     files: Mapping[str, str | Path] | None = None,
     keep: int = 0,
     pause_before_commit: float = 0.0,
 ) -> Path:
-    """Collective over `comm`: every rank calls it; ranks with `writer` write their stage's items.
+    """Collective over `comm`: every rank calls it; ranks with `writer` write their chunks' items.
 
     `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage;
     `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the newest `keep`.
@@ -226,7 +232,7 @@ def save(
     comm.Barrier()
     if writer:
         checkpointer = ocp.PyTreeCheckpointer()
-        for name, tree in stage_items(model, spec, params, opt_state).items():
+        for name, tree in rank_items(model, specs, params, opt_state).items():
             checkpointer.save(tmp / name, tree)
     comm.Barrier()
     if lead:
@@ -308,16 +314,22 @@ def _like(tree: Params, template: Params, what: str) -> Params:
     return jax.tree_util.tree_map_with_path(put, tree, template)
 
 
-def load_stage(
-    ckpt: str | Path, model: ModelConfig, spec: StageSpec, params_template: Params, opt_template: Any = None
-) -> tuple[Params, Any]:
-    """This stage's parameters (and optimizer state, given its template) from a checkpoint written
-    with any partition. The templates fix structure, dtype and device placement."""
-    state = read_state(ckpt)
+def load_stage(ckpt: str | Path, model: ModelConfig, spec: StageSpec, params_template: Params) -> Params:
+    """One chunk's parameters from a checkpoint written with any partition; the template fixes
+    structure, dtype and device placement."""
     items = read_items(ckpt, item_names(spec))
-    params = _like(_assemble(model, spec, items, lambda it: it["params"]), params_template, "parameters")
-    if opt_template is None:
-        return params, None
+    return _like(_assemble(model, spec, items, lambda it: it["params"]), params_template, "parameters")
+
+
+def load_rank(ckpt: str | Path, model: ModelConfig, specs: Mapping[int, StageSpec],
+              params_template: Mapping[int, Params], opt_template: Any) -> tuple[dict[int, Params], Any]:
+    """A rank's chunks' parameters and its optimizer state (moments keyed by chunk, as the
+    templates are) from a checkpoint written with any partition and any number of chunks per rank."""
+    state = read_state(ckpt)
+    names = sorted({n for spec in specs.values() for n in item_names(spec)})
+    items = read_items(ckpt, names)
+    params = {c: _like(_assemble(model, spec, items, lambda it: it["params"]), params_template[c], "parameters")
+              for c, spec in specs.items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_template, is_leaf=_is_moment)
     scalars = state.get("opt_scalars", {})
     filled = []
@@ -325,10 +337,11 @@ def load_stage(
         if _is_moment(leaf):
             slot = "_".join(_key_name(k) for k in path)
             try:
-                tree = _assemble(model, spec, items, lambda it, s=slot: it["opt"][s])
+                tree = {c: _like(_assemble(model, spec, items, lambda it, s=slot: it["opt"][s]), leaf[c],
+                                 f"optimizer slot {slot}") for c, spec in specs.items()}
             except KeyError:
                 raise ConfigError(f"checkpoint '{ckpt}' has no optimizer slot '{slot}'") from None
-            filled.append(_like(tree, leaf, f"optimizer slot {slot}"))
+            filled.append(tree)
         else:
             key = jax.tree_util.keystr(path)
             if key not in scalars:
@@ -359,5 +372,4 @@ def load_model(ckpt: str | Path, **model_overrides: Any) -> tuple[ModelConfig, P
     module = StageModel(model, n_layers=model.n_layer, first=True, last=True)
     tokens = jnp.zeros((1, model.seq_len), jnp.int32)
     template = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens)["params"]
-    params, _ = load_stage(ckpt, model, spec, template)
-    return model, params
+    return model, load_stage(ckpt, model, spec, template)

@@ -2,29 +2,29 @@
 
 Each replica's pipeline evaluates its share of `n_batches` validation batches, laid out exactly as
 training batches (replica r, micro-batch m of batch b reads the samples a training step b would),
-so DP replicas read disjoint samples and together read every sample once. The first and middle
-stages run a jitted forward that keeps no residuals (the training forward keeps them for the
-backward); the last stage computes the loss. Messages use the transport's ordinary calls with
-negative step numbers (`eval_msg_step`), a key space no training step uses, so an evaluation can
-never be mistaken for a step's traffic. The result is the mean token loss over all evaluated
-samples, the same number one process computes on the same batch.
+so DP replicas read disjoint samples and together read every sample once. The evaluation is a
+forward-only schedule (`jaxpipe.pipeline.schedule.ForwardOnly`: every chunk where training put
+it, its programs keeping no residuals, the last chunk computing the loss) lowered and run by the
+same executor as training, over the same transport and activation codec, with negative step
+numbers (`eval_msg_step`) — a key space no training step uses, so an evaluation can never be
+mistaken for a step's traffic. The result is the mean token loss over all evaluated samples, the
+same number one process computes on the same batch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import jax
 import numpy as np
 from mpi4py import MPI
 
-from jaxpipe.comm.message import Kind, MsgKey
 from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import Transport
 from jaxpipe.config import Config
 from jaxpipe.data.source import TokenSource, replica_sample_indices
 from jaxpipe.model.gpt import Params
+from jaxpipe.pipeline.executor import Executor, StepBatch
+from jaxpipe.pipeline.schedule import ForwardOnly, Schedule, check
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime.watchdog import ACTIVITY
 
@@ -49,43 +49,40 @@ def perplexity(loss: float) -> float:
 class Evaluator:
     """Collective over the world communicator: every rank calls `__call__` together."""
 
-    def __init__(self, cfg: Config, topo: Topology, program: StageProgram, transport: Transport,
-                 source: TokenSource | None, n_batches: int):
-        self.cfg, self.topo, self.program, self.transport = cfg, topo, program, transport
-        self.source = source if (topo.is_first or topo.is_last) else None
+    def __init__(self, cfg: Config, topo: Topology, schedule: Schedule, programs: dict[int, StageProgram],
+                 transport: Transport, source: TokenSource | None, n_batches: int):
+        self.cfg, self.topo, self.programs = cfg, topo, programs
         self.n_batches = n_batches
-        module = program.module
-        self._forward = jax.jit(lambda params, x: module.apply({"params": params}, x))
-        # Tokens and targets go where the stage's training inputs go (split over its devices, if several).
-        self._place = getattr(program, "place_input", jax.device_put)
+        last = schedule.n_chunks - 1
+        self.source = source if (0 in programs or last in programs) else None
+        # All evaluation batches are one forward-only step of n_batches × M micro-batches.
+        self.schedule = ForwardOnly.like(schedule, n_batches * cfg.num_microbatches, cfg.num_microbatches)
+        lowered = self.schedule.lowered()
+        check(lowered)
+        self.executor = Executor(lowered, topo.stage, programs, transport, cfg.parallel.recv_lookahead)
+        # Tokens and targets go where the chunk's training inputs go (split over its devices, if several).
+        self._place = next(iter(programs.values())).place_input
 
-    def local_losses(self, params: Params, step: int) -> list[float]:
-        """Runs this stage's part; the last stage returns the loss of each of its micro-batches."""
-        cfg, spec, transport = self.cfg, self.program.spec, self.transport
-        msg_step = eval_msg_step(step)
-        losses: list[Any] = []
-        n_micro = cfg.num_microbatches
-        for b in range(self.n_batches):
-            samples = None
-            if self.source is not None:
+    def _batch(self) -> StepBatch:
+        cfg, n_micro, cache = self.cfg, self.cfg.num_microbatches, {}
+
+        def samples(j: int) -> np.ndarray:
+            b, m = divmod(j, n_micro)
+            if b not in cache:  # One validation batch at a time, read when its first micro-batch runs.
+                cache.clear()
                 idx = replica_sample_indices(cfg, b, self.topo.replica).reshape(-1)
-                samples = self.source.samples(idx).reshape(n_micro, cfg.train.micro_batch_size, -1)
-            for m in range(n_micro):
-                key = MsgKey(msg_step, b * n_micro + m, Kind.ACT)
-                if spec.first:
-                    x = self._place(np.ascontiguousarray(samples[m, :, :-1]))
-                else:
-                    x = transport.recv(key, spec.index - 1, self.program.act_spec)
-                if spec.last:
-                    targets = self._place(np.ascontiguousarray(samples[m, :, 1:]))
-                    losses.append(self.program.eval_loss(params, x, targets))
-                else:
-                    transport.send(key, spec.index + 1, self._forward(params, x))
-        with ACTIVITY.waiting("completing the evaluation's sends"):
-            transport.flush()
-        return [float(v) for v in losses]
+                cache[b] = self.source.samples(idx).reshape(n_micro, cfg.train.micro_batch_size, -1)  # type: ignore[union-attr]
+            return cache[b][m]
 
-    def __call__(self, params: Params, step: int) -> float:
+        return StepBatch(lambda j: self._place(np.ascontiguousarray(samples(j)[:, :-1])),
+                         lambda j: self._place(np.ascontiguousarray(samples(j)[:, 1:])))
+
+    def local_losses(self, params: dict[int, Params], step: int) -> list[float]:
+        """Runs this rank's part; the rank of the last chunk returns the loss of each micro-batch."""
+        result = self.executor.run(eval_msg_step(step), params, {}, self._batch())
+        return [float(v) for v in result.losses]
+
+    def __call__(self, params: dict[int, Params], step: int) -> float:
         """Mean validation loss over every replica's samples, on every rank."""
         losses = self.local_losses(params, step)
         with ACTIVITY.waiting("the evaluation's loss allreduce"):

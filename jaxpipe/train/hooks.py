@@ -21,9 +21,11 @@ from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import Transport
 from jaxpipe.config import Config
 from jaxpipe.data.source import make_val_source, resolve_token_files
+from jaxpipe.dp.base import DataParallel
 from jaxpipe.errors import ConfigError, agree
 from jaxpipe.model.gpt import Params
-from jaxpipe.pipeline.partition import Partition, StageSpec
+from jaxpipe.pipeline.partition import Partition
+from jaxpipe.pipeline.schedule import Schedule
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime.watchdog import ACTIVITY
 from jaxpipe.train import checkpoint
@@ -54,16 +56,19 @@ def check_resume(cfg: Config, resume: str | None) -> tuple[Path, dict[str, Any]]
 
 
 class RunHooks:
-    def __init__(self, cfg: Config, topo: Topology, spec: StageSpec, program: StageProgram, transport: Transport,
-                 partition: Partition, log: Callable[[str], None]):
-        self.cfg, self.topo, self.spec, self.program = cfg, topo, spec, program
+    def __init__(self, cfg: Config, topo: Topology, schedule: Schedule, partition: Partition,
+                 programs: dict[int, StageProgram], transport: Transport, dp: DataParallel,
+                 log: Callable[[str], None]):
+        self.cfg, self.topo, self.programs, self.dp = cfg, topo, programs, dp
+        self.specs = {c: partition.stage(c) for c in programs}
         self.partition, self.log = partition, log
         self.reporter = topo.rank == 0
+        self.start_step = 0
         self.val_losses: dict[int, float] = {}
         self.evaluator: Evaluator | None = None
         if cfg.train.eval_every:
             val = agree(topo.world, lambda: self._val_source())
-            self.evaluator = Evaluator(cfg, topo, program, transport, val, eval_batch_count(cfg, val))
+            self.evaluator = Evaluator(cfg, topo, schedule, programs, transport, val, eval_batch_count(cfg, val))
         self.files: dict[str, Path] = {}
         if cfg.data.source == "tokens":
             tokenizer = resolve_token_files(cfg.data).tokenizer
@@ -78,8 +83,8 @@ class RunHooks:
         return val
 
     # -- resume --------------------------------------------------------------------------------------
-    def restore(self, params: Params, opt_state: Any, resume: str | None,
-                found: tuple[Path, dict[str, Any]] | None = None) -> tuple[Params, Any, int]:
+    def restore(self, params: dict[int, Params], opt_state: Any, resume: str | None,
+                found: tuple[Path, dict[str, Any]] | None = None) -> tuple[dict[int, Params], Any, int]:
         """(parameters, optimizer state, completed steps): from the checkpoint `resume` names, if any.
         `found` is what `check_resume` returned, where the caller checked early."""
         if not resume:
@@ -91,15 +96,16 @@ class RunHooks:
                 self.log(f"resume: no checkpoint in {self.cfg.train.checkpoint_dir} yet, starting at step 0")
             return params, opt_state, 0
         ckpt, state = found
-        params, opt_state = agree(self.topo.world, lambda: checkpoint.load_stage(
-            ckpt, self.cfg.model, self.spec, params, opt_state))
+        params, opt_state = agree(self.topo.world, lambda: checkpoint.load_rank(
+            ckpt, self.cfg.model, self.specs, params, opt_state))
         if self.reporter:
             self.log(f"resumed from {ckpt} after step {state['step']} "
-                     f"(written with layers per stage {[b - a for a, b in state['partition']]})")
-        return params, opt_state, int(state["step"])
+                     f"(written with layers per chunk {[b - a for a, b in state['partition']]})")
+        self.start_step = int(state["step"])
+        return params, opt_state, self.start_step
 
     # -- per step ------------------------------------------------------------------------------------
-    def after_step(self, step: int, params: Params, opt_state: Any, metrics_file: TextIO | None) -> None:
+    def after_step(self, step: int, params: dict[int, Params], opt_state: Any, metrics_file: TextIO | None) -> None:
         """`step` counts completed steps (1-based), as the log does."""
         t = self.cfg.train
         if self.evaluator is not None and step % t.eval_every == 0:
@@ -118,7 +124,7 @@ class RunHooks:
             with ACTIVITY.waiting("the checkpoint save after the step (its barriers wait for every writer)", long=True):
                 path = checkpoint.save(
                     t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0,
-                    model=self.cfg.model, spec=self.spec, params=params, opt_state=opt_state,
+                    model=self.cfg.model, specs=self.specs, params=params, opt_state=opt_state,
                     state=self._state(step), files=self.files, keep=t.keep_checkpoints,
                 )
             if self.reporter:

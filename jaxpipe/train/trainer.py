@@ -1,5 +1,15 @@
-"""The training loop of one rank: set up its stage, then per step run the schedule, synchronise
-gradients (tied embedding, data parallel, global norm) and step the optimizer.
+"""The training loop of one rank, in three parts (nanodo's shape) and a short driver:
+
+- `setup` builds everything the steps need (`Run`: topology, the lowered schedule and its
+  executor, this rank's chunk programs, transport, tied-embedding exchange, data-parallel
+  algorithm, optimizer, hooks) and the state they change (`TrainState`), checking every input on
+  every rank before anything compiles;
+- `do_step` is one iteration: the pipeline, the tied-embedding sum, the data-parallel algorithm,
+  the pipeline-wide gradient norm, the optimizer update. Its only host waits are the ones the
+  update needs (the gradient norm across stages decides clipping and the non-finite verdict); the
+  loss's world sum is started during the step and read when the step is reported;
+- `report` logs the step and writes its metrics;
+- `train` runs set-up, the steps with their hooks (evaluation, checkpoints), and the teardown.
 
 Timing follows the original: a global barrier, then the timer covers the pipeline, the gradient
 synchronisation and the optimizer step, up to the device having finished; data preparation is
@@ -15,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +35,19 @@ from mpi4py import MPI
 
 from jaxpipe import __version__
 from jaxpipe.comm.netem import NetworkEmulator
-from jaxpipe.comm.tied import make_tied_exchange
+from jaxpipe.comm.tied import TiedExchange, local_tied_sum, make_tied_exchange
 from jaxpipe.comm.topology import Topology
-from jaxpipe.comm.transport import make_transport
+from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
-from jaxpipe.dp.sync import make_grad_sync
+from jaxpipe.dp.base import DataParallel, DPContext
+from jaxpipe.dp.sync import make_data_parallel
 from jaxpipe.errors import NonFiniteError, agree
 from jaxpipe.model.gpt import Params, compute_dtype
 from jaxpipe.model.layout import init_stage_params, param_count
-from jaxpipe.pipeline.executor import StepBatch, run_step
+from jaxpipe.pipeline.executor import Executor, StepBatch
 from jaxpipe.pipeline.partition import Partition, StageSpec, resolve_partition
-from jaxpipe.pipeline.schedule import check_consistent, make_schedule
+from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Schedule, check, make_schedule
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
 from jaxpipe.runtime.devices import assign_devices, local_mesh, peak_memory_bytes
@@ -49,8 +60,8 @@ from jaxpipe.train.optimizer import LossScaler, Optimizer
 @dataclass
 class TrainResult:
     partition: Partition
-    stage: StageSpec
-    params: Params  # this rank's stage, after the last step
+    chunks: dict[int, StageSpec]  # this rank's chunks
+    params: dict[int, Params]  # this rank's chunks, after the last step
     losses: list[float] = field(default_factory=list)  # mean over the global batch, per step
     grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
     iter_times: list[float] = field(default_factory=list)
@@ -58,6 +69,80 @@ class TrainResult:
     updates: int = 0  # optimizer updates applied in all (checkpointed runs included): steps minus skips
     peak_memory: list[int | None] = field(default_factory=list)  # per stage (global rank 0 only)
     probe: Any = None
+
+
+@dataclass
+class Factories:
+    """How set-up builds the parts a test may replace (the NCCL protocol played on CPU)."""
+
+    transport: Callable[..., ThreadedTransport] = make_transport
+    tied_exchange: Callable[..., TiedExchange] = make_tied_exchange
+
+
+@dataclass
+class Run:
+    """Everything the steps need; built once by `setup`."""
+
+    cfg: Config
+    comm: Any
+    topo: Topology
+    schedule: Schedule
+    lowered: Lowered
+    partition: Partition
+    programs: dict[int, StageProgram]  # this rank's chunks
+    executor: Executor
+    transport: ThreadedTransport
+    tied: TiedExchange | None  # the exchange with the other end of the tied embedding, if on another rank
+    dp: DataParallel
+    optimizer: Optimizer
+    scaler: LossScaler
+    hooks: RunHooks
+    net: NetworkEmulator | None
+    source: TokenSource | None
+    log: Callable[[str], None]
+    metrics_file: TextIO | None = None
+
+    @property
+    def first_chunk(self) -> bool:
+        return 0 in self.programs
+
+    @property
+    def last_chunk(self) -> int:
+        return self.schedule.n_chunks - 1
+
+    @property
+    def has_last_chunk(self) -> bool:
+        return self.last_chunk in self.programs
+
+    @property
+    def reporter(self) -> bool:
+        return self.topo.rank == 0
+
+    def place(self, trees: dict[int, Any]) -> dict[int, Any]:
+        return {c: self.programs[c].place_params(t) for c, t in trees.items()}
+
+
+@dataclass
+class TrainState:
+    params: dict[int, Params]
+    opt_state: Any
+    updates: int  # applied so far: the learning-rate schedule's position
+
+
+@dataclass
+class StepMetrics:
+    step: int  # 1-based, as logged
+    loss: float
+    grad_norm: float
+    lr: float
+    iter_time_s: float
+    finite: bool
+    sq_norm: float = 0.0  # the gradients' sum of squares (loss-scaled), over the pipeline
+    nonfinite_stages: list[int] = field(default_factory=list)
+    dp_bytes: int = 0
+
+
+# ---- set-up -------------------------------------------------------------------------------------------
 
 
 def _bcast_tree(tree: Params, comm: Any, root: int) -> Params:
@@ -68,45 +153,255 @@ def _bcast_tree(tree: Params, comm: Any, root: int) -> Params:
     return unravel(jnp.asarray(buf))
 
 
-def init_params(cfg: Config, topo: Topology, spec: StageSpec, program: StageProgram) -> Params:
+def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dict[int, StageProgram],
+                last_chunk: int) -> dict[int, Params]:
     """DP rank 0 of each stage initialises; the other replicas receive its values (not a shared
-    seed: replicas must start identical even where random number generation differs by host)."""
-    shapes = program.param_shapes()
-    if topo.dp_comm.Get_rank() == 0:
-        params = init_stage_params(cfg.model, cfg.train.seed, spec.layers, spec.first, spec.last)
-    else:
-        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    if jax.tree.structure(params) != jax.tree.structure(shapes):
-        raise AssertionError("stage parameter layout does not match the StageModel's")
-    params = _bcast_tree(params, topo.dp_comm, root=0)
-    if topo.tied is not None:  # The last stage's head starts from the first stage's embedding.
-        params["wte"] = _bcast_tree(params["wte"], topo.tied, root=0)
-    return program.place_params(params)
+    seed: replicas must start identical even where random number generation differs by host). The
+    last chunk's copy of the tied `wte` starts as the first chunk's."""
+    params = {}
+    for c, program in programs.items():
+        spec = partition.stage(c)
+        shapes = program.param_shapes()
+        if topo.dp_comm.Get_rank() == 0:
+            p = init_stage_params(cfg.model, cfg.train.seed, spec.layers, spec.first, spec.last)
+        else:
+            p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if jax.tree.structure(p) != jax.tree.structure(shapes):
+            raise AssertionError("chunk parameter layout does not match the StageModel's")
+        params[c] = _bcast_tree(p, topo.dp_comm, root=0)
+    if last_chunk > 0:
+        if 0 in params and last_chunk in params:
+            params[last_chunk]["wte"] = params[0]["wte"]
+        elif topo.tied is not None:
+            mine = params[0]["wte"] if 0 in params else params[last_chunk]["wte"]
+            wte = _bcast_tree(mine, topo.tied, root=0)
+            params[0 if 0 in params else last_chunk]["wte"] = wte
+    return {c: programs[c].place_params(p) for c, p in params.items()}
 
 
-def _step_batch(source: TokenSource | None, cfg: Config, topo: Topology, step: int,
-                program: StageProgram) -> StepBatch:
-    if source is None:
-        return StepBatch(None, None)
-    samples = source.samples(replica_sample_indices(cfg, step, topo.replica).reshape(-1))
-    samples = samples.reshape(cfg.num_microbatches, cfg.train.micro_batch_size, -1)
-    inputs = [program.place_input(s[:, :-1]) for s in samples] if topo.is_first else None
-    targets = [program.place_input(s[:, 1:]) for s in samples] if topo.is_last else None
-    return StepBatch(inputs, targets)
-
-
-def describe(cfg: Config, topo: Topology, partition: Partition, transport: str,
-             net: NetworkEmulator | None = None) -> str:
+def describe(run: Run) -> str:
+    cfg, topo = run.cfg, run.topo
     m, p = cfg.model, cfg.parallel
+    counts = run.partition.counts
+    layers = (f"layers per stage {counts}" if p.virtual_stages == 1 else
+              f"layers per chunk {counts} ({p.virtual_stages} chunks per rank)")
     return (
         f"jaxpipe {__version__}: {topo.world.Get_size()} ranks = PP {p.pp} x DP {p.dp} | schedule {p.schedule}"
         f"{f' +{p.extra_warmup} warm-up' if p.extra_warmup else ''} | "
-        f"dp {p.dp_mode} | layers per stage {partition.counts} | model {m.preset} "
+        f"dp {run.dp.describe()} | {layers} | model {m.preset} "
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
-        f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {transport} | "
-        f"{net.describe() if net is not None else 'network emulation off'}"
+        f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
+        f"{run.net.describe() if run.net is not None else 'network emulation off'}"
     )
+
+
+def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None = None,
+          factories: Factories | None = None) -> tuple[Run, TrainState, int]:
+    """Everything a run needs, and its state at `start_step` (0, or after the resumed step).
+    Collective over `comm`; bad input raises the same ConfigError on every rank before any compile."""
+    f = factories or Factories()
+    p = cfg.parallel
+    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
+    last = schedule.n_chunks - 1
+    topo = Topology.create(comm, p.pp, p.dp, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)))
+    ACTIVITY.configure(topo.rank, topo.stage, p.pp, topo.replica, cfg.runtime.comm_timeout_s,
+                       cfg.runtime.first_step_timeout_s)
+    agree(comm, lambda: faults.load(topo.rank, topo.stage, topo.replica))
+    k = cfg.runtime.devices_per_process
+    agree(comm, lambda: assign_devices(comm, k))  # Before JAX touches a device.
+    mesh = agree(comm, lambda: local_mesh(k)) if k > 1 else None
+    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
+    partition = agree(comm, lambda: resolve_partition(p.partition, cfg.model, schedule.n_chunks,
+                                                      cfg.train.micro_batch_size, weights))
+    chunks = schedule.chunks_of(topo.stage)
+    needs_data = 0 in chunks or last in chunks
+    # Every rank opens the data (a missing file fails the whole job here, before any compile).
+    source = agree(comm, lambda: make_source(cfg.data, cfg.model))
+    # A checkpoint of another model or batch size fails here, before anything compiles.
+    resume_from = agree(comm, lambda: check_resume(cfg, resume))
+
+    lowered = schedule.lowered()
+    check(lowered)
+    programs = {c: StageProgram(cfg.stage_model(topo.stage), partition.stage(c), cfg.train.micro_batch_size, mesh,
+                                split=schedule.uses(c, SPLIT_BACKWARD)) for c in chunks}
+    params = init_params(cfg, topo, partition, programs, last)
+    optimizer = Optimizer(cfg.train)
+    opt_state = programs[chunks[0]].place_params(optimizer.init(params))  # committed, as the update returns it
+    net = NetworkEmulator.from_config(cfg.network, topo.rank)
+    place_trees = lambda trees: {c: programs[c].place_params(t) for c, t in trees.items()}  # noqa: E731
+    dp = make_data_parallel(DPContext(topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i), p,
+                                      place_trees))
+    transport = agree(comm, lambda: f.transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
+                                                programs[chunks[0]].place_input, single_device=mesh is None,
+                                                net=net, links=lowered.links))
+    ACTIVITY.attach(transport)
+    tied = None
+    if topo.tied is not None:  # Every rank takes part in `agree` (it is collective); only the pair builds.
+        peer = topo.world_rank_of(topo.tied_stages[1] if 0 in chunks else topo.tied_stages[0])
+        tied = agree(comm, lambda: f.tied_exchange(p.transport, topo.tied, 0 in chunks, peer, net,
+                                                   p.tied_grad_dtype))
+    else:
+        agree(comm, lambda: None)
+    start_watchdog()
+    run = Run(cfg=cfg, comm=comm, topo=topo, schedule=schedule, lowered=lowered, partition=partition,
+              programs=programs, executor=Executor(lowered, topo.stage, programs, transport, p.recv_lookahead),
+              transport=transport, tied=tied, dp=dp, optimizer=optimizer,
+              scaler=LossScaler(cfg.train, compute_dtype(cfg.model)), hooks=None,  # type: ignore[arg-type]
+              net=net, source=source if needs_data else None, log=log)
+    # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
+    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log)
+    params, opt_state, start_step = run.hooks.restore(params, opt_state, resume, resume_from)
+    # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
+    # moves the data on but not the schedule.
+    return run, TrainState(params, opt_state, optimizer.applied_updates(opt_state)), start_step
+
+
+# ---- one step ------------------------------------------------------------------------------------------
+
+
+def step_batch(run: Run, step: int) -> StepBatch:
+    cfg = run.cfg
+    if run.source is None:
+        return StepBatch()
+    samples = run.source.samples(replica_sample_indices(cfg, step, run.topo.replica).reshape(-1))
+    samples = samples.reshape(cfg.num_microbatches, cfg.train.micro_batch_size, -1)
+    place = next(iter(run.programs.values())).place_input
+    inputs = [place(s[:, :-1]) for s in samples] if run.first_chunk else None
+    targets = [place(s[:, 1:]) for s in samples] if run.has_last_chunk else None
+    return StepBatch(inputs.__getitem__ if inputs else None, targets.__getitem__ if targets else None)
+
+
+def sum_tied(run: Run, grads: dict[int, Params]) -> dict[int, Params]:
+    """Both copies of `wte` get the sum of the two gradients (bit-identical on both ends)."""
+    last, wire = run.last_chunk, run.cfg.parallel.tied_grad_dtype
+    if last == 0:
+        return grads
+    if run.first_chunk and run.has_last_chunk:  # Both ends on this rank (V shape, or PP = 1).
+        g = local_tied_sum(grads[0]["wte"], grads[last]["wte"], wire)
+        return {**grads, 0: {**grads[0], "wte": g}, last: {**grads[last], "wte": g}}
+    if run.tied is None:
+        return grads
+    c = 0 if run.first_chunk else last
+    return {**grads, c: {**grads[c], "wte": run.tied(grads[c]["wte"])}}
+
+
+def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[TrainState, StepMetrics, Any]:
+    """One iteration (`step` 0-based); returns the new state, the step's metrics (the loss still
+    to be read from the returned request, see `finish_loss`) and that request."""
+    topo, p = run.topo, run.cfg.parallel
+    # Waits for every rank's previous step: the first two include compilation.
+    with ACTIVITY.waiting("the barrier that starts the step", long=step <= run.hooks.start_step + 1):
+        run.comm.Barrier()
+    if TIMELINE.enabled:  # Keeps the last step's events only.
+        TIMELINE.start()
+    t0 = time.perf_counter()
+    grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
+    result = run.executor.run(step, state.params, grads, batch, loss_scale=run.scaler.scale)
+    grads = result.grads
+    if faults.ARMED:
+        grads = faults.poison(step + 1, grads)
+        faults.at_sync(step + 1)
+    with ACTIVITY.waiting("the tied-embedding gradient sum"):
+        if TIMELINE.enabled:  # Tracing only: the phases after the pipeline start from its end.
+            jax.block_until_ready(grads)
+            TIMELINE.mark("step", "pipeline done")
+        grads = sum_tied(run, grads)
+        TIMELINE.mark("step", "tied embedding summed")
+    with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
+        grads = run.dp.sync_gradients(step, grads)
+        TIMELINE.mark("step", "data-parallel sync done")
+    # Every stage's gradient sum of squares and the loss go to the whole pipeline. With a DP algorithm
+    # that averages every step the gradients, hence the norm, are equal on all replicas, so every rank
+    # of the job decides the same about a non-finite step (a non-finite loss makes the gradients so).
+    skip_tied = run.last_chunk > 0
+    sq = sum(float(prog.sq_norm(grads[c], skip_tied and c == run.last_chunk)) for c, prog in run.programs.items())
+    loss = result.mean_loss
+    local = np.array([sq, float(loss) if loss is not None else 0.0])
+    TIMELINE.mark("step", "gradient norm computed")
+    with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
+        parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
+    if run.net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
+        time.sleep(run.net.collective_latency(p.pp))
+    sq_total, pipe_loss = (float(v) for v in parts.sum(axis=0))
+    finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
+    norm = math.sqrt(sq_total) / run.scaler.scale if finite else float("nan")
+    lr = float(run.optimizer.schedule(state.updates))
+    params, opt_state, updates = state.params, state.opt_state, state.updates
+    ACTIVITY.doing = "the optimizer update"
+    if finite:
+        params, opt_state = run.optimizer.update(params, opt_state, grads, jnp.float32(norm),
+                                                 jnp.float32(1.0 / run.scaler.scale))
+        updates += 1
+    params, opt_state = run.dp.after_update(step, params, opt_state)
+    # The world sum of the pipelines' losses is for reporting only: nothing waits for it here.
+    send, buf = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0]), np.zeros(1)
+    loss_req = run.comm.Iallreduce(send, buf, op=MPI.SUM)
+    jax.block_until_ready(params)
+    dt = time.perf_counter() - t0
+    run.scaler.update(finite)
+    bad = [s for s in range(p.pp) if not np.isfinite(parts[s]).all()]
+    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad, run.dp.wire_bytes())
+    return TrainState(params, opt_state, updates), metrics, (loss_req, buf, send)
+
+
+def finish_loss(run: Run, metrics: StepMetrics, pending: Any) -> StepMetrics:
+    """Completes the step's loss sum (started in `do_step`): the mean over the global batch."""
+    req, buf, _send = pending
+    with ACTIVITY.waiting("the allreduce of the loss"):
+        req.Wait()
+    metrics.loss = float(buf[0]) / run.cfg.parallel.dp  # Each pipeline's loss lives on its last stage.
+    return metrics
+
+
+def check_finite(run: Run, m: StepMetrics) -> str | None:
+    """None for a finite step; else what was not finite, or NonFiniteError when the run must stop."""
+    if m.finite:
+        return None
+    where = f"stage{'s' * (len(m.nonfinite_stages) > 1)} {', '.join(map(str, m.nonfinite_stages))}" \
+        if m.nonfinite_stages else "another replica"
+    what = f"non-finite loss or gradients (loss {m.loss:.4g}, gradient norm² {m.sq_norm:.4g}; not finite on {where})"
+    if not run.scaler.dynamic and run.cfg.train.on_nonfinite == "stop":
+        raise NonFiniteError(
+            f"step {m.step}: {what}; train.on_nonfinite=stop ends the run: lower train.lr or raise "
+            f"train.warmup_steps, check the data, resume from the last checkpoint, or set "
+            f"train.on_nonfinite=skip to drop such steps")
+    return what
+
+
+# ---- reporting -----------------------------------------------------------------------------------------
+
+
+def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
+    cfg = run.cfg
+    tokens = cfg.train.global_batch_size * cfg.model.seq_len
+    if run.reporter and skipped is not None:
+        run.log(f"step {m.step:>5} | skipped: {skipped}; no update on any rank"
+                + (f" (loss scale now {run.scaler.scale:g})" if run.scaler.dynamic else ""))
+    if run.reporter and ((m.step - 1) % cfg.train.log_every == 0 or m.step == cfg.train.steps):
+        run.log(f"step {m.step:>5} | loss {m.loss:.4f} | {m.iter_time_s:.3f} s | {tokens / m.iter_time_s:,.0f} tok/s"
+                f" | grad norm {m.grad_norm:.3f} | lr {m.lr:.2e}")
+    if run.metrics_file is not None:
+        run.metrics_file.write(json.dumps({
+            "step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
+            "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes,
+        }) + "\n")
+        run.metrics_file.flush()
+
+
+def report_end(run: Run, result: TrainResult) -> None:
+    with ACTIVITY.waiting("the end-of-run gather"):
+        peaks = run.comm.gather(peak_memory_bytes(next(iter(run.programs.values())).devices), root=0)
+    if run.reporter and result.iter_times:
+        p = run.cfg.parallel
+        result.peak_memory = [peaks[run.topo.world_rank_of(s, 0)] for s in range(p.pp)]
+        steady = result.iter_times[1:] or result.iter_times
+        mem = " ".join(f"{x / 2**30:.2f}" if x is not None else "n/a" for x in result.peak_memory)
+        run.log(f"done: {run.cfg.train.steps} steps, mean iteration {np.mean(steady):.3f} s (first step excluded), "
+                f"final loss {result.losses[-1]:.4f}, peak device memory per stage (GiB): {mem}")
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
 
 
 def train(
@@ -114,146 +409,38 @@ def train(
     comm: Any = None,
     metrics_out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
-    probe: Callable[[StageProgram, Params, Topology], Any] | None = None,
+    probe: Callable[[Run, TrainState], Any] | None = None,
     resume: str | None = None,
+    factories: Factories | None = None,
 ) -> TrainResult:
-    """Trains per `cfg` on this rank's stage. `probe`, if given, runs once after set-up and before
+    """Trains per `cfg` on this rank's chunks. `probe`, if given, runs once after set-up and before
     the first step (benchmarks use it to time a stage alone); its result is `TrainResult.probe`."""
     comm = comm if comm is not None else MPI.COMM_WORLD
-    log = log or (lambda s: print(s, flush=True))
-    p = cfg.parallel
-    topo = Topology.create(comm, p.pp, p.dp)
-    ACTIVITY.configure(topo.rank, topo.stage, p.pp, topo.replica, cfg.runtime.comm_timeout_s,
-                       cfg.runtime.first_step_timeout_s)
-    agree(comm, lambda: faults.load(topo.rank, topo.stage, topo.replica))
-    k = cfg.runtime.devices_per_process
-    agree(comm, lambda: assign_devices(comm, k))  # Before JAX touches a device.
-    mesh = agree(comm, lambda: local_mesh(k)) if k > 1 else None
-    partition = agree(comm, lambda: resolve_partition(
-        p.partition, cfg.model, p.pp, cfg.train.micro_batch_size, p.stage_weights))
-    spec = partition.stage(topo.stage)
-    needs_data = topo.is_first or topo.is_last
-    # Every rank opens the data (a missing file fails the whole job here, before any compile).
-    source = agree(comm, lambda: make_source(cfg.data, cfg.model))
-    if not needs_data:
-        source = None
-    # A checkpoint of another model or batch size fails here, before anything compiles.
-    resume_from = agree(comm, lambda: check_resume(cfg, resume))
-
-    program = StageProgram(cfg.stage_model(topo.stage), spec, cfg.train.micro_batch_size, mesh)
-    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup)
-    check_consistent(schedule)
-    tasks = schedule.tasks(topo.stage)
-    params = init_params(cfg, topo, spec, program)
-    optimizer = Optimizer(cfg.train)
-    opt_state = program.place_params(optimizer.init(params))  # committed, as the update returns it
-    net = NetworkEmulator.from_config(cfg.network, topo.rank)
-    grad_sync = make_grad_sync(p.dp_mode, topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i))
-    transport = agree(comm, lambda: make_transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
-                                                   program.place_input, single_device=mesh is None, net=net))
-    ACTIVITY.attach(transport)
-    # Every rank takes part in `agree` (it is collective); only the tied pair builds the sum.
-    tied_peer = topo.world_rank_of(topo.pp - 1 if topo.stage == 0 else 0)
-    tied = agree(comm, lambda: make_tied_exchange(p.transport, topo.tied, topo.stage == 0, tied_peer, net,
-                                                   p.tied_grad_dtype) if topo.tied is not None else None)
-    start_watchdog()
-    scaler = LossScaler(cfg.train, compute_dtype(cfg.model))
-    skip_tied = spec.last and not spec.first
-    is_reporter = topo.rank == 0
-    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-    result = TrainResult(partition=partition, stage=spec, params=params)
-    metrics_file = open(metrics_out, "w") if (metrics_out and is_reporter) else None  # noqa: SIM115
-    if is_reporter:
-        log(describe(cfg, topo, partition, transport.name, net))
-    # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
-    hooks = RunHooks(cfg, topo, spec, program, transport, partition, log)
-    params, opt_state, start_step = hooks.restore(params, opt_state, resume, resume_from)
+    run, state, start_step = setup(cfg, comm, log or (lambda s: print(s, flush=True)), resume, factories)
+    result = TrainResult(partition=run.partition, chunks={c: run.partition.stage(c) for c in run.programs},
+                         params=state.params, updates=state.updates)
+    if run.reporter:
+        run.log(describe(run))
+        if metrics_out:
+            run.metrics_file = open(metrics_out, "w")  # noqa: SIM115 - closed in the finally below
     if probe is not None:
-        result.probe = probe(program, params, topo)
-    # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
-    # moves the data on but not the schedule.
-    result.updates = optimizer.applied_updates(opt_state)
-
+        result.probe = probe(run, state)
     healthy = True
     try:
         for step in range(start_step, cfg.train.steps):
             warm = result.iter_times[1:]  # The first step's time is mostly compilation.
             ACTIVITY.begin_step(step + 1, first=step == start_step, last_step_s=warm[-1] if warm else 0.0)
-            batch = _step_batch(source, cfg, topo, step, program)
-            # Waits for every rank's previous step: the first two include compilation.
-            with ACTIVITY.waiting("the barrier that starts the step", long=step <= start_step + 1):
-                comm.Barrier()
-            if TIMELINE.enabled:  # Keeps the last step's events only.
-                TIMELINE.start()
-            t0 = time.perf_counter()
-            grads = program.zero_grads(params)
-            grads, loss = run_step(step, tasks, program, transport, params, grads, batch, p.recv_lookahead,
-                                   loss_scale=scaler.scale)
-            if faults.ARMED:
-                grads = faults.poison(step + 1, grads)
-                faults.at_sync(step + 1)
-            with ACTIVITY.waiting("the tied-embedding gradient sum"):
-                if TIMELINE.enabled:  # Tracing only: the phases after the pipeline start from its end.
-                    jax.block_until_ready(grads)
-                    TIMELINE.mark("step", "pipeline done")
-                if tied is not None:
-                    grads = {**grads, "wte": tied(grads["wte"])}
-                TIMELINE.mark("step", "tied embedding summed")
-            with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
-                grads = program.place_params(grad_sync(grads))
-                TIMELINE.mark("step", "data-parallel sync done")
-            # Every stage's gradient sum of squares and the loss go to the whole pipeline; the replicas'
-            # losses are summed over the world. DP averaging made the gradients, hence the norm, equal on
-            # all replicas, so every rank of the job decides the same about a non-finite step.
-            local = np.array([float(program.sq_norm(grads, skip_tied)), float(loss) if loss is not None else 0.0])
-            TIMELINE.mark("step", "gradient norm computed")
-            with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
-                parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
-            if net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
-                time.sleep(net.collective_latency(p.pp))
-            sq_total, pipe_loss = (float(v) for v in parts.sum(axis=0))
-            with ACTIVITY.waiting("the allreduce of the loss"):
-                loss_sum = comm.allreduce(pipe_loss if topo.is_last else 0.0, op=MPI.SUM)
-            mean_loss = loss_sum / p.dp  # Each pipeline's loss lives on its last stage.
-            finite = math.isfinite(sq_total) and math.isfinite(loss_sum)
-            norm = math.sqrt(sq_total) / scaler.scale if finite else float("nan")
-            lr = float(optimizer.schedule(result.updates))
-            ACTIVITY.doing = "the optimizer update"
-            if finite:
-                params, opt_state = optimizer.update(params, opt_state, grads, jnp.float32(norm),
-                                                     jnp.float32(1.0 / scaler.scale))
-                result.updates += 1
-            jax.block_until_ready(params)
-            TIMELINE.mark("step", "optimizer step done")
-            dt = time.perf_counter() - t0
-            scaler.update(finite)
-            if not finite:
-                bad = [str(s) for s in range(p.pp) if not np.isfinite(parts[s]).all()]
-                where = f"stage{'s' * (len(bad) > 1)} {', '.join(bad)}" if bad else "another replica"
-                what = (f"non-finite loss or gradients (loss {mean_loss:.4g}, gradient norm² {sq_total:.4g}; "
-                        f"not finite on {where})")
-                if not scaler.dynamic and cfg.train.on_nonfinite == "stop":
-                    raise NonFiniteError(
-                        f"step {step + 1}: {what}; train.on_nonfinite=stop ends the run: lower train.lr or raise "
-                        f"train.warmup_steps, check the data, resume from the last checkpoint, or set "
-                        f"train.on_nonfinite=skip to drop such steps")
+            batch = step_batch(run, step)
+            state, metrics, pending = do_step(run, state, step, batch)
+            metrics = finish_loss(run, metrics, pending)
+            skipped = check_finite(run, metrics)
+            if skipped is not None:
                 result.skipped_steps.append(step)
-                if is_reporter:
-                    log(f"step {step + 1:>5} | skipped: {what}; no update on any rank"
-                        + (f" (loss scale now {scaler.scale:g})" if scaler.dynamic else ""))
-            result.losses.append(mean_loss)
-            result.grad_norms.append(norm)
-            result.iter_times.append(dt)
-            if is_reporter and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-                log(f"step {step + 1:>5} | loss {mean_loss:.4f} | {dt:.3f} s | {tokens_per_step / dt:,.0f} tok/s"
-                    f" | grad norm {norm:.3f} | lr {lr:.2e}")
-            if metrics_file is not None:
-                metrics_file.write(json.dumps({
-                    "step": step + 1, "loss": mean_loss, "iter_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                    "grad_norm": norm, "lr": lr,
-                }) + "\n")
-                metrics_file.flush()
-            hooks.after_step(step + 1, params, opt_state, metrics_file)
+            report(run, metrics, skipped)
+            result.losses.append(metrics.loss)
+            result.grad_norms.append(metrics.grad_norm)
+            result.iter_times.append(metrics.iter_time_s)
+            run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
     except BaseException as e:
         # The job is about to be aborted: joining a receiver thread blocked on a dead peer would only
         # delay that. A non-finite stop happens on every rank at once, with no message in flight.
@@ -261,21 +448,14 @@ def train(
         raise
     finally:
         if healthy:
-            transport.close()
-            if tied is not None:
-                tied.close()
-        if net is not None:
-            net.close()
-        if metrics_file is not None:
-            metrics_file.close()
-    result.params = params
-    with ACTIVITY.waiting("the end-of-run gather"):
-        peaks = comm.gather(peak_memory_bytes(program.devices), root=0)
-    if is_reporter and result.iter_times:
-        result.peak_memory = [peaks[s] for s in range(p.pp)]
-        steady = result.iter_times[1:] or result.iter_times
-        mem = " ".join(f"{x / 2**30:.2f}" if x is not None else "n/a" for x in result.peak_memory)
-        log(f"done: {cfg.train.steps} steps, mean iteration {np.mean(steady):.3f} s (first step excluded), "
-            f"final loss {result.losses[-1]:.4f}, peak device memory per stage (GiB): {mem}")
+            run.transport.close()
+            if run.tied is not None:
+                run.tied.close()
+        if run.net is not None:
+            run.net.close()
+        if run.metrics_file is not None:
+            run.metrics_file.close()
+    result.params, result.updates = state.params, state.updates
+    report_end(run, result)
     sys.stdout.flush()
     return result
