@@ -167,7 +167,7 @@ def test_injected_nan_is_skipped_on_every_rank(tmp_path):
 def test_injected_nan_stops_every_rank_with_stop(tmp_path):
     run, after = faulty_job(tmp_path, 2, [*MODEL, *TRAIN, *PP2], "nan@step=2,stage=1")
     assert run.returncode == 3, run.stderr
-    line = ("jaxpipe: error: step 2: non-finite loss or gradients (loss 4.868, gradient norm² nan; not finite on "
+    line = ("jaxpipe: error: step 2: non-finite loss or gradients (loss 4.867, gradient norm² nan; not finite on "
             "stages 0, 1); train.on_nonfinite=stop ends the run")
     assert run.stderr.count(line) == 2, run.stderr  # once per rank, and no traceback
     assert "Traceback" not in run.stderr and "step     3" not in run.stdout and after < ENDS_WITHIN_S

@@ -25,6 +25,14 @@ from dataclasses import dataclass
 
 from jaxpipe.config import NetworkConfig
 
+CHUNK_BYTES = 4 * 2**20  # bulk transfers over emulated links move in pieces of this size (at most 64)
+
+
+def transfer_chunks(nbytes: float) -> int:
+    """How many pieces a bulk transfer (a data-parallel reduce or broadcast) is cut into over emulated
+    links, so that a chain of hops works on several pieces at once."""
+    return int(min(64, max(1, -(-int(nbytes) // CHUNK_BYTES))))
+
 
 @dataclass(frozen=True)
 class LinkSpec:

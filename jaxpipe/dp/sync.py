@@ -27,7 +27,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
-from jaxpipe.comm.netem import NetworkEmulator
+from jaxpipe.comm.netem import NetworkEmulator, transfer_chunks
 from jaxpipe.dp.base import DataParallel, DPContext, Trees
 
 
@@ -88,7 +88,7 @@ class CentralPS(GradSync):
         reduce + broadcast did in the original (each costs about |g|/R plus one delay per hop)."""
         p2p = _EmulatedP2P(self.comm, self.net, self._world_rank_of)
         me, n = self.comm.Get_rank(), self.size
-        chunks = np.array_split(np.arange(flat.size), _n_chunks(flat.nbytes))
+        chunks = np.array_split(np.arange(flat.size), transfer_chunks(flat.nbytes))
         # Reduce along n-1 -> ... -> 1 -> 0.
         for c, idx in enumerate(chunks):
             part = flat[idx[0]: idx[-1] + 1] if idx.size else flat[:0]
@@ -135,13 +135,6 @@ class Allreduce(GradSync):
         self.comm.Allreduce(flat, out, op=MPI.SUM)
         out /= np.float32(self.size)
         return out
-
-
-_CHUNK_BYTES = 4 * 2**20
-
-
-def _n_chunks(nbytes: int) -> int:
-    return int(min(64, max(1, -(-nbytes // _CHUNK_BYTES))))
 
 
 class _EmulatedP2P:

@@ -22,12 +22,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
 from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, lower, make_schedule, walk
-
-CHUNK_BYTES = 4 * 2**20  # jaxpipe.dp.sync's chunk size for emulated chain/ring transfers
 
 
 @dataclass(frozen=True)
@@ -132,11 +131,11 @@ def bubble_fraction(schedule: Schedule, times: Sequence[StageTime]) -> float:
 
 def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None) -> float:
     """Time to average `grad_bytes` over `dp` replicas with jaxpipe's algorithm on these links
-    (`n_chunks`: how many pieces the chain moves, by default as jaxpipe.dp.sync cuts them)."""
+    (`n_chunks`: how many pieces the chain moves, by default as the emulated transfers cut them)."""
     if dp <= 1:
         return 0.0
     if mode == "central_ps":  # Pipelined chain reduce to the server, then chain broadcast back.
-        n = n_chunks or max(1, min(64, math.ceil(grad_bytes / CHUNK_BYTES)))
+        n = n_chunks or transfer_chunks(grad_bytes)
         chunk = grad_bytes / n
         hops = dp - 1
         one_way = hops * (link.transfer_s(chunk) + link.delay_s + link.per_message_s) + (n - 1) * link.transfer_s(chunk)
@@ -309,7 +308,7 @@ def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link
     counts = stage_param_counts(m, partition.ranges)
     per_rank = [sum(counts[c] for c in schedule.chunks_of(r)) for r in range(p.pp)]
     grads = [4.0 * n * cfg.network.size_scale for n in per_rank]
-    chunks = [max(1, min(64, math.ceil(4.0 * n / CHUNK_BYTES))) for n in per_rank]  # cut from the real bytes
+    chunks = [transfer_chunks(4.0 * n) for n in per_rank]  # cut from the real bytes, not the scaled ones
     tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0
     tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale
     return predict(schedule, times, msg, link, dp=p.dp, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
