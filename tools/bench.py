@@ -313,10 +313,62 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
     net.close()
 
 
+def cmd_dispatch(args: argparse.Namespace) -> None:
+    """Host time to dispatch a middle stage's forward and backward (the call returning, not the
+    compute) and the device time per task, with the residuals packed into a few buffers and without:
+    the per-task host cost that paced the pipeline at micro-batch 1 and 2."""
+    import jax
+
+    from jaxpipe.model.layout import init_stage_params
+    from jaxpipe.pipeline import stage as stage_module
+    from jaxpipe.pipeline.partition import StageSpec
+    from jaxpipe.pipeline.stage import StageProgram
+
+    cfg = _config(args)
+    n = args.layers
+    spec = StageSpec(1, 3, 0, n)  # a middle stage: activations in and out
+    results = {}
+    for packed in (False, True):
+        stage_module._Packer.MIN_LEAVES = 16 if packed else 10**9
+        prog = StageProgram(cfg.model, spec, cfg.train.micro_batch_size)
+        params = prog.place_params(init_stage_params(cfg.model, 0, spec.layers, False, False))
+        key = jax.random.PRNGKey(0)
+        x = prog.place_input(jax.random.normal(key, prog.act_spec.shape).astype(prog.act_spec.dtype))
+        grads = prog.zero_grads(params)
+        for _ in range(2):  # compile and warm
+            y, saved = prog.forward(params, x)
+            grads, _ = prog.backward(grads, saved, y)
+        jax.block_until_ready(grads)
+        f_host, b_host, total = [], [], []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            y, saved = prog.forward(params, x)
+            t1 = time.perf_counter()
+            grads, g_x = prog.backward(grads, saved, y)
+            t2 = time.perf_counter()
+            jax.block_until_ready((grads, g_x))
+            t3 = time.perf_counter()
+            f_host.append(t1 - t0)
+            b_host.append(t2 - t1)
+            total.append(t3 - t0)
+        n_saved = len(jax.tree.leaves(saved))
+        results[packed] = (float(np.median(f_host)), float(np.median(b_host)), float(np.median(total)), n_saved)
+        how = "packed" if packed else "as arrays"
+        print(f"[{args.label}] {n} layers, mb {cfg.train.micro_batch_size}, residuals {how} ({n_saved} arrays): "
+              f"host dispatch forward {results[packed][0] * 1e3:.2f} ms, backward "
+              f"{results[packed][1] * 1e3:.2f} ms; forward + backward on the device {results[packed][2] * 1e3:.2f} ms",
+              flush=True)
+        _append_json(args.json, {"mode": "dispatch", "layers": n, "micro_batch": cfg.train.micro_batch_size,
+                                 "packed": packed, "arrays": n_saved, "forward_host_s": results[packed][0],
+                                 "backward_host_s": results[packed][1], "task_pair_s": results[packed][2],
+                                 "label": args.label})
+    stage_module._Packer.MIN_LEAVES = 16
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("pipeline", "single", "transport", "dp-sync"):
+    for name in ("pipeline", "single", "transport", "dp-sync", "dispatch"):
         p = sub.add_parser(name)
         p.add_argument("--config")
         p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -331,6 +383,9 @@ def main() -> None:
             p.add_argument("--transport", default="mpi")
             p.add_argument("--mib", type=int, nargs="+", default=[8, 16])
             p.add_argument("--reps", type=int, default=20)
+        if name == "dispatch":
+            p.add_argument("--layers", type=int, default=7, help="layers in the stage (GPT-3 XL's middle stage: 7)")
+            p.add_argument("--reps", type=int, default=20)
         if name == "dp-sync":
             p.add_argument("--mib", type=int, nargs="+", default=[830], help="gradient size (GPT-3 XL stage 0: 830)")
             p.add_argument("--reps", type=int, default=3)
@@ -338,7 +393,7 @@ def main() -> None:
             p.add_argument("--rate-gbit", type=float, default=0.0, help="0: unlimited")
     args = parser.parse_args()
     {"pipeline": cmd_pipeline, "single": cmd_single, "transport": cmd_transport,
-     "dp-sync": cmd_dp_sync}[args.cmd](args)
+     "dp-sync": cmd_dp_sync, "dispatch": cmd_dispatch}[args.cmd](args)
 
 
 if __name__ == "__main__":
