@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -256,6 +257,23 @@ def save(
             prune(root, keep)
     comm.Barrier()
     return final
+
+
+def check_writable(root: str | Path, key: str) -> None:
+    """Creates `root` if needed and writes and removes a file in it: a directory this process
+    cannot write fails before the run starts, with what to change, not at the first save. (A real
+    write, not a permission test: root passes those, and a read-only file system does not.)"""
+    path = Path(root)
+    probe = path / f".jaxpipe-write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(root), str(probe)) else ""
+        raise ConfigError(f"{key} '{root}' cannot be written: {why}{where}; choose a directory this job can "
+                          f"write on every host, or set train.checkpoint_every=0") from None
 
 
 def prune(root: str | Path, keep: int) -> None:
