@@ -254,7 +254,7 @@ def _cmd_dry_run(args: argparse.Namespace) -> None:
 
     from jaxpipe.config import load_config
     from jaxpipe.data.source import make_source
-    from jaxpipe.pipeline.costmodel import config_schedule, format_prediction, plan
+    from jaxpipe.pipeline.costmodel import config_schedule, plan
     from jaxpipe.pipeline.schedule import check, format_timeline
     from jaxpipe.train.checkpoint import check_writable
     from jaxpipe.train.hooks import check_resume
@@ -271,15 +271,17 @@ def _cmd_dry_run(args: argparse.Namespace) -> None:
         return
     p = cfg.parallel
     print("# resolved config")
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     print(f"# launch: mpiexec -n {p.pp * p.dp} jaxpipe train ... (PP {p.pp} x DP {p.dp})")
     print("# partition")
     _cmd_partition(args)
     print(_param_counts(cfg))
     print(f"# schedule: {schedule.describe()}, in unit time (F, I, W 1; B, LI 2; L 3; '.' idle)")
     print(format_timeline(schedule.lowered()))
-    print("# predicted iteration (roofline estimate for an H100; jaxpipe plan --stage-ms for measured times)")
-    print(format_prediction(plan(cfg, platform="gpu")))
+    pred = plan(cfg, platform="gpu")
+    print(f"# predicted iteration: {pred.iteration_s * 1e3:,.3f} ms on H100s (a roofline estimate; jaxpipe plan "
+          f"--stage-ms takes measured times)")
+    print(pred.explanation)
 
 
 def _cmd_single_process(args: argparse.Namespace) -> None:

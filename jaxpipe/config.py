@@ -181,7 +181,8 @@ class Config:
         """The model config one stage compiles with (its own remat, if parallel.stage_remat says)."""
         if self.parallel.stage_remat is None:
             return self.model
-        return dataclasses.replace(self.model, remat=self.parallel.stage_remat[stage])
+        remat: Any = self.parallel.stage_remat[stage]  # one of ModelConfig.remat's values: `validate` checked
+        return dataclasses.replace(self.model, remat=remat)
 
     @property
     def n_chunks(self) -> int:

@@ -139,7 +139,7 @@ def _is_moment(x: Any) -> bool:
     return isinstance(x, dict)
 
 
-def _opt_parts(opt_state: Any) -> tuple[dict[str, Params], dict[str, Any]]:
+def _opt_parts(opt_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """({slot: params-shaped tree}, {path: scalar leaf}) of an optax state."""
     moments, scalars = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_moment)[0]:
@@ -313,13 +313,13 @@ def _assemble(model: ModelConfig, spec: StageSpec, items: Mapping[str, Any], pic
         [pick(items[f"layer_{i}"]) for i in spec.layers],
         embedding=embed if spec.first else None,
         final_ln=pick(items["head"])["ln_f"] if spec.last else None,
-        wte=embed["wte"] if (spec.last and not spec.first) else None,
+        wte=embed["wte"] if (embed is not None and spec.last and not spec.first) else None,
     )
 
 
 def _like(tree: Params, template: Params, what: str) -> Params:
     """`tree` with `template`'s structure, dtypes and placement (sharding), or a ConfigError."""
-    if jax.tree.structure(tree) != jax.tree.structure(template):
+    if jax.tree.structure(tree) != jax.tree.structure(template):  # type: ignore[operator]  # jaxlib's stub
         raise ConfigError(f"checkpoint {what} do not have this stage's layout: "
                           f"{jax.tree.structure(tree)} vs {jax.tree.structure(template)}")
 

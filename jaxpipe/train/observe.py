@@ -129,7 +129,8 @@ def _width(tty: str | None) -> int | None:
     try:
         fd = os.open(tty, os.O_RDONLY | os.O_NOCTTY)
         try:
-            return os.get_terminal_size(fd).columns
+            columns = os.get_terminal_size(fd).columns
+            return columns if columns > 0 else None  # a terminal with no size set (e.g. `script`)
         finally:
             os.close(fd)
     except OSError:

@@ -58,7 +58,7 @@ class Optimizer:
         self.schedule = learning_rate(train)
         self.update = jax.jit(self._update, donate_argnums=(0, 1))
 
-    def init(self, params: Params) -> Any:
+    def init(self, params: Any) -> Any:
         return jax.jit(self.tx.init)(params)
 
     @staticmethod

@@ -169,7 +169,7 @@ def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dic
             p = init_stage_params(cfg.model, cfg.train.seed, spec.layers, spec.first, spec.last)
         else:
             p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        if jax.tree.structure(p) != jax.tree.structure(shapes):
+        if jax.tree.structure(p) != jax.tree.structure(shapes):  # type: ignore[operator]  # jaxlib's stub
             raise AssertionError("chunk parameter layout does not match the StageModel's")
         params[c] = _bcast_tree(p, topo.dp_comm, root=0)
     if last_chunk > 0:
@@ -231,8 +231,8 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     # A checkpoint of another model or batch size fails here, before anything compiles.
     resume_from = agree(comm, lambda: check_resume(cfg, resume))
     # A checkpoint directory this job cannot write fails here, on every rank, not at the first save.
-    if cfg.train.checkpoint_dir and cfg.train.checkpoint_every:
-        agree(comm, lambda: check_writable(cfg.train.checkpoint_dir, "train.checkpoint_dir"))
+    if (ckpt_dir := cfg.train.checkpoint_dir) and cfg.train.checkpoint_every:
+        agree(comm, lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
 
     lowered = schedule.lowered()
     check(lowered)

@@ -13,6 +13,7 @@ schedules) any rank may talk to any other, the last rank back to the first inclu
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -163,7 +164,7 @@ class ThreadedTransport(Transport):
             return self.codecs[key.kind].decode(wire, spec, key)
         except TimeoutError:
             raise TransportError(
-                f"receive deadline: {self.who(self.stage)} waited {round(self.recv_timeout, 1):g} s for "
+                f"receive deadline: {self.who(self.stage)} waited {round(self.recv_timeout or 0.0, 1):g} s for "
                 f"{self.message_name(key)} "
                 f"from {self.who(peer)}: that rank is dead, hung or far slower (deadline: runtime.comm_timeout_s, "
                 f"or runtime.first_step_timeout_s in a run's first step)") from None
@@ -239,8 +240,8 @@ class ThreadedTransport(Transport):
                 if self.net is None:
                     self._wire_send_traced(key, peer, state)
                 else:  # Leaves when the emulated link is free, arrives one delay later.
-                    self.net.send(self._world_rank_of(peer), nbytes,
-                                  lambda k=key, p=peer, st=state: self._wire_send_traced(k, p, st))
+                    self.net.send(self._world_rank_of(peer), nbytes, functools.partial(self._wire_send_traced, key,
+                                                                                       peer, state))
             except BaseException as e:  # Surfaced on the main thread at the next send or flush.
                 self._send_error = e
             finally:
