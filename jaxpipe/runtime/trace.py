@@ -39,6 +39,17 @@ HOST, COMPUTE, SEND, RECEIVE = 0, 1, 2, 3
 _CLOCK_TAG = 31001
 
 
+def _clock_id() -> str:
+    """What identifies this process's `time.perf_counter` clock: the kernel's boot id where that
+    clock is CLOCK_MONOTONIC (one clock per running kernel, containers included), else the process."""
+    if "CLOCK_MONOTONIC" in time.get_clock_info("perf_counter").implementation:
+        try:
+            return "boot " + Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            pass
+    return f"process {socket.gethostname()} {os.getpid()}"
+
+
 def flow_id(src: int, dst: int, step: int, label: str) -> int:
     """The id of one message's flow arrow (sender world rank, receiver world rank, step, `MsgKey.short`),
     computed alike on both ends; 48 bits, so JavaScript's numbers hold it exactly."""
@@ -82,12 +93,17 @@ class Trace:
         self.settle()
         self.enabled = self.armed = False
 
-    def sync_clocks(self, comm: Any, rounds: int = 8) -> None:
-        """Collective: measures this rank's offset to rank 0's clock (the round trip with the least
-        delay of `rounds`, NTP-style) and agrees on the trace's time zero."""
-        rank, size = comm.Get_rank(), comm.Get_size()
+    def sync_clocks(self, comm: Any, rounds: int = 16) -> None:
+        """Collective: this rank's offset to rank 0's clock, and the trace's time zero. Processes of
+        one machine read one clock (CLOCK_MONOTONIC, shared by everything under one kernel: their
+        offset is exactly 0); each other machine's first rank measures its offset to rank 0 by the
+        round trip with the least delay of `rounds` (as NTP does), and the rest of its machine takes it."""
+        rank = comm.Get_rank()
         self.rank, self.offset = rank, 0.0
-        for peer in range(1, size):
+        clocks = comm.allgather(_clock_id())
+        leaders = sorted({clocks.index(c) for c in clocks} - {clocks.index(clocks[0])})
+        measured: dict[int, float] = {}
+        for peer in leaders:
             if rank == 0:
                 best = (float("inf"), 0.0)
                 for _ in range(rounds):
@@ -96,12 +112,13 @@ class Trace:
                     theirs = comm.recv(source=peer, tag=_CLOCK_TAG)
                     t1 = time.perf_counter()
                     best = min(best, (t1 - t0, (t0 + t1) / 2 - theirs))
-                comm.send(best[1], dest=peer, tag=_CLOCK_TAG)
+                measured[peer] = best[1]
             elif rank == peer:
                 for _ in range(rounds):
                     comm.recv(source=0, tag=_CLOCK_TAG)
                     comm.send(time.perf_counter(), dest=0, tag=_CLOCK_TAG)
-                self.offset = comm.recv(source=0, tag=_CLOCK_TAG)
+        measured = comm.bcast(measured, root=0)
+        self.offset = measured.get(clocks.index(clocks[rank]), 0.0)
         self.epoch = comm.bcast(time.perf_counter() if rank == 0 else None, root=0)
 
     # -- steps ----------------------------------------------------------------------------------------
