@@ -240,10 +240,14 @@ def _check_observe(args: argparse.Namespace, cfg: Any) -> Any:
 
     if args.trace_steps is not None and not args.trace:
         raise ConfigError("--trace-steps needs --trace DIR")
+    from jaxpipe.train.checkpoint import check_writable
+
     if args.trace:
         parse_trace_steps(args.trace_steps, cfg.train.steps)
+        check_writable(args.trace, "--trace", hint="leave --trace out")
     if args.tensorboard:
         check_tensorboard()
+        check_writable(args.tensorboard, "--tensorboard", hint="leave --tensorboard out")
     return Observe(trace_dir=args.trace, trace_steps=args.trace_steps, tensorboard_dir=args.tensorboard,
                    progress=args.progress)
 

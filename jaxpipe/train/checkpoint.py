@@ -259,7 +259,7 @@ def save(
     return final
 
 
-def check_writable(root: str | Path, key: str) -> None:
+def check_writable(root: str | Path, key: str, hint: str = "set train.checkpoint_every=0") -> None:
     """Creates `root` if needed and writes and removes a file in it: a directory this process
     cannot write fails before the run starts, with what to change, not at the first save. (A real
     write, not a permission test: root passes those, and a read-only file system does not.)"""
@@ -273,7 +273,7 @@ def check_writable(root: str | Path, key: str) -> None:
         why = e.strerror or type(e).__name__
         where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(root), str(probe)) else ""
         raise ConfigError(f"{key} '{root}' cannot be written: {why}{where}; choose a directory this job can "
-                          f"write on every host, or set train.checkpoint_every=0") from None
+                          f"write on every host, or {hint}") from None
 
 
 def prune(root: str | Path, keep: int) -> None:
