@@ -241,3 +241,60 @@ def test_tensorboard_events_hold_the_logged_values(traced):
     assert "perf/tflops_per_device" in events.Tags()["scalars"]
     assert "perf/mfu" not in events.Tags()["scalars"]  # CPU: no known peak
     assert Path(tmp / "tb").is_dir()
+
+
+# ---- one clock across machines -------------------------------------------------------------------------
+
+
+class _ThreadComm:
+    """Two ranks in two threads: the calls `Trace.sync_clocks` makes, over queues."""
+
+    def __init__(self, rank: int, boxes: dict, barrier):
+        self.rank, self.boxes, self.barrier = rank, boxes, barrier
+
+    def Get_rank(self):
+        return self.rank
+
+    def send(self, obj, dest, tag):
+        self.boxes[(self.rank, dest)].put(obj)
+
+    def recv(self, source, tag):
+        return self.boxes[(source, self.rank)].get(timeout=30)
+
+    def allgather(self, obj):
+        self.boxes["all"][self.rank] = obj
+        self.barrier.wait()
+        out = list(self.boxes["all"])
+        self.barrier.wait()
+        return out
+
+    def bcast(self, obj, root):
+        if self.rank == root:
+            self.boxes["bcast"] = obj
+        self.barrier.wait()
+        out = self.boxes["bcast"]
+        self.barrier.wait()
+        return out
+
+
+@pytest.mark.parametrize(("ids", "expected"), [(("boot a", "boot b"), -5.0), (("boot a", "boot a"), 0.0)])
+def test_clock_offsets(ids, expected):
+    """Another machine's clock, 5 s ahead, is measured back to rank 0's; one machine's ranks share a clock."""
+    import queue
+    import threading
+
+    from jaxpipe.runtime.trace import Trace
+
+    boxes = {(0, 1): queue.Queue(), (1, 0): queue.Queue(), "all": [None, None]}
+    barrier = threading.Barrier(2)
+    traces = [Trace(), Trace()]
+    clocks = [time.perf_counter, lambda: time.perf_counter() + 5.0]
+    threads = [threading.Thread(target=traces[r].sync_clocks, args=(_ThreadComm(r, boxes, barrier),),
+                                kwargs={"clock": clocks[r], "clock_id": ids[r]}) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert traces[0].offset == 0.0
+    assert traces[1].offset == pytest.approx(expected, abs=0.05)
+    assert traces[0].epoch == traces[1].epoch

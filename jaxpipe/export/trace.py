@@ -241,7 +241,8 @@ def plot(trace_dir: str | Path, out: str | Path, step: int | None = None) -> tup
                   f" | efficiency {v.efficiency:.0%}")
     ax.set_title(title, fontsize=10)
     ops = sorted({e["name"] for e in in_step if e.get("cat") == "compute"}, key=list(OP_COLOURS).index)
-    phases = [p for p in PHASE_COLOURS if any(e.get("cat") == "phase" and e["name"] == p for e in in_step)]
+    phases = [p for p in PHASE_COLOURS  # the phases long enough to be seen
+              if any(e.get("cat") == "phase" and e["name"] == p and e["dur"] / 1e6 > span * 0.002 for e in in_step)]
     handles = [Patch(color=OP_COLOURS[o], label=o) for o in ops] + [
         Patch(color=PHASE_COLOURS[p], label=p) for p in phases] + [
         Patch(facecolor="none", edgecolor="#bbbbbb", hatch="////", label="receive wait"),

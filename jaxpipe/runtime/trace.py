@@ -30,7 +30,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,33 +93,35 @@ class Trace:
         self.settle()
         self.enabled = self.armed = False
 
-    def sync_clocks(self, comm: Any, rounds: int = 16) -> None:
+    def sync_clocks(self, comm: Any, rounds: int = 16, clock: Callable[[], float] = time.perf_counter,
+                    clock_id: str | None = None) -> None:
         """Collective: this rank's offset to rank 0's clock, and the trace's time zero. Processes of
         one machine read one clock (CLOCK_MONOTONIC, shared by everything under one kernel: their
         offset is exactly 0); each other machine's first rank measures its offset to rank 0 by the
-        round trip with the least delay of `rounds` (as NTP does), and the rest of its machine takes it."""
+        round trip with the least delay of `rounds` (as NTP does), and the rest of its machine takes it.
+        (`clock` and `clock_id` stand in for the real ones in tests.)"""
         rank = comm.Get_rank()
         self.rank, self.offset = rank, 0.0
-        clocks = comm.allgather(_clock_id())
+        clocks = comm.allgather(clock_id or _clock_id())
         leaders = sorted({clocks.index(c) for c in clocks} - {clocks.index(clocks[0])})
         measured: dict[int, float] = {}
         for peer in leaders:
             if rank == 0:
                 best = (float("inf"), 0.0)
                 for _ in range(rounds):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     comm.send(None, dest=peer, tag=_CLOCK_TAG)
                     theirs = comm.recv(source=peer, tag=_CLOCK_TAG)
-                    t1 = time.perf_counter()
+                    t1 = clock()
                     best = min(best, (t1 - t0, (t0 + t1) / 2 - theirs))
                 measured[peer] = best[1]
             elif rank == peer:
                 for _ in range(rounds):
                     comm.recv(source=0, tag=_CLOCK_TAG)
-                    comm.send(time.perf_counter(), dest=0, tag=_CLOCK_TAG)
+                    comm.send(clock(), dest=0, tag=_CLOCK_TAG)
         measured = comm.bcast(measured, root=0)
         self.offset = measured.get(clocks.index(clocks[rank]), 0.0)
-        self.epoch = comm.bcast(time.perf_counter() if rank == 0 else None, root=0)
+        self.epoch = comm.bcast(clock() if rank == 0 else None, root=0)
 
     # -- steps ----------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
