@@ -13,22 +13,59 @@ no peer is left waiting for it. `supervise` relaunches a failed job from its new
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
+from jaxpipe import __version__
 from jaxpipe.errors import ConfigError, NonFiniteError
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    """`--set a=1 b=2` and repeated `--set a=1 --set b=2` alike: one flat list of overrides."""
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set parallel.pp=2 train.steps=10 (repeatable)")
+
+
+def _add_observe(train: argparse.ArgumentParser) -> None:
+    """What `train` shows besides its log: trace, TensorBoard, progress, and the dry run."""
+    train.add_argument("--trace", metavar="DIR", help="every rank writes a Chrome/Perfetto trace of its actions, "
+                       "waits, messages and step phases to DIR (see jaxpipe trace merge|plot)")
+    train.add_argument("--trace-steps", metavar="A:B", help="steps to trace, counted from 1, inclusive "
+                       "(default: the last two)")
+    train.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard scalars to DIR (global rank 0; "
+                       "needs the 'observe' extra)")
+    train.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                       help="a live progress line on rank 0: auto (when stdout ends on a terminal, also through "
+                            "mpiexec), on, off (default auto)")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config, partition, schedule "
+                       "and predicted iteration, and check the inputs, without MPI or compiling anything")
+
+
+def _add_trace_commands(sub: Any) -> None:
+    trace = sub.add_parser("trace", help="merge or draw the per-rank traces of jaxpipe train --trace DIR")
+    tsub = trace.add_subparsers(dest="trace_command", required=True)
+    merge = tsub.add_parser("merge", help="write one Chrome/Perfetto trace of every rank (DIR/trace.json)")
+    merge.add_argument("dir", metavar="DIR")
+    merge.add_argument("--out", metavar="FILE", help="where to write it (default DIR/trace.json)")
+    plot = tsub.add_parser("plot", help="draw one traced step as a Gantt chart (needs the 'observe' extra)")
+    plot.add_argument("dir", metavar="DIR")
+    plot.add_argument("--out", metavar="PNG", default="timeline.png", help="the picture (default timeline.png)")
+    plot.add_argument("--step", type=int, help="which traced step (default the last)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"jaxpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a GPT with pipeline + data parallelism (run under mpiexec)")
     train.add_argument("--config", help="YAML config (default: the embedded tiny CPU job)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set parallel.pp=2 (repeatable)")
+    _add_set(train)
     train.add_argument("--metrics-out", help="write one JSON object per step to this file (global rank 0)")
     train.add_argument("--resume", metavar="PATH|auto",
                        help="continue from a checkpoint (a step_N directory or a checkpoint directory's newest), "
                             "or 'auto': the newest in train.checkpoint_dir if there is one")
+    _add_observe(train)
     sup = sub.add_parser("supervise", help="run a training job; after a failure, relaunch it with --resume auto")
     sup.add_argument("--max-restarts", type=int, default=3, metavar="K", help="give up after K restarts (default 3)")
     sup.add_argument("--delay", type=float, default=5.0, metavar="S", help="seconds between a failure and the "
@@ -37,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="the job, e.g. -- mpiexec -n 4 jaxpipe train --config run.yaml")
     part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
     part.add_argument("--config")
-    part.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(part)
     plan = sub.add_parser("plan", help="predict a config's iteration time and what bounds it (no MPI needed)")
     plan.add_argument("--config")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(plan)
     plan.add_argument("--stage-ms", metavar="F,B;F,B;...",
                       help="measured forward,backward milliseconds per micro-batch for each stage "
                            "(default: a roofline estimate for an H100)")
@@ -75,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", help="tokenizer.json (default: the one saved in the checkpoint)")
+    _add_trace_commands(sub)
     return parser
 
 
@@ -143,11 +181,111 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         print(format_timeline(lowered))
         print("lowered:")
         print(format_grid(lowered))
+    print(_param_counts(cfg))
     print(format_prediction(plan(cfg, times, platform=args.platform)))
     if args.sweep:
-        for label, delay, rate in ORIGINAL_SETTINGS:
-            pred = plan(cfg, times, Link.of(delay, rate), platform=args.platform)
-            print(f"{label:28s} {pred.iteration_s:8.3f} s  {pred.bound}")
+        print(_sweep_table([(label, plan(cfg, times, Link.of(delay, rate), platform=args.platform))
+                            for label, delay, rate in ORIGINAL_SETTINGS]))
+
+
+def _param_counts(cfg: Any) -> str:
+    """The model's parameters, in all and per pipeline rank (its chunks together; the tied `wte`
+    counted on both the first and the last chunk's rank, as they hold it)."""
+    from jaxpipe.model.layout import param_count, stage_param_counts
+    from jaxpipe.pipeline.costmodel import config_partition, config_schedule
+
+    schedule = config_schedule(cfg)
+    counts = stage_param_counts(cfg.model, config_partition(cfg, schedule).ranges)
+    per_rank = [sum(counts[c] for c in schedule.chunks_of(r)) for r in range(cfg.parallel.pp)]
+    return (f"parameters: {param_count(cfg.model):,} ({param_count(cfg.model) / 1e6:,.1f}M); per stage: "
+            + ", ".join(f"{n / 1e6:,.1f}M" for n in per_rank))
+
+
+def _sweep_table(rows: list[tuple[str, Any]]) -> str:
+    """The prediction under each of the original's network settings, one row each."""
+    keys = list(rows[0][1].components)
+    head = ["network", "iteration s", "bound", *[f"{k} s" for k in keys]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, pred in rows:
+        cells = [label, f"{pred.iteration_s:.3f}", pred.bound, *[f"{pred.components[k]:.3f}" for k in keys]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cmd_trace(args: argparse.Namespace) -> None:
+    from jaxpipe.export import trace
+
+    if args.trace_command == "merge":
+        path = trace.merge(args.dir, args.out)
+        print(f"wrote {path}: open it in ui.perfetto.dev or chrome://tracing")
+        return
+    path, v = trace.plot(args.dir, args.out, args.step)
+    line = f"wrote {path}: step {v.step}, iteration {v.iteration_s:.3f} s"
+    if v.bound_s is not None and v.efficiency is not None:
+        line += f", bound {v.bound_s:.3f} s ({v.bound}), efficiency {v.efficiency:.0%}"
+    print(line)
+
+
+def _launched_rank() -> int:
+    """This process's rank as the MPI launcher announced it, without starting MPI (0 outside mpiexec)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _check_observe(args: argparse.Namespace, cfg: Any) -> Any:
+    """The observability flags, checked with the config on every rank; returns the Observe."""
+    from jaxpipe.train.observe import Observe, check_tensorboard, parse_trace_steps
+
+    if args.trace_steps is not None and not args.trace:
+        raise ConfigError("--trace-steps needs --trace DIR")
+    from jaxpipe.train.checkpoint import check_writable
+
+    if args.trace:
+        parse_trace_steps(args.trace_steps, cfg.train.steps)
+        check_writable(args.trace, "--trace", hint="leave --trace out")
+    if args.tensorboard:
+        check_tensorboard()
+        check_writable(args.tensorboard, "--tensorboard", hint="leave --tensorboard out")
+    return Observe(trace_dir=args.trace, trace_steps=args.trace_steps, tensorboard_dir=args.tensorboard,
+                   progress=args.progress)
+
+
+def _cmd_dry_run(args: argparse.Namespace) -> None:
+    """What `train` would run, from the config alone: no MPI, no JAX device, nothing compiled."""
+    import yaml
+
+    from jaxpipe.config import load_config
+    from jaxpipe.data.source import make_source
+    from jaxpipe.pipeline.costmodel import config_schedule, plan
+    from jaxpipe.pipeline.schedule import check, format_timeline
+    from jaxpipe.train.checkpoint import check_writable
+    from jaxpipe.train.hooks import check_resume
+
+    cfg = load_config(args.config, args.overrides)
+    _check_observe(args, cfg)
+    schedule = config_schedule(cfg)
+    check(schedule.lowered())
+    make_source(cfg.data, cfg.model)
+    check_resume(cfg, args.resume)
+    if cfg.train.checkpoint_dir and cfg.train.checkpoint_every:
+        check_writable(cfg.train.checkpoint_dir, "train.checkpoint_dir")
+    if _launched_rank() != 0:  # `mpiexec -n N jaxpipe train --dry-run`: one copy of the output
+        return
+    p = cfg.parallel
+    print("# resolved config")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    print(f"# launch: mpiexec -n {p.pp * p.dp} jaxpipe train ... (PP {p.pp} x DP {p.dp})")
+    print("# partition")
+    _cmd_partition(args)
+    print(_param_counts(cfg))
+    print(f"# schedule: {schedule.describe()}, in unit time (F, I, W 1; B, LI 2; L 3; '.' idle)")
+    print(format_timeline(schedule.lowered()))
+    pred = plan(cfg, platform="gpu")
+    print(f"# predicted iteration: {pred.iteration_s * 1e3:,.3f} ms on H100s (a roofline estimate; jaxpipe plan "
+          f"--stage-ms takes measured times)")
+    print(pred.explanation)
 
 
 def _cmd_single_process(args: argparse.Namespace) -> None:
@@ -188,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "supervise":
             _cmd_supervise(args)
             return
+        if args.command == "trace":
+            _cmd_trace(args)
+            return
+        if args.dry_run:
+            _cmd_dry_run(args)
+            return
         from mpi4py import MPI
 
         from jaxpipe.config import load_config
@@ -195,9 +339,10 @@ def main(argv: list[str] | None = None) -> None:
 
         # On every rank together: a config file missing on one host must not leave the others waiting.
         cfg = agree(MPI.COMM_WORLD, lambda: load_config(args.config, args.overrides))
+        observe = agree(MPI.COMM_WORLD, lambda: _check_observe(args, cfg))
         from jaxpipe.train.trainer import train
 
-        train(cfg, metrics_out=args.metrics_out, resume=args.resume)
+        train(cfg, metrics_out=args.metrics_out, resume=args.resume, observe=observe)
     except (ConfigError, NonFiniteError) as e:
         from jaxpipe.runtime.watchdog import report_failure
 

@@ -181,7 +181,8 @@ class Config:
         """The model config one stage compiles with (its own remat, if parallel.stage_remat says)."""
         if self.parallel.stage_remat is None:
             return self.model
-        return dataclasses.replace(self.model, remat=self.parallel.stage_remat[stage])
+        remat: Any = self.parallel.stage_remat[stage]  # one of ModelConfig.remat's values: `validate` checked
+        return dataclasses.replace(self.model, remat=remat)
 
     @property
     def n_chunks(self) -> int:
@@ -383,11 +384,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
-    decay = t.decay_steps or t.steps
-    if t.warmup_steps >= decay:
+    # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
+    if t.decay_steps and t.warmup_steps >= t.decay_steps:
         raise ConfigError(
-            f"train.warmup_steps ({t.warmup_steps}) must be smaller than the decay length "
-            f"(train.decay_steps, or train.steps when 0: {decay})"
+            f"train.warmup_steps ({t.warmup_steps}) must be smaller than train.decay_steps ({t.decay_steps})"
         )
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0 (got lr={t.lr}, min_lr={t.min_lr})")
@@ -409,3 +409,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 = off)")
     if t.checkpoint_every and not t.checkpoint_dir:
         raise ConfigError("train.checkpoint_every is set but train.checkpoint_dir is not")
+
+
+# ---- warm-up clipping (a run shorter than its warm-up) -------------------------------------------------
+
+
+def effective_warmup(t: TrainConfig) -> int:
+    """The warm-up the learning-rate schedule uses: `train.warmup_steps`, clipped to `train.steps - 1`
+    when the decay length is the run's (`train.decay_steps` 0), so `--set train.steps=1` trains a
+    step at the peak rate instead of being refused; the run's first line says so."""
+    return t.warmup_steps if t.decay_steps else min(t.warmup_steps, max(0, t.steps - 1))

@@ -160,6 +160,11 @@ BAD_INPUT = {
                                 "train.micro_batch_size (3) must divide the per-replica batch"),
     "missing_data_file": (4, ["data.source=tokens", "data.path=/nonexistent/train.bin"],
                           "data.path: no such file '/nonexistent/train.bin'"),
+    # Refused in set-up, on every rank, not at the first save after a step has compiled and run.
+    "unwritable_checkpoint_dir": (2, ["parallel.pp=2", "train.checkpoint_dir=README.md/ckpt",
+                                      "train.checkpoint_every=1"],
+                                  "train.checkpoint_dir 'README.md/ckpt' cannot be written: Not a directory; choose "
+                                  "a directory this job can write on every host"),
 }
 
 

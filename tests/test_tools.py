@@ -34,9 +34,11 @@ def test_plan_names_the_link_bound():
             "--set", "network.delay_ms=10", "--set", "network.rate_gbit=1", "--sweep")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("predicted iteration ")
-    assert lines[1].startswith("link-bound: stage 1's link is busy 8.590 s per iteration")
-    assert lines[-1].startswith("50 ms, 1 Gbps") and lines[-1].endswith("link")
+    assert lines[0] == "parameters: 1,315,723,264 (1,315.7M); per stage: 409.3M, 352.5M, 352.5M, 304.4M"
+    assert lines[1].startswith("predicted iteration ")
+    assert lines[2].startswith("link-bound: stage 1's link is busy 8.590 s per iteration")
+    assert lines[4] == "| network | iteration s | bound | compute s | pipeline bubble s | link s | synchronisation s |"
+    assert len(lines) == 4 + 2 + 5 and lines[-1].startswith("| 50 ms, 1 Gbps | 12.551 | link | 0.462 |")
 
 
 def test_model_check_against_the_original():

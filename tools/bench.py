@@ -131,16 +131,17 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
     from jaxpipe.model.gpt import model_flops_per_token
     from jaxpipe.pipeline.costmodel import bubble_fraction, config_schedule
-    from jaxpipe.runtime.timeline import TIMELINE
+    from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
 
     cfg = _config(args)
     comm = MPI.COMM_WORLD
-    TIMELINE.enabled = args.timeline is not None
+    if args.timeline is not None:  # each step replaces the last: the last iteration's trace
+        TRACE.enable()
     res = train(cfg, log=(print if args.verbose else (lambda s: None)),
                 probe=lambda run, state: (stage_ceiling(run, state), stage_times(run, state)))
     probes = comm.gather(res.probe, root=0)
-    timelines = comm.gather(TIMELINE.stop(), root=0)
+    timelines = comm.gather(TRACE.stop() if args.timeline is not None else [], root=0)
     if comm.Get_rank() != 0:
         return
     if args.timeline:  # The last iteration's events of every rank, one JSON line per run.
@@ -378,7 +379,7 @@ def main() -> None:
         p.add_argument("--label", default=name)
         p.add_argument("--verbose", action="store_true")
         p.add_argument("--timeline",
-                       help="pipeline: append every rank's last-iteration events (jaxpipe.runtime.timeline) here")
+                       help="pipeline: append every rank's last-iteration trace (jaxpipe.runtime.trace) here")
         if name == "transport":
             p.add_argument("--transport", default="mpi")
             p.add_argument("--mib", type=int, nargs="+", default=[8, 16])

@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.config import load_config
-    from jaxpipe.runtime.timeline import TIMELINE
+    from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
     from tools.bench import stage_times
     from tools.timeline import message_latencies
@@ -52,10 +52,10 @@ def worker(args: argparse.Namespace) -> None:
     out = {}
     for name, extra in SCHEDULES.items():
         cfg = load_config(None, [*CPU_BASE, *extra, f"train.steps={args.iters}"])
-        TIMELINE.enabled = True
+        TRACE.enable()
         res = train(cfg, log=lambda s: None, probe=lambda run, state: {
             c: [t.fwd, t.bwd, t.input_frac] for c, t in stage_times(run, state).items()})
-        events = comm.gather(TIMELINE.stop(), root=0)
+        events = comm.gather(TRACE.stop(), root=0)
         probes = comm.gather(res.probe, root=0)
         if comm.Get_rank() == 0:
             times = {c: t for p in probes for c, t in p.items()}

@@ -86,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.config import load_config
-    from jaxpipe.runtime.timeline import TIMELINE
+    from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
     from tools.bench import stage_times
     from tools.timeline import message_latencies, step_mark
@@ -120,9 +120,9 @@ def worker(args: argparse.Namespace) -> None:
         net = [] if setting is None else [f"network.delay_ms={setting[0]}", f"network.rate_gbit={setting[1]}"]
         iters = 2 * args.iters if setting is None else args.iters  # the calibration: more iterations
         cfg = load_config(args.config, [*args.overrides, *net, f"train.steps={iters}"])
-        TIMELINE.enabled = True  # each run's last step: message latency, the DP part
+        TRACE.enable()  # each run's last step: message latency, the DP part
         res = train(cfg, log=lambda s: None, probe=probe if i == 0 else None)
-        events = comm.gather(TIMELINE.stop(), root=0)
+        events = comm.gather(TRACE.stop(), root=0)
         dp_part = None
         if comm.Get_rank() == 0:
             # From the last rank's pipeline end to the last rank's end of synchronisation (tied embedding +

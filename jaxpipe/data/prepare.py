@@ -129,14 +129,14 @@ def prepare_data(
     # Stream every file's tokens into train.bin, then move the tail into val.bin.
     train_path, val_path = out / "train.bin", out / "val.bin"
     n = 0
-    with open(train_path, "wb") as f:
+    with open(train_path, "wb") as sink:
         for path in files:
             for enc in tok.encode_batch(list(_text_pieces(path)), add_special_tokens=False):
                 ids = np.asarray(enc.ids, dtype)
-                ids.tofile(f)
+                ids.tofile(sink)
                 n += ids.size
             if eot is not None:
-                np.array([eot], dtype).tofile(f)
+                np.array([eot], dtype).tofile(sink)
                 n += 1
     n_val = round(n * val_fraction)
     if val_fraction > 0 and n_val < 1:

@@ -93,6 +93,7 @@ class TokenFileSource(TokenSource):
         if epoch not in self._orders:
             if len(self._orders) >= 2:  # Steps cross at most one epoch boundary at a time.
                 self._orders.pop(min(self._orders))
+            assert self.shuffle_seed is not None  # only shuffled sources have orders
             self._orders[epoch] = np.random.default_rng([self.shuffle_seed, epoch]).permutation(self.n_samples)
         return self._orders[epoch]
 

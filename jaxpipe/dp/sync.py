@@ -62,6 +62,7 @@ class GradSync(DataParallel):
     def average_emulated(self, flat: np.ndarray) -> np.ndarray:
         """The same mean, moved as point-to-point chunks over the emulated links (see jaxpipe.comm.netem),
         with the algorithm the real system would use; subclasses pick it."""
+        assert self.net is not None
         return _ring_allreduce_mean(flat, _EmulatedP2P(self.comm, self.net, self._world_rank_of))
 
 
@@ -86,6 +87,7 @@ class CentralPS(GradSync):
     def average_emulated(self, flat: np.ndarray) -> np.ndarray:
         """Chain reduce to the server, then chain broadcast from it, in pipelined chunks: what NCCL's
         reduce + broadcast did in the original (each costs about |g|/R plus one delay per hop)."""
+        assert self.net is not None
         p2p = _EmulatedP2P(self.comm, self.net, self._world_rank_of)
         me, n = self.comm.Get_rank(), self.size
         chunks = np.array_split(np.arange(flat.size), transfer_chunks(flat.nbytes))

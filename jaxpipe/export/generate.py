@@ -37,7 +37,8 @@ class Sampler:
         module = StageModel(self.model, n_layers=self.model.n_layer, first=True, last=True)
 
         def logits_at(params: Params, window: jax.Array, pos: jax.Array) -> jax.Array:
-            return module.apply({"params": params}, window)[0, pos]
+            logits: jax.Array = module.apply({"params": params}, window)  # type: ignore[assignment]
+            return logits[0, pos]
 
         self._logits_at: Callable[..., Any] = jax.jit(logits_at)
 

@@ -13,7 +13,8 @@ Naming follows nanodo: `x_BxLxD` is batch × length × model width.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -30,7 +31,7 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.dtype)
 
 
-def _attention_impl(cfg: ModelConfig) -> str:
+def _attention_impl(cfg: ModelConfig) -> Literal["xla", "cudnn"]:
     """cuDNN flash attention on GPU in half precision (~1.5x XLA's on H100), XLA elsewhere."""
     if cfg.attention != "auto":
         return cfg.attention
@@ -120,7 +121,7 @@ class StageModel(nn.Module):
             self.wpe = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
         block = _block_class(cfg)
         if self.n_layers and cfg.scan_blocks:
-            axes = {"params": 0, WEIGHT_INPUTS: 0, PERTURBATIONS: 0}
+            axes: Mapping[Any, int] = {"params": 0, WEIGHT_INPUTS: 0, PERTURBATIONS: 0}
             self.blocks = nn.scan(block, variable_axes=axes, split_rngs={"params": True}, length=self.n_layers,
                                   methods=["__call__", "weight_ops"])(cfg)
         elif self.n_layers:

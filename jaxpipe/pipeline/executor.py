@@ -25,7 +25,7 @@ from jaxpipe.model.gpt import Params
 from jaxpipe.pipeline.schedule import Lowered, Op
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
-from jaxpipe.runtime.timeline import TIMELINE
+from jaxpipe.runtime.trace import TRACE, message_label
 from jaxpipe.runtime.watchdog import ACTIVITY
 
 
@@ -71,6 +71,9 @@ class Executor:
             elif a.op.is_comm:
                 a = self.actions[max((j for j in compute if j < i), default=i)]
             self._doing.append(a.describe(chunk=several))
+        # The trace's names of the messages the receives wait for (as `MsgKey.short`).
+        self._labels = [message_label(*a.message()) if a.op in (Op.RECV_ACT, Op.RECV_GRAD) else ""
+                        for a in self.actions]
 
     def _plan_posts(self, lookahead: int) -> list[list[tuple[int, tuple[Kind, int, int]]]]:
         """For each action, the receives to post before it: the next `lookahead` receives this rank
@@ -121,15 +124,18 @@ class Executor:
             ACTIVITY.doing = self._doing[i]  # For failure messages: one attribute store.
             if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
                 assert a.peer is not None
-                TIMELINE.mark("wait", a)
+                if TRACE.enabled:
+                    t_wait = time.perf_counter()
                 values[a.message()] = transport.recv(key(a.message()), a.peer, self.spec)
-                TIMELINE.mark("got", a)
+                if TRACE.enabled:
+                    TRACE.waited(step, self._labels[i], a.peer, t_wait)
                 continue
             if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
                 assert a.peer is not None
                 transport.send(key(a.message()), a.peer, values.pop(a.message()))
                 continue
-            TIMELINE.mark("task", a)
+            if TRACE.enabled:
+                t_task = time.perf_counter()
             if faults.ARMED:
                 faults.at_task(step + 1, a.microbatch)
             c, m, prog = a.chunk, a.microbatch, self.programs[a.chunk]
@@ -160,7 +166,10 @@ class Executor:
                 out_act = prog.eval_forward(params[c], x)
             elif a.op == Op.EL:
                 losses.append(prog.eval_loss(params[c], x, batch.targets(m)))  # type: ignore[misc]
-            TIMELINE.mark("dispatched", a)
+            if TRACE.enabled:  # The computation's end: its first output that the next program does not donate.
+                out = out_act if out_act is not None else out_grad if out_grad is not None else (
+                    losses[-1] if a.op in (Op.L, Op.LI, Op.EL) else weight_saved.get((c, m)))
+                TRACE.computed(step, a.op.value, c, m, t_task, out, grads[c] if out is None else None)
             if profile is not None:
                 jax.block_until_ready((grads, out_act, out_grad, losses, weight_saved, saved))
                 profile.setdefault((c, a.op), []).append(time.perf_counter() - t0)

@@ -295,7 +295,7 @@ class ZeroBubbleH1(Schedule):
 
 @cache
 def _zb_h1_orders(P: int, M: int) -> tuple[tuple[Action, ...], ...]:
-    clock, orders = [0] * P, [[] for _ in range(P)]
+    clock, orders = [0] * P, [[] for _ in range(P)]  # type: list[int], list[list[Action]]
     act = {(0, m): 0 for m in range(M)}  # (rank, micro-batch) -> when its input activation is there
     grad: dict[tuple[int, int], int] = {}
     nf, ni, nw = [0] * P, [0] * P, [0] * P
@@ -587,10 +587,11 @@ def check(lowered: Lowered) -> None:
                 if (kind, a.chunk, a.microbatch) not in made:
                     fail(f"{a} sends before {a.chunk}'s computation produces it (a send out of order)",
                          {(r, i): "nothing to send yet"})
+                assert a.peer is not None
                 key = (a.peer, a.message())
                 if key in sends:
                     fail(f"{a} is sent twice", {sends[key]: "first", (r, i): "again"})
-                sends[key] = (r, i)  # type: ignore[assignment]
+                sends[key] = (r, i)
     for r, actions in enumerate(lowered.ranks):
         for i, a in enumerate(actions):
             if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
@@ -608,9 +609,9 @@ def check(lowered: Lowered) -> None:
                 continue
             if a.op.is_comm:
                 continue
-            kind = CONSUMES[a.op]
-            if kind is not None and not (a.chunk == 0 and kind == Kind.ACT) and not (
-                    a.chunk == last and kind == Kind.GRAD) and (kind, a.chunk, a.microbatch) not in produced:
+            consumed = CONSUMES[a.op]
+            if consumed is not None and not (a.chunk == 0 and consumed == Kind.ACT) and not (
+                    a.chunk == last and consumed == Kind.GRAD) and (consumed, a.chunk, a.microbatch) not in produced:
                 fail(f"{a} runs before its input exists", {(r, i): "input not yet produced"})
             out_kind = PRODUCES[a.op]
             if out_kind == Kind.ACT and a.chunk < last:

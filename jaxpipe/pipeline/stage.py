@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,7 @@ class StageProgram:
 
     # -- programs ----------------------------------------------------------------------------------
     def _apply(self, params: Params, x: jax.Array) -> jax.Array:
-        return self.module.apply({"params": params}, x)
+        return cast(jax.Array, self.module.apply({"params": params}, x))
 
     def _forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, Any]:
         """Non-last stage: activations out plus the residuals its backward needs."""
@@ -200,8 +200,8 @@ class StageProgram:
 
         def pairing(p: Params) -> jax.Array:
             outs = self.module.apply({"params": p}, inputs, method=StageModel.weight_ops)
-            return sum(jnp.vdot(g.astype(jnp.float32), o.astype(jnp.float32))
-                       for g, o in zip(jax.tree.leaves(g_ops), jax.tree.leaves(outs), strict=True))
+            return cast(jax.Array, sum(jnp.vdot(g.astype(jnp.float32), o.astype(jnp.float32))
+                                       for g, o in zip(jax.tree.leaves(g_ops), jax.tree.leaves(outs), strict=True)))
 
         return _tree_add(grads, jax.grad(pairing)(params))
 
@@ -250,4 +250,4 @@ class StageProgram:
         """Sum of squares of this stage's gradients; the last stage's tied `wte` copy is skipped
         (when it is not also the first stage) so the global norm counts that matrix once."""
         leaves = [v for k, v in grads.items() if not (skip_tied_wte and k == "wte")]
-        return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(leaves))
+        return cast(jax.Array, sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(leaves)))

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -138,7 +139,7 @@ def _is_moment(x: Any) -> bool:
     return isinstance(x, dict)
 
 
-def _opt_parts(opt_state: Any) -> tuple[dict[str, Params], dict[str, Any]]:
+def _opt_parts(opt_state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """({slot: params-shaped tree}, {path: scalar leaf}) of an optax state."""
     moments, scalars = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_moment)[0]:
@@ -258,6 +259,23 @@ def save(
     return final
 
 
+def check_writable(root: str | Path, key: str, hint: str = "set train.checkpoint_every=0") -> None:
+    """Creates `root` if needed and writes and removes a file in it: a directory this process
+    cannot write fails before the run starts, with what to change, not at the first save. (A real
+    write, not a permission test: root passes those, and a read-only file system does not.)"""
+    path = Path(root)
+    probe = path / f".jaxpipe-write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in (str(root), str(probe)) else ""
+        raise ConfigError(f"{key} '{root}' cannot be written: {why}{where}; choose a directory this job can "
+                          f"write on every host, or {hint}") from None
+
+
 def prune(root: str | Path, keep: int) -> None:
     """Deletes all but the newest `keep` committed checkpoints, and leftovers of interrupted saves."""
     steps = committed(root)
@@ -295,13 +313,13 @@ def _assemble(model: ModelConfig, spec: StageSpec, items: Mapping[str, Any], pic
         [pick(items[f"layer_{i}"]) for i in spec.layers],
         embedding=embed if spec.first else None,
         final_ln=pick(items["head"])["ln_f"] if spec.last else None,
-        wte=embed["wte"] if (spec.last and not spec.first) else None,
+        wte=embed["wte"] if (embed is not None and spec.last and not spec.first) else None,
     )
 
 
 def _like(tree: Params, template: Params, what: str) -> Params:
     """`tree` with `template`'s structure, dtypes and placement (sharding), or a ConfigError."""
-    if jax.tree.structure(tree) != jax.tree.structure(template):
+    if jax.tree.structure(tree) != jax.tree.structure(template):  # type: ignore[operator]  # jaxlib's stub
         raise ConfigError(f"checkpoint {what} do not have this stage's layout: "
                           f"{jax.tree.structure(tree)} vs {jax.tree.structure(template)}")
 

@@ -14,6 +14,7 @@ same number one process computes on the same batch.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -64,7 +65,8 @@ class Evaluator:
         self._place = next(iter(programs.values())).place_input
 
     def _batch(self) -> StepBatch:
-        cfg, n_micro, cache = self.cfg, self.cfg.num_microbatches, {}
+        cfg, n_micro = self.cfg, self.cfg.num_microbatches
+        cache: dict[int, Any] = {}
 
         def samples(j: int) -> np.ndarray:
             b, m = divmod(j, n_micro)

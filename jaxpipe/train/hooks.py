@@ -27,6 +27,7 @@ from jaxpipe.model.gpt import Params
 from jaxpipe.pipeline.partition import Partition
 from jaxpipe.pipeline.schedule import Schedule
 from jaxpipe.pipeline.stage import StageProgram
+from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY
 from jaxpipe.train import checkpoint
 from jaxpipe.train.evaluate import Evaluator, eval_batch_count, perplexity
@@ -110,8 +111,10 @@ class RunHooks:
         t = self.cfg.train
         if self.evaluator is not None and step % t.eval_every == 0:
             # The first evaluation compiles its programs along the pipeline: the long deadline.
+            TRACE.phase("evaluation")
             with ACTIVITY.phase("the evaluation after the step", long=not self.val_losses):
                 loss = self.evaluator(params, step)
+            TRACE.phase(None)
             self.val_losses[step] = loss
             if self.reporter:
                 self.log(f"eval {step:>5} | val loss {loss:.4f} | val ppl {perplexity(loss):.2f} | "
@@ -121,12 +124,14 @@ class RunHooks:
                 metrics_file.flush()
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
             assert t.checkpoint_dir is not None
+            TRACE.phase("checkpoint save")
             with ACTIVITY.waiting("the checkpoint save after the step (its barriers wait for every writer)", long=True):
                 path = checkpoint.save(
                     t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0,
                     model=self.cfg.model, specs=self.specs, params=params, opt_state=opt_state,
                     state=self._state(step), files=self.files, keep=t.keep_checkpoints,
                 )
+            TRACE.phase(None)
             if self.reporter:
                 self.log(f"checkpoint {path}")
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxpipe.config import TrainConfig
+from jaxpipe.config import TrainConfig, effective_warmup
 from jaxpipe.model.gpt import Params
 
 _NO_DECAY = {"bias", "scale"}  # LayerNorm parameters and biases are not decayed (GPT-3, nanoGPT).
@@ -23,7 +23,7 @@ def learning_rate(train: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=train.lr,
-        warmup_steps=train.warmup_steps,
+        warmup_steps=effective_warmup(train),
         decay_steps=train.decay_steps or train.steps,
         end_value=train.min_lr,
     )
@@ -58,7 +58,7 @@ class Optimizer:
         self.schedule = learning_rate(train)
         self.update = jax.jit(self._update, donate_argnums=(0, 1))
 
-    def init(self, params: Params) -> Any:
+    def init(self, params: Any) -> Any:
         return jax.jit(self.tx.init)(params)
 
     @staticmethod

@@ -34,26 +34,29 @@ from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
 from jaxpipe import __version__
+from jaxpipe.comm.message import Kind
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.tied import TiedExchange, local_tied_sum, make_tied_exchange
 from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
-from jaxpipe.config import Config
+from jaxpipe.config import Config, effective_warmup
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
 from jaxpipe.dp.base import DataParallel, DPContext
 from jaxpipe.dp.sync import make_data_parallel
 from jaxpipe.errors import NonFiniteError, agree
-from jaxpipe.model.gpt import Params, compute_dtype
+from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
 from jaxpipe.model.layout import init_stage_params, param_count
 from jaxpipe.pipeline.executor import Executor, StepBatch
 from jaxpipe.pipeline.partition import Partition, StageSpec, resolve_partition
-from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Schedule, check, make_schedule
+from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, check, make_schedule
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
-from jaxpipe.runtime.devices import assign_devices, local_mesh, peak_memory_bytes
-from jaxpipe.runtime.timeline import TIMELINE
+from jaxpipe.runtime.devices import assign_devices, local_mesh
+from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY, start_watchdog
+from jaxpipe.train.checkpoint import check_writable
 from jaxpipe.train.hooks import RunHooks, check_resume
+from jaxpipe.train.observe import Observe, Observer, peak_memory, throughput
 from jaxpipe.train.optimizer import LossScaler, Optimizer
 
 
@@ -166,7 +169,7 @@ def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dic
             p = init_stage_params(cfg.model, cfg.train.seed, spec.layers, spec.first, spec.last)
         else:
             p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        if jax.tree.structure(p) != jax.tree.structure(shapes):
+        if jax.tree.structure(p) != jax.tree.structure(shapes):  # type: ignore[operator]  # jaxlib's stub
             raise AssertionError("chunk parameter layout does not match the StageModel's")
         params[c] = _bcast_tree(p, topo.dp_comm, root=0)
     if last_chunk > 0:
@@ -192,8 +195,15 @@ def describe(run: Run) -> str:
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
-        f"{run.net.describe() if run.net is not None else 'network emulation off'}"
+        f"{run.net.describe() if run.net is not None else 'network emulation off'}{_warmup_note(cfg)}"
     )
+
+
+def _warmup_note(cfg: Config) -> str:
+    """A run shorter than its warm-up trains with the warm-up clipped: the first line says so."""
+    t = cfg.train
+    w = effective_warmup(t)
+    return f" | warm-up clipped from {t.warmup_steps} to {w} (train.steps={t.steps})" if w != t.warmup_steps else ""
 
 
 def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None = None,
@@ -220,6 +230,9 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     source = agree(comm, lambda: make_source(cfg.data, cfg.model))
     # A checkpoint of another model or batch size fails here, before anything compiles.
     resume_from = agree(comm, lambda: check_resume(cfg, resume))
+    # A checkpoint directory this job cannot write fails here, on every rank, not at the first save.
+    if (ckpt_dir := cfg.train.checkpoint_dir) and cfg.train.checkpoint_every:
+        agree(comm, lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
 
     lowered = schedule.lowered()
     check(lowered)
@@ -291,10 +304,10 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     to be read from the returned request, see `finish_loss`) and that request."""
     topo, p = run.topo, run.cfg.parallel
     # Waits for every rank's previous step: the first two include compilation.
+    TRACE.phase("barrier")
     with ACTIVITY.waiting("the barrier that starts the step", long=step <= run.hooks.start_step + 1):
         run.comm.Barrier()
-    if TIMELINE.enabled:  # Keeps the last step's events only.
-        TIMELINE.start()
+    TRACE.phase("pipeline")
     t0 = time.perf_counter()
     grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
     result = run.executor.run(step, state.params, grads, batch, loss_scale=run.scaler.scale)
@@ -303,14 +316,14 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
         grads = faults.poison(step + 1, grads)
         faults.at_sync(step + 1)
     with ACTIVITY.waiting("the tied-embedding gradient sum"):
-        if TIMELINE.enabled:  # Tracing only: the phases after the pipeline start from its end.
+        if TRACE.enabled:  # Tracing only: the phases after the pipeline start from its end.
             jax.block_until_ready(grads)
-            TIMELINE.mark("step", "pipeline done")
+            TRACE.phase("tied embedding sum")
         grads = sum_tied(run, grads)
-        TIMELINE.mark("step", "tied embedding summed")
     with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
+        TRACE.phase("data-parallel sync")
         grads = run.dp.sync_gradients(step, grads)
-        TIMELINE.mark("step", "data-parallel sync done")
+    TRACE.phase("gradient norm")
     # Every stage's gradient sum of squares and the loss go to the whole pipeline. With a DP algorithm
     # that averages every step the gradients, hence the norm, are equal on all replicas, so every rank
     # of the job decides the same about a non-finite step (a non-finite loss makes the gradients so).
@@ -318,7 +331,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     sq = sum(float(prog.sq_norm(grads[c], skip_tied and c == run.last_chunk)) for c, prog in run.programs.items())
     loss = result.mean_loss
     local = np.array([sq, float(loss) if loss is not None else 0.0])
-    TIMELINE.mark("step", "gradient norm computed")
+    TRACE.phase("norm exchange")
     with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
         parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
     if run.net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
@@ -329,6 +342,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     lr = float(run.optimizer.schedule(state.updates))
     params, opt_state, updates = state.params, state.opt_state, state.updates
     ACTIVITY.doing = "the optimizer update"
+    TRACE.phase("optimizer update")
     if finite:
         params, opt_state = run.optimizer.update(params, opt_state, grads, jnp.float32(norm),
                                                  jnp.float32(1.0 / run.scaler.scale))
@@ -339,6 +353,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     loss_req = run.comm.Iallreduce(send, buf, op=MPI.SUM)
     jax.block_until_ready(params)
     dt = time.perf_counter() - t0
+    TRACE.phase(None)
     run.scaler.update(finite)
     bad = [s for s in range(p.pp) if not np.isfinite(parts[s]).all()]
     metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad, run.dp.wire_bytes())
@@ -348,8 +363,10 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
 def finish_loss(run: Run, metrics: StepMetrics, pending: Any) -> StepMetrics:
     """Completes the step's loss sum (started in `do_step`): the mean over the global batch."""
     req, buf, _send = pending
+    TRACE.phase("loss sum")
     with ACTIVITY.waiting("the allreduce of the loss"):
         req.Wait()
+    TRACE.phase(None)
     metrics.loss = float(buf[0]) / run.cfg.parallel.dp  # Each pipeline's loss lives on its last stage.
     return metrics
 
@@ -380,7 +397,7 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
                 + (f" (loss scale now {run.scaler.scale:g})" if run.scaler.dynamic else ""))
     if run.reporter and ((m.step - 1) % cfg.train.log_every == 0 or m.step == cfg.train.steps):
         run.log(f"step {m.step:>5} | loss {m.loss:.4f} | {m.iter_time_s:.3f} s | {tokens / m.iter_time_s:,.0f} tok/s"
-                f" | grad norm {m.grad_norm:.3f} | lr {m.lr:.2e}")
+                f"{_throughput_text(run, m)} | grad norm {m.grad_norm:.3f} | lr {m.lr:.2e}")
     if run.metrics_file is not None:
         run.metrics_file.write(json.dumps({
             "step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
@@ -389,16 +406,85 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
         run.metrics_file.flush()
 
 
+def _throughput(run: Run, m: StepMetrics) -> Any:
+    cfg = run.cfg
+    devices = next(iter(run.programs.values())).devices
+    return throughput(model_flops_per_token(cfg.model), cfg.train.global_batch_size * cfg.model.seq_len,
+                      m.iter_time_s, run.topo.world.Get_size() * cfg.runtime.devices_per_process,
+                      devices[0].device_kind)
+
+
+def _throughput_text(run: Run, m: StepMetrics) -> str:
+    """Model TFLOP/s per device (and MFU where the device's peak is known); this rank's peak memory."""
+    t = _throughput(run, m)
+    mfu = f" (MFU {t.mfu:.1%})" if t.mfu is not None else ""
+    peak = peak_memory(next(iter(run.programs.values())).devices)
+    mem = f" | mem {peak / 2**30:.2f} GiB" if peak is not None else ""
+    return f" | {t.tflops_per_device:.3g} TFLOP/s/device{mfu}{mem}"
+
+
 def report_end(run: Run, result: TrainResult) -> None:
     with ACTIVITY.waiting("the end-of-run gather"):
-        peaks = run.comm.gather(peak_memory_bytes(next(iter(run.programs.values())).devices), root=0)
+        peaks = run.comm.gather(peak_memory(next(iter(run.programs.values())).devices), root=0)
     if run.reporter and result.iter_times:
         p = run.cfg.parallel
         result.peak_memory = [peaks[run.topo.world_rank_of(s, 0)] for s in range(p.pp)]
         steady = result.iter_times[1:] or result.iter_times
         mem = " ".join(f"{x / 2**30:.2f}" if x is not None else "n/a" for x in result.peak_memory)
+        what = "peak memory per stage (GiB, process RSS)" if jax.default_backend() == "cpu" else \
+            "peak device memory per stage (GiB)"
         run.log(f"done: {run.cfg.train.steps} steps, mean iteration {np.mean(steady):.3f} s (first step excluded), "
-                f"final loss {result.losses[-1]:.4f}, peak device memory per stage (GiB): {mem}")
+                f"final loss {result.losses[-1]:.4f}, {what}: {mem}")
+
+
+# ---- observing: trace, TensorBoard, the progress line (jaxpipe.train.observe) ----------------------------
+
+
+def start_observing(run: Run, state: TrainState, start_step: int, observe: Observe) -> Observer:
+    """Collective when tracing (the clocks are synchronised). The progress line takes over the log."""
+    cfg, topo = run.cfg, run.topo
+    observer = Observer(observe, cfg.train.steps, start_step, run.reporter, run.log)
+    run.log = run.hooks.log = observer.log
+    program = next(iter(run.programs.values()))
+    meta = {"stage": topo.stage, "replica": topo.replica, "world": topo.world.Get_size(), "pp": cfg.parallel.pp,
+            "dp": cfg.parallel.dp, "chunks": sorted(run.programs), "schedule": run.schedule.describe(),
+            "n_microbatches": cfg.num_microbatches, "platform": jax.default_backend(),
+            "device_kind": program.devices[0].device_kind, "config": cfg.to_dict(),
+            "partition": [list(r) for r in run.partition.ranges]}
+    observer.pipeline_bytes = pipeline_bytes(run)
+    observer.arm_trace(topo.world, meta, cfg.train.steps,
+                       [prog.zero_grads(state.params[c]) for c, prog in run.programs.items()])
+    return observer
+
+
+def observe_step(run: Run, observer: Observer, m: StepMetrics) -> None:
+    """After a step and its hooks: the trace's step ends, TensorBoard and the progress line get it."""
+    if TRACE.enabled:
+        TRACE.end_step(m.iter_time_s)
+    if not run.reporter:
+        return
+    cfg = run.cfg
+    tokens_per_s = cfg.train.global_batch_size * cfg.model.seq_len / m.iter_time_s
+    t = _throughput(run, m)
+    observer.step_done(m.step, m.loss, tokens_per_s, {
+        "train/loss": m.loss, "train/lr": m.lr, "train/grad_norm": m.grad_norm, "perf/tokens_per_s": tokens_per_s,
+        "perf/iter_time_s": m.iter_time_s, "perf/tflops_per_device": t.tflops_per_device, "perf/mfu": t.mfu,
+        "comm/pipeline_bytes": float(observer.pipeline_bytes), "comm/dp_bytes": float(m.dp_bytes)})
+    if m.step in run.hooks.val_losses:
+        loss = run.hooks.val_losses[m.step]
+        observer.evaluated(m.step, loss, math.exp(min(loss, 700.0)))
+
+
+def pipeline_bytes(run: Run) -> int:
+    """Bytes the pipelines' messages carry per step, all replicas together (as encoded on the wire)."""
+    sends = [a for actions in run.lowered.ranks for a in actions if a.op in (Op.SEND_ACT, Op.SEND_GRAD)]
+    spec = next(iter(run.programs.values())).act_spec
+    codecs = getattr(run.transport, "codecs", {})
+    total = 0
+    for a in sends:
+        kind = Kind.ACT if a.op == Op.SEND_ACT else Kind.GRAD
+        total += codecs[kind].wire_spec(spec).nbytes if kind in codecs else spec.nbytes
+    return total * run.cfg.parallel.dp
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
@@ -412,13 +498,16 @@ def train(
     probe: Callable[[Run, TrainState], Any] | None = None,
     resume: str | None = None,
     factories: Factories | None = None,
+    observe: Observe | None = None,
 ) -> TrainResult:
     """Trains per `cfg` on this rank's chunks. `probe`, if given, runs once after set-up and before
-    the first step (benchmarks use it to time a stage alone); its result is `TrainResult.probe`."""
+    the first step (benchmarks use it to time a stage alone); its result is `TrainResult.probe`.
+    `observe`: trace, TensorBoard and the progress line (see jaxpipe.train.observe; off by default)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
     run, state, start_step = setup(cfg, comm, log or (lambda s: print(s, flush=True)), resume, factories)
     result = TrainResult(partition=run.partition, chunks={c: run.partition.stage(c) for c in run.programs},
                          params=state.params, updates=state.updates)
+    observer = start_observing(run, state, start_step, observe or Observe(progress="off"))
     if run.reporter:
         run.log(describe(run))
         if metrics_out:
@@ -431,6 +520,8 @@ def train(
             warm = result.iter_times[1:]  # The first step's time is mostly compilation.
             ACTIVITY.begin_step(step + 1, first=step == start_step, last_step_s=warm[-1] if warm else 0.0)
             batch = step_batch(run, step)
+            if TRACE.armed:
+                TRACE.begin_step(step)
             state, metrics, pending = do_step(run, state, step, batch)
             metrics = finish_loss(run, metrics, pending)
             skipped = check_finite(run, metrics)
@@ -441,6 +532,7 @@ def train(
             result.grad_norms.append(metrics.grad_norm)
             result.iter_times.append(metrics.iter_time_s)
             run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
+            observe_step(run, observer, metrics)
     except BaseException as e:
         # The job is about to be aborted: joining a receiver thread blocked on a dead peer would only
         # delay that. A non-finite stop happens on every rank at once, with no message in flight.
@@ -455,6 +547,7 @@ def train(
             run.net.close()
         if run.metrics_file is not None:
             run.metrics_file.close()
+        observer.close(write_trace=healthy)
     result.params, result.updates = state.params, state.updates
     report_end(run, result)
     sys.stdout.flush()

@@ -13,6 +13,7 @@ schedules) any rank may talk to any other, the last rank back to the first inclu
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -28,7 +29,7 @@ from jaxpipe.comm.codec import Codec, Identity, codec_name
 from jaxpipe.comm.message import MAGIC, ArraySpec, Kind, MsgKey, parse_header
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.errors import ConfigError, TransportError
-from jaxpipe.runtime.timeline import TIMELINE
+from jaxpipe.runtime.trace import TRACE
 
 
 class Transport(ABC):
@@ -163,7 +164,7 @@ class ThreadedTransport(Transport):
             return self.codecs[key.kind].decode(wire, spec, key)
         except TimeoutError:
             raise TransportError(
-                f"receive deadline: {self.who(self.stage)} waited {round(self.recv_timeout, 1):g} s for "
+                f"receive deadline: {self.who(self.stage)} waited {round(self.recv_timeout or 0.0, 1):g} s for "
                 f"{self.message_name(key)} "
                 f"from {self.who(peer)}: that rank is dead, hung or far slower (deadline: runtime.comm_timeout_s, "
                 f"or runtime.first_step_timeout_s in a run's first step)") from None
@@ -234,17 +235,22 @@ class ThreadedTransport(Transport):
                     return
                 key, peer, x, dtype, codec = item
                 nbytes, state = self.stage_send(key, peer, x, dtype, codec)
-                TIMELINE.mark("ready", key.short())
+                if TRACE.enabled:  # The computed output is on the host (or ready on the device).
+                    TRACE.ready(key.step, key.short(), self._world_rank_of(self.stage), self._world_rank_of(peer))
                 if self.net is None:
-                    self._add_handle(self.wire_send(state))
-                    TIMELINE.mark("sent", key.short())
+                    self._wire_send_traced(key, peer, state)
                 else:  # Leaves when the emulated link is free, arrives one delay later.
-                    self.net.send(self._world_rank_of(peer), nbytes,
-                                  lambda st=state: self._add_handle(self.wire_send(st)))
+                    self.net.send(self._world_rank_of(peer), nbytes, functools.partial(self._wire_send_traced, key,
+                                                                                       peer, state))
             except BaseException as e:  # Surfaced on the main thread at the next send or flush.
                 self._send_error = e
             finally:
                 q.task_done()
+
+    def _wire_send_traced(self, key: MsgKey, peer: int, state: Any) -> None:
+        self._add_handle(self.wire_send(state))
+        if TRACE.enabled:
+            TRACE.sent(key.step, key.short(), self._world_rank_of(self.stage), self._world_rank_of(peer))
 
     def _recv_loop(self, q: queue.Queue[Any]) -> None:
         while True:
@@ -254,7 +260,8 @@ class ThreadedTransport(Transport):
             key, peer, spec, handle, fut = item
             try:
                 fut.set(self.complete_recv(key, peer, spec, handle))
-                TIMELINE.mark("arrived", key.short())
+                if TRACE.enabled:
+                    TRACE.arrived(key.step, key.short(), self._world_rank_of(peer), self._world_rank_of(self.stage))
             except BaseException as e:
                 fut.set(error=e)
 
