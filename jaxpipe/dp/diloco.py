@@ -21,8 +21,10 @@ run's last step, so a run ends with one model.
 
 The tied embedding: the stage with the LM head keeps a copy of `wte`, identical to the first
 stage's between outer steps (both get the same summed gradient). Only the first stage's copy
-takes part in the outer step; the new values go to the other end over the tied communicator, so
-both copies stay bit-identical whatever the codec.
+takes part in the outer step; the rows of the step that came back which cover `wte` go on to the
+other end over the tied communicator, as they came (quantised by the codec), and that end adds
+them to its copy of the outer `wte` as the first stage does, so both copies stay bit-identical
+whatever the codec.
 
 Outer parameters, momentum and residues are this rank's state (`state()`), checkpointed with each
 replica's own parameters and AdamW state, so a resume in the middle of an inner phase is exact.
@@ -39,6 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
+from jaxpipe.dp import quant
 from jaxpipe.dp.base import DataParallel, DPContext, Trees
 from jaxpipe.dp.exchange import Exchange
 
@@ -82,6 +85,8 @@ class DiLoCo(DataParallel):
         self._ravel: Any = None
         self._unravel: Any = None
         self.head_copy = False  # this rank holds the LM head's copy of `wte`
+        self.outer_wte: np.ndarray | None = None  # that copy's outer values (a rank without chunk 0), on the host
+        self.wte_at = 0  # where chunk 0's `wte` starts in this rank's flat buffer
 
     def offset_of(self, stage: int) -> int:
         return (stage * self.H) // self.ctx.n_stages if self.stagger else 0
@@ -106,7 +111,16 @@ class DiLoCo(DataParallel):
         self.exchange = Exchange(self.mode, self.codec, self.coll, int(flat.size))
         serves = self.mode == "sharded_ps" or self.coll.rank == 0
         shape = (self.exchange.span_rows, self.exchange.chunk)
-        self.outer = jnp.array(flat, jnp.float32)
+        self.outer = jnp.array(flat, jnp.float32, copy=True)
+        if 0 in params and self.ctx.last_chunk > 0:  # Where ravel_pytree puts chunk 0's `wte`.
+            at = 0
+            for path, leaf in jax.tree_util.tree_flatten_with_path(self._strip(params))[0]:
+                if [getattr(k, "key", k) for k in path] == [0, "wte"]:
+                    break
+                at += leaf.size
+            self.wte_at = at
+        if self.head_copy and 0 not in params:
+            self.outer_wte = np.array(params[self.ctx.last_chunk]["wte"], np.float32)
         self.momentum = jnp.zeros(shape, jnp.float32) if serves else None
         if self._saved is not None:
             saved = self._saved
@@ -114,6 +128,8 @@ class DiLoCo(DataParallel):
             self.outer = _load(saved, "outer", self.outer)
             if self.momentum is not None:
                 self.momentum = _load(saved, "momentum", self.momentum)
+            if self.outer_wte is not None:
+                self.outer_wte = np.asarray(_load(saved, "outer_wte", jnp.asarray(self.outer_wte))).copy()
 
     def _serve(self, mean: jax.Array, first_row: int) -> jax.Array:
         assert self.momentum is not None
@@ -140,39 +156,54 @@ class DiLoCo(DataParallel):
                 trees[last] = {**trees[last], "wte": wte}
             new.update(trees)
             self._wire_bytes += self.coll.sent - before
-            if 0 in params and self.tied is not None:  # The first chunk's end sends the new `wte`.
-                self._send_wte(new[0]["wte"])
+            if 0 in params and self.tied is not None:  # The first chunk's end sends the step of `wte`.
+                self._send_wte_step(params[0]["wte"].size)
         if self.head_copy and 0 not in params and self.syncs_at(k, 0):
+            assert self.outer_wte is not None
             last = self.ctx.last_chunk
-            new[last] = {**new[last], "wte": self._recv_wte(params[last]["wte"])}
+            # The same float32 addition as the first stage's (outer + step), on the host.
+            self.outer_wte = self.outer_wte + self._recv_wte_step(self.outer_wte)
+            new[last] = {**new[last], "wte": jax.device_put(self.outer_wte.copy(), params[last]["wte"].sharding)}
         return new, opt_state
 
-    # ---- the tied embedding's new values, first chunk -> LM head -----------------------------------
-    def _send_wte(self, wte: jax.Array) -> None:
-        assert self.tied is not None
-        buf = np.ascontiguousarray(np.asarray(wte, np.float32))
-        dst = 1 - self.tied.Get_rank()
-        net = self.ctx.net
+    # ---- the tied embedding's outer step, first chunk -> LM head ----------------------------------
+    def _send_wte_step(self, size: int) -> None:
+        """The rows of the step that came back which hold `wte` (elements wte_at.. of the buffer)."""
+        assert self.tied is not None and self.exchange is not None and self.exchange.back is not None
+        chunk = self.exchange.chunk
+        first, stop = self.wte_at // chunk, -(-(self.wte_at + size) // chunk)
+        head = np.array([self.wte_at - first * chunk, stop - first], np.int64)
+        rows = np.ascontiguousarray(np.asarray(self.exchange.back[first:stop]))
+        dst, net, tied = 1 - self.tied.Get_rank(), self.ctx.net, self.tied
         if net is None:
-            self.tied.Send(buf, dest=dst, tag=_TIED_TAG)
+            tied.Send(head, dest=dst, tag=_TIED_TAG)
+            tied.Send(rows, dest=dst, tag=_TIED_TAG + 1)
         else:
             sends: list[Any] = []
-            tied = self.tied
-            net.send(self.ctx.tied_peer, buf.nbytes, lambda: sends.append(tied.Isend(buf, dest=dst, tag=_TIED_TAG)))
+            net.send(self.ctx.tied_peer, rows.nbytes, lambda: sends.extend(
+                [tied.Isend(head, dest=dst, tag=_TIED_TAG), tied.Isend(rows, dest=dst, tag=_TIED_TAG + 1)]))
             net.drain()
             MPI.Request.Waitall(sends)
-        self._wire_bytes += buf.nbytes
+        self._wire_bytes += rows.nbytes
 
-    def _recv_wte(self, like: jax.Array) -> jax.Array:
-        assert self.tied is not None
-        buf = np.empty(like.shape, np.float32)
-        self.tied.Recv(buf, source=1 - self.tied.Get_rank(), tag=_TIED_TAG)
-        return jax.device_put(buf, like.sharding)
+    def _recv_wte_step(self, like: np.ndarray) -> np.ndarray:
+        assert self.tied is not None and self.exchange is not None
+        src = 1 - self.tied.Get_rank()
+        head = np.empty(2, np.int64)
+        self.tied.Recv(head, source=src, tag=_TIED_TAG)
+        offset, n_rows = int(head[0]), int(head[1])
+        codec = self.codec
+        rows = np.empty((n_rows, quant.row_bytes(codec, self.exchange.chunk)), np.uint8)
+        self.tied.Recv(rows, source=src, tag=_TIED_TAG + 1)
+        step = np.asarray(quant.decode(jnp.asarray(rows), codec)).reshape(-1)[offset: offset + like.size]
+        return step.reshape(like.shape)
 
     # ---- checkpointed state -----------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         assert self.exchange is not None and self.outer is not None
         out = {"outer": np.asarray(self.outer), **self.exchange.state()}
+        if self.outer_wte is not None:
+            out["outer_wte"] = np.asarray(self.outer_wte)
         if self.momentum is not None:
             out["momentum"] = np.asarray(self.momentum)
         return out

@@ -71,6 +71,8 @@ class Exchange:
         serves = mode == "sharded_ps" or (mode == "central_ps" and coll.rank == 0)
         self.down = zeros(self.span_rows) if codec != "none" and mode != "allreduce" and serves else None
         self._pending: tuple[jax.Array | None, jax.Array | None] | None = None
+        # What came back in the last run (central and sharded PS), in `codec`'s wire rows [rows, row_bytes].
+        self.back: jax.Array | None = None
 
     @property
     def first_row(self) -> int:
@@ -91,6 +93,7 @@ class Exchange:
                 out = coll.allgather(serve(_div(mine, d), self.first_row)).reshape(self.rows, self.chunk)
             else:
                 out = serve(_div(coll.allreduce_sum(x), d), 0)
+            self.back = quant.encode(out, "none") if self.mode != "allreduce" else None
             return from_rows(out, self.n)
         wire, up = quant.encode_ef(x, self.up, codec)
         down = self.down
@@ -100,13 +103,16 @@ class Exchange:
                 back, down = quant.encode_ef(serve(quant.mean_of(got, codec, d), 0), down, codec)
             else:
                 back = wire
-            out = quant.decode(coll.bcast(back), codec)
+            self.back = coll.bcast(back)
+            out = quant.decode(self.back, codec)
         elif self.mode == "sharded_ps":
             got = coll.alltoall(wire.reshape(d, self.span_rows, -1))
             back, down = quant.encode_ef(serve(quant.mean_of(got, codec, d), self.first_row), down, codec)
-            out = quant.decode(coll.allgather(back).reshape(self.rows, -1), codec)
+            self.back = coll.allgather(back).reshape(self.rows, -1)
+            out = quant.decode(self.back, codec)
         else:
             out = serve(quant.mean_of(coll.allgather(wire), codec, d), 0)
+            self.back = None
         self._pending = (up, down)
         return from_rows(out, self.n)
 

@@ -44,8 +44,10 @@ def wire_bytes(codec: str, n: int, chunk: int = CHUNK) -> int:
 
 
 def _scale(y: jax.Array, levels: float) -> jax.Array:
+    # Multiplications by reciprocals, never divisions: XLA may turn a division into one on some shapes
+    # and not others, and a reference must be able to repeat the arithmetic bit for bit.
     amax = jnp.max(jnp.abs(y), axis=1)
-    return jnp.where(jnp.isfinite(amax), amax / jnp.float32(levels), jnp.float32(jnp.nan))
+    return jnp.where(jnp.isfinite(amax), amax * jnp.float32(1.0 / levels), jnp.float32(jnp.nan))
 
 
 def _to_bytes(x: jax.Array) -> jax.Array:
@@ -68,7 +70,8 @@ def encode(y: jax.Array, codec: str) -> jax.Array:
         return _to_bytes(jax.lax.bitcast_convert_type(y.astype(jnp.bfloat16), jnp.uint16))
     levels = _LEVELS[codec]
     s = _scale(y, levels)
-    q = jnp.where((s > 0)[:, None], jnp.round(y / s[:, None]), 0.0)
+    inv = jnp.where(s > 0, jnp.float32(1.0) / jnp.where(s > 0, s, 1.0), 0.0)
+    q = jnp.round(y * inv[:, None])
     q = jnp.clip(q, -levels, levels).astype(jnp.int32)
     if codec == "int8":
         body = jax.lax.bitcast_convert_type(q.astype(jnp.int8), jnp.uint8)
@@ -103,10 +106,16 @@ def encode_ef(x: jax.Array, residue: jax.Array, codec: str) -> tuple[jax.Array, 
     return wire, jnp.where(jnp.isfinite(left), left, 0.0)
 
 
-@partial(jax.jit, static_argnums=(1, 2))
 def mean_of(wires: jax.Array, codec: str, n: int) -> jax.Array:
-    """The mean of `n` decoded messages ([n, rows, row_bytes]), summed in rank order in float32."""
-    total = decode(wires[0], codec)
-    for r in range(1, n):
-        total = total + decode(wires[r], codec)
-    return total / jnp.float32(n)
+    """The mean of `n` decoded messages ([n, rows, row_bytes]), summed in rank order in float32.
+    Decoded first, in programs of their own: fused into the sum, a decode's multiply and the add
+    could become one FMA (one rounding instead of two) on some shapes and not others."""
+    return _mean([decode(wires[r], codec) for r in range(n)])
+
+
+@jax.jit
+def _mean(parts: list[jax.Array]) -> jax.Array:
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total * jnp.float32(1.0 / len(parts))
