@@ -23,6 +23,7 @@ parser.add_argument("--set", dest="overrides", action="append", default=[])
 parser.add_argument("--handshake-transport", action="store_true",
                     help="use tests/handshake_transport.py (the NCCL transport's protocol and tied sum on CPU)")
 parser.add_argument("--cases", help="JSON: several runs in this one launch, each into OUT/<name>")
+parser.add_argument("--resume", help="a checkpoint to resume from (as `jaxpipe train --resume`)")
 args = parser.parse_args()
 
 
@@ -38,7 +39,7 @@ def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = F
         if nccl_dp:  # The NCCL data-parallel collectives' protocol, played by MPI on CPU.
             factories.dp_collectives = handshake_transport.make_dp_collectives
     cfg = load_config(None, overrides)
-    res = train(cfg, log=lambda s: None, factories=factories)
+    res = train(cfg, log=lambda s: None, factories=factories, resume=args.resume)
     flat = {}
     for c, spec in res.chunks.items():
         flat.update(flatten_per_layer(cfg.model, spec.layers, spec.first, spec.last, res.params[c]))

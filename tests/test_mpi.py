@@ -177,6 +177,8 @@ BAD_INPUT = {
                                 "train.micro_batch_size (3) must divide the per-replica batch"),
     "missing_data_file": (4, ["data.source=tokens", "data.path=/nonexistent/train.bin"],
                           "data.path: no such file '/nonexistent/train.bin'"),
+    "diloco_without_replicas": (2, ["parallel.pp=2", "parallel.dp_mode=diloco"],
+                                "parallel.dp_mode=diloco needs parallel.dp >= 2"),
 }
 
 
