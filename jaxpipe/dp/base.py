@@ -102,7 +102,8 @@ class DataParallel(ABC):  # noqa: B024 - every hook has a do-nothing default
         return self._wire_bytes
 
     def signature(self) -> dict[str, Any]:
-        """What `state()` depends on beyond the model: a resume whose signature differs cannot use it."""
+        """What `state()` depends on beyond this rank's layers (known before `setup`): a resume whose
+        signature differs cannot use the saved state."""
         return {"dp_mode": self.name}
 
     def describe(self) -> str:

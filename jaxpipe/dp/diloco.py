@@ -213,8 +213,7 @@ class DiLoCo(DataParallel):
 
     def signature(self) -> dict[str, Any]:
         return {"dp_mode": self.name, "grad_codec": self.codec, "dp": self.ctx.size, "H": self.H,
-                "diloco_exchange": self.mode, "diloco_stagger": self.stagger,
-                "elements": int(self.outer.size) if self.outer is not None else 0}
+                "diloco_exchange": self.mode, "diloco_stagger": self.stagger}
 
     def describe(self) -> str:
         return (f"diloco H={self.H} ({self.mode} exchange over {self.coll.name}, {self.codec} pseudo-gradients"

@@ -76,8 +76,9 @@ class GradSync(DataParallel):
             self.exchange.load_state(state)
 
     def signature(self) -> dict[str, Any]:
-        return {"dp_mode": self.name, "grad_codec": self.codec, "dp": self.size,
-                "rows": self.exchange.rows if self.exchange is not None else 0}
+        # Known before `setup` (a resume checks it first); the buffer's layout follows from the chunks'
+        # layers, which the checkpoint adds.
+        return {"dp_mode": self.name, "grad_codec": self.codec, "dp": self.size}
 
     def describe(self) -> str:
         return self.name + (f" + {self.codec} with error feedback" if self.codec != "none" else "") + (
