@@ -64,7 +64,7 @@ class ParallelConfig:
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
-    dp_mode: Literal["central_ps", "sharded_ps", "allreduce"] = "central_ps"
+    dp_mode: Literal["central_ps", "sharded_ps", "allreduce", "diloco"] = "central_ps"
     # "balanced" (by estimated cost), "even", per-chunk layer counts [2, 3, 3], or ranges [[0, 2], [2, 5], ...]
     # (one entry per chunk: pp × virtual_stages of them).
     partition: str | list[int] | list[list[int]] = "balanced"
@@ -83,6 +83,17 @@ class ParallelConfig:
     # halves its bytes (412 MB -> 206 MB for GPT-3 XL: 1.6 s saved per step at 1 Gbit/s); both ends
     # round both gradients the same way, so the two copies of `wte` stay identical.
     tied_grad_dtype: Literal["float32", "bfloat16"] = "float32"
+    # ---- data parallelism for slow links (jaxpipe.dp) ----
+    # Wire format of the DP exchange (gradients; DiLoCo's pseudo-gradients and outer steps), with error
+    # feedback: bfloat16, or int8 / int4 with one float32 scale per 1024 elements.
+    grad_codec: Literal["none", "bfloat16", "int8", "int4"] = "none"
+    # dp_mode=diloco: H inner steps per outer step, the outer step's exchange, outer Nesterov SGD,
+    # and per-stage staggered outer steps.
+    diloco_inner_steps: int = 50
+    diloco_exchange: Literal["central_ps", "sharded_ps"] = "central_ps"
+    diloco_outer_lr: float = 0.7
+    diloco_outer_momentum: float = 0.9
+    diloco_stagger: bool = False
 
 
 @dataclass
@@ -337,7 +348,7 @@ def validate(cfg: Config) -> None:
         ("train.micro_batch_size", t.micro_batch_size), ("parallel.recv_lookahead", p.recv_lookahead),
         ("train.eval_batches", t.eval_batches), ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.log_every", t.log_every), ("runtime.devices_per_process", cfg.runtime.devices_per_process),
-        ("train.loss_scale_window", t.loss_scale_window),
+        ("train.loss_scale_window", t.loss_scale_window), ("parallel.diloco_inner_steps", p.diloco_inner_steps),
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -384,6 +395,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
+    _validate_data_parallel(p)
     # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
     if t.decay_steps and t.warmup_steps >= t.decay_steps:
         raise ConfigError(
@@ -419,3 +431,19 @@ def effective_warmup(t: TrainConfig) -> int:
     when the decay length is the run's (`train.decay_steps` 0), so `--set train.steps=1` trains a
     step at the peak rate instead of being refused; the run's first line says so."""
     return t.warmup_steps if t.decay_steps else min(t.warmup_steps, max(0, t.steps - 1))
+
+
+def _validate_data_parallel(p: ParallelConfig) -> None:
+    """DP settings that cannot work together (jaxpipe.dp)."""
+    if p.dp_mode == "diloco" and p.dp < 2:
+        raise ConfigError("parallel.dp_mode=diloco needs parallel.dp >= 2: DiLoCo's outer step averages replicas, "
+                          f"and parallel.dp is {p.dp} (raise parallel.dp, or use parallel.dp_mode=central_ps)")
+    if p.grad_codec != "none" and p.dp < 2:
+        raise ConfigError(f"parallel.grad_codec={p.grad_codec} compresses the data-parallel exchange, and with "
+                          f"parallel.dp=1 there is none: set parallel.grad_codec=none or parallel.dp >= 2")
+    if p.diloco_stagger and p.dp_mode != "diloco":
+        raise ConfigError(f"parallel.diloco_stagger staggers DiLoCo's outer steps, but parallel.dp_mode is "
+                          f"{p.dp_mode}: set parallel.dp_mode=diloco or parallel.diloco_stagger=false")
+    if not p.diloco_outer_lr > 0 or not 0 <= p.diloco_outer_momentum < 1:
+        raise ConfigError(f"need parallel.diloco_outer_lr > 0 and 0 <= parallel.diloco_outer_momentum < 1 "
+                          f"(got {p.diloco_outer_lr} and {p.diloco_outer_momentum})")

@@ -3,7 +3,7 @@
 Each rank writes `rank<r>.npz` with its chunks' parameters in the per-layer layout and
 `rank<r>.json` with the steps it skipped and the updates it applied; global rank 0 also writes
 `result.json` with per-step losses and gradient norms. With `--cases JSON` ({name: {"set": [...],
-"handshake": bool}}) one launch trains each case in turn, into OUT/<name>/.
+"handshake": bool, "nccl_dp": bool}}) one launch trains each case in turn, into OUT/<name>/.
 """
 
 import argparse
@@ -23,18 +23,23 @@ parser.add_argument("--set", dest="overrides", action="append", default=[])
 parser.add_argument("--handshake-transport", action="store_true",
                     help="use tests/handshake_transport.py (the NCCL transport's protocol and tied sum on CPU)")
 parser.add_argument("--cases", help="JSON: several runs in this one launch, each into OUT/<name>")
+parser.add_argument("--resume", help="a checkpoint to resume from (as `jaxpipe train --resume`)")
 args = parser.parse_args()
 
 
-def run_case(overrides: list[str], handshake: bool, out: Path) -> None:
+def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = False) -> None:
     factories = None
-    if handshake:
+    if handshake or nccl_dp:
         import handshake_transport
 
-        factories = Factories(transport=handshake_transport.make_transport,
-                              tied_exchange=handshake_transport.make_tied_exchange)
+        factories = Factories()
+        if handshake:
+            factories.transport = handshake_transport.make_transport
+            factories.tied_exchange = handshake_transport.make_tied_exchange
+        if nccl_dp:  # The NCCL data-parallel collectives' protocol, played by MPI on CPU.
+            factories.dp_collectives = handshake_transport.make_dp_collectives
     cfg = load_config(None, overrides)
-    res = train(cfg, log=lambda s: None, factories=factories)
+    res = train(cfg, log=lambda s: None, factories=factories, resume=args.resume)
     flat = {}
     for c, spec in res.chunks.items():
         flat.update(flatten_per_layer(cfg.model, spec.layers, spec.first, spec.last, res.params[c]))
@@ -48,6 +53,6 @@ def run_case(overrides: list[str], handshake: bool, out: Path) -> None:
 
 if args.cases:
     for name, case in json.loads(args.cases).items():
-        run_case(case["set"], case.get("handshake", False), Path(args.out) / name)
+        run_case(case["set"], case.get("handshake", False), Path(args.out) / name, case.get("nccl_dp", False))
 else:
     run_case(args.overrides, args.handshake_transport, Path(args.out))

@@ -8,6 +8,8 @@ from jaxpipe.pipeline.costmodel import (
     ORIGINAL_PP_FP32,
     Link,
     StageTime,
+    codec_bytes,
+    diloco_sync_s,
     dp_sync_s,
     original_model,
     plan,
@@ -43,6 +45,37 @@ def test_dp_sync_by_hand():
     # Ring over 4: 2 x 3 steps of (2 MiB / 1 MiB/s + 0.1 s).
     assert dp_sync_s("allreduce", 4, 8 * 2**20, link) == pytest.approx(6 * 2.1)
     assert dp_sync_s("central_ps", 1, 8 * 2**20, link) == 0.0
+
+
+def test_dp_sync_with_codecs_and_diloco_by_hand():
+    link = Link(delay_s=0.1, rate_bps=8 * 2**20)  # 1 MiB/s
+    g = 8 * 2**20  # float32 gradients; int8 rows of 1024 + 4 bytes per 4096, int4 516, bfloat16 2048
+    w8, w4, w2 = (g * b / 4096 / 2**20 for b in (1028, 516, 2048))  # MiB on the wire
+    assert codec_bytes("int8", g) == pytest.approx(w8 * 2**20)
+    # Sharded over 4: all-to-all of 3/4 of the rows, all-gather of 3 owners' quarter; one delay each.
+    assert dp_sync_s("sharded_ps", 4, g, link, codec="int8") == pytest.approx(2 * (0.75 * w8 + 0.1))
+    # Central over 3: gather (each member its rows, one delay), chain broadcast in one chunk (2 hops).
+    assert dp_sync_s("central_ps", 3, g, link, codec="int4") == pytest.approx(w4 + 0.1 + 2 * (w4 + 0.1))
+    # Allreduce over 4: every member's rows to the 3 others.
+    assert dp_sync_s("allreduce", 4, g, link, codec="bfloat16") == pytest.approx(3 * w2 + 0.1)
+    # Sharded, no codec: ring reduce-scatter (3 steps of a quarter), direct all-gather.
+    assert dp_sync_s("sharded_ps", 4, g, link) == pytest.approx(3 * (2 + 0.1) + 6 + 0.1)
+    # DiLoCo's outer step on the first stage: the exchange plus the tied `wte`'s step on to the last stage.
+    assert diloco_sync_s("sharded_ps", 4, g, link, "int8", wte_bytes=g) == pytest.approx(
+        dp_sync_s("sharded_ps", 4, g, link, codec="int8") + w8 + 0.1)
+
+
+def test_plan_knows_diloco_and_codecs():
+    base = ["parallel.pp=2", "model.n_layer=4", "parallel.dp=4", "train.global_batch_size=256",
+            "network.delay_ms=10", "network.rate_gbit=1"]
+    cfg = load_config("configs/gpt3_xl.yaml", base)
+    dense = plan(cfg)
+    int8 = plan(load_config("configs/gpt3_xl.yaml", [*base, "parallel.dp_mode=sharded_ps", "parallel.grad_codec=int8"]))
+    diloco = plan(load_config("configs/gpt3_xl.yaml", [*base, "parallel.dp_mode=diloco", "parallel.grad_codec=int8",
+                                                       "parallel.diloco_inner_steps=50"]))
+    assert dense.dp_s > 4 * int8.dp_s > 0
+    assert diloco.dp_s == pytest.approx(diloco.dp_outer_s / 50)
+    assert diloco.iteration_s < int8.iteration_s < dense.iteration_s
 
 
 def test_link_bound_named_and_explained():

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from mpi_util import run_mpi
-from reference import reference_train
+from reference import reference_diloco, reference_train
 
 from jaxpipe.config import load_config
 
@@ -77,6 +77,23 @@ GROUPS = {
     },
 }
 HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_transport"}
+
+# ---- data parallelism for slow links (jaxpipe.dp: codecs, DiLoCo, NCCL collectives) ------------------
+# Trained in the same launches as GROUPS, checked by their own tests below.
+HALVES = ["parallel.pp=2", "parallel.dp=2", "parallel.partition=[[0,4],[4,8]]"]
+DILOCO = [*HALVES, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"]
+INT8 = [*HALVES, "parallel.dp_mode=sharded_ps", "parallel.grad_codec=int8"]
+DP_CASES = {
+    4: {
+        "pp2xdp2_sharded_ps_int8": INT8,
+        "pp2xdp2_sharded_ps_int8_nccl_dp": INT8,  # through the NCCL collectives' CPU stand-in
+        "pp2xdp2_diloco_central_nccl_dp": DILOCO,  # reduce + broadcast through the stand-in
+        # Stage 0 syncs after steps 2, 4 and 5, stage 1 after 1, 3 and 5; reduce-scatter + all-gather.
+        "pp2xdp2_diloco_sharded_stagger_emulated": [*DILOCO, "parallel.diloco_exchange=sharded_ps",
+                                                    "parallel.diloco_stagger=true", *EMULATED],
+    },
+}
+NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
 ENV = {2: {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 _runs: dict[int, Any] = {}
 
@@ -84,8 +101,8 @@ _runs: dict[int, Any] = {}
 def group_run(n: int, tmp_root: Path):
     """One launch trains every layout of the group (the first test of a group pays for it)."""
     if n not in _runs:
-        cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE}
-                 for name, extra in GROUPS[n].items()}
+        cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE, "nccl_dp": name in NCCL_DP}
+                 for name, extra in {**GROUPS[n], **DP_CASES.get(n, {})}.items()}
         out = tmp_root / f"group{n}"
         out.mkdir()
         run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)],
@@ -165,6 +182,8 @@ BAD_INPUT = {
                                       "train.checkpoint_every=1"],
                                   "train.checkpoint_dir 'README.md/ckpt' cannot be written: Not a directory; choose "
                                   "a directory this job can write on every host"),
+    "diloco_without_replicas": (2, ["parallel.pp=2", "parallel.dp_mode=diloco"],
+                                "parallel.dp_mode=diloco needs parallel.dp >= 2"),
 }
 
 
@@ -203,8 +222,62 @@ def test_transport_checks_every_message(mode, expected):
     assert expected in out, run.stdout + run.stderr
 
 
+def _rank_params(case: Path) -> list[dict[str, np.ndarray]]:
+    return [dict(np.load(f)) for f in sorted(case.glob("rank*.npz"), key=lambda f: int(f.stem[4:]))]
+
+
+def _replicas_agree(ranks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One model from every rank's arrays: replicas bit-identical, the head's `wte` the embedding's."""
+    got: dict[str, np.ndarray] = {}
+    for arrays in ranks:
+        for k, v in arrays.items():
+            if k in got:
+                np.testing.assert_array_equal(v, got[k], err_msg=f"replicas disagree on {k}")
+            elif k != "head/wte":
+                got[k] = v
+    for arrays in ranks:
+        if "head/wte" in arrays:
+            np.testing.assert_array_equal(arrays["head/wte"], got["embed/wte"])
+    return got
+
+
+def test_int8_gradients_with_error_feedback(tmp_path_factory):
+    """PP=2 x DP=2, sharded PS, int8 gradients: replicas and both copies of `wte` stay bit-identical
+    (each end averages its own part of the tied gradient before the sum), training stays within the
+    quantisation's reach of float32, and the NCCL collectives' protocol (CPU stand-in: device arrays
+    only, blocking collectives and grouped point-to-point) computes exactly what MPI computes."""
+    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    assert run.returncode == 0, run.stderr[-20000:]
+    ref_losses, _, ref_params = reference()
+    result = json.loads((out / "pp2xdp2_sharded_ps_int8" / "result.json").read_text())
+    assert result["losses"][0] == pytest.approx(ref_losses[0], rel=2e-6)
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-3)
+    got = _replicas_agree(_rank_params(out / "pp2xdp2_sharded_ps_int8"))
+    assert max(float(np.abs(got[k] - v).max()) for k, v in ref_params.items()) > 0  # quantised, not exact
+    assert json.loads((out / "pp2xdp2_sharded_ps_int8_nccl_dp" / "result.json").read_text()) == result
+    mpi, stand_in = (_rank_params(out / c) for c in ("pp2xdp2_sharded_ps_int8", "pp2xdp2_sharded_ps_int8_nccl_dp"))
+    for a, b in zip(mpi, stand_in, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated"])
+def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
+    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    assert run.returncode == 0, run.stderr[-20000:]
+    cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
+    losses, norms, replicas = reference_diloco(cfg, [range(0, 4), range(4, 8)])
+    result = json.loads((out / case / "result.json").read_text())
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(result["grad_norms"], norms, rtol=1e-5)
+    got = _replicas_agree(_rank_params(out / case))  # after the last step's outer step: one model
+    assert got.keys() == replicas[0].keys()
+    for k, ref in replicas[0].items():
+        np.testing.assert_allclose(got[k], ref, rtol=0, atol=1e-5, err_msg=k)
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_data_parallel_averages_over_mpi_and_emulated_links(n):
     run = run_mpi(n, ["tests/mpi_grad_sync_check.py"], timeout=180)
     assert run.stdout.strip() == f"all averages right on {n} ranks", run.stdout + run.stderr

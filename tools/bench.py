@@ -4,7 +4,7 @@ dropped, the mean of the rest, reported by global rank 0.
     mpiexec -n 4 python tools/bench.py pipeline --config configs/gpt3_xl.yaml [--set k=v ...] [--json out.jsonl]
     python tools/bench.py single --config configs/gpt3_xl.yaml [--set ...]     # whole model on one device
     mpiexec -n 2 python tools/bench.py transport --transport nccl --mib 8 16   # per-message time
-    mpiexec -n 2 python tools/bench.py dp-sync --mib 830                      # gradient averaging
+    mpiexec -n 4 python tools/bench.py dp-sync --original --diloco 50          # DP exchange, every mode and codec
 
 `pipeline` also measures, in the same run, each stage's forward+backward of one iteration's
 micro-batches alone (no communication): the stage ceiling. The pipeline bound is
@@ -273,45 +273,91 @@ def cmd_transport(args: argparse.Namespace) -> None:
 
 
 def cmd_dp_sync(args: argparse.Namespace) -> None:
-    """Averages one float32 gradient buffer over all ranks with every data-parallel mode: MPI's
-    collectives, then the point-to-point algorithms that link emulation uses, over a link of
-    `--delay-ms` / `--rate-gbit` (default: no delay, unlimited rate, i.e. the emulation's own cost,
-    which the cost model does not predict), next to the link time the cost model charges."""
+    """The data-parallel exchange of one stage over all ranks (its DP group), every mode and codec, over
+    emulated links: a buffer of `--elements` float32 charged as `--params` parameters' gradients
+    (network.size_scale = params / elements), at one link (`--delay-ms`, `--rate-gbit`) or at the
+    original's five settings (`--original`), next to the time the cost model predicts and, with
+    `--original`, the original's fp16 DP4 - DP1 overhead. `--diloco H` adds DiLoCo's outer step
+    (pseudo-gradients up, step down, the tied `wte`'s step on to another rank: `--wte-params`),
+    amortised over H. A first pass on an unlimited link compiles every program."""
+    import jax.numpy as jnp
     from mpi4py import MPI
 
     from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
-    from jaxpipe.config import ParallelConfig
-    from jaxpipe.dp.base import DPContext
-    from jaxpipe.dp.sync import DP_MODES
-    from jaxpipe.pipeline.costmodel import Link, dp_sync_s
+    from jaxpipe.dp import quant
+    from jaxpipe.dp.collectives import Emulated, n_chunks
+    from jaxpipe.dp.diloco import outer_step
+    from jaxpipe.dp.exchange import Exchange
+    from jaxpipe.pipeline.costmodel import (
+        ORIGINAL_DP4_FP16,
+        ORIGINAL_PP_FP16,
+        ORIGINAL_SETTINGS,
+        Link,
+        diloco_sync_s,
+        dp_sync_s,
+    )
 
     comm = MPI.COMM_WORLD
-    rate = args.rate_gbit * 1e9 if args.rate_gbit > 0 else float("inf")
-    net = NetworkEmulator(comm.Get_rank(), LinkSpec(args.delay_ms / 1e3, rate))
-    link = Link.of(args.delay_ms, args.rate_gbit)
-    for mib in args.mib:
-        grads = np.random.default_rng(comm.Get_rank()).standard_normal(mib * 2**20 // 4).astype(np.float32)
-        for mode, cls in DP_MODES.items():
-            sync = cls(DPContext(comm, net, lambda i: i, ParallelConfig(), place=lambda t: t))
-            for how, average in (("mpi", sync.average), ("emulated", sync.average_emulated)):
-                times = []
-                for _ in range(args.reps + args.skip):
-                    flat = grads.copy()
-                    comm.Barrier()
-                    t0 = time.perf_counter()
-                    average(flat)
-                    comm.Barrier()
-                    times.append(time.perf_counter() - t0)
-                took = float(np.mean(times[args.skip:]))
-                if comm.Get_rank() == 0:
-                    model = dp_sync_s(mode, comm.Get_size(), grads.nbytes, link) if how == "emulated" else 0.0
-                    print(f"[{args.label}] dp-sync {mode:10s} {how:8s} {mib} MiB over {comm.Get_size()} ranks: "
-                          f"{took:.3f} s (link time modelled {model:.3f} s)", flush=True)
-                    _append_json(args.json, {"mode": "dp-sync", "dp_mode": mode, "how": how, "mib": mib,
-                                             "ranks": comm.Get_size(), "seconds": took, "modelled_s": model,
-                                             "delay_ms": args.delay_ms, "rate_gbit": args.rate_gbit,
-                                             "label": args.label})
-    net.close()
+    me, size = comm.Get_rank(), comm.Get_size()
+    scale = args.params / args.elements
+    grads = jnp.asarray(np.random.default_rng(me).standard_normal(args.elements).astype(np.float32) * 1e-3)
+    wte_n = round(args.wte_params / scale)
+    settings = ([(label, d, r, o - p) for (label, d, r), o, p in zip(ORIGINAL_SETTINGS, ORIGINAL_DP4_FP16,
+                                                                     ORIGINAL_PP_FP16, strict=True)]
+                if args.original else [("link", args.delay_ms, args.rate_gbit, 0.0)])
+    cases = [(mode, codec, 0) for mode in args.modes for codec in args.codecs]
+    cases += [(exchange, codec, h) for h in args.diloco for exchange in ("central_ps", "sharded_ps")
+              for codec in args.diloco_codecs]
+
+    def one(coll: Emulated, mode: str, codec: str, h: int) -> float:
+        ex = Exchange(mode, codec, coll, args.elements)
+        momentum = jnp.zeros((ex.span_rows, ex.chunk), jnp.float32)
+        serve = (lambda m, first: outer_step(m, momentum, 0.7, 0.9)[1]) if h else None
+        comm.Barrier()
+        t0 = time.perf_counter()
+        out = ex.run(grads, serve)
+        ex.commit(True)
+        if h and wte_n:  # rank r stands in for its pipeline's first stage: the `wte` step to a neighbour
+            assert ex.back is not None
+            rows = np.asarray(ex.back[: -(-wte_n // ex.chunk)])
+            p2p, dst, src = coll.p2p, (me + 1) % size, (me - 1) % size
+            got = np.empty_like(rows)
+            req = p2p.irecv(got, src, tag=70000)
+            p2p.send(rows, dst, tag=70000)
+            p2p.wait([req])
+        np.asarray(out)
+        comm.Barrier()
+        return time.perf_counter() - t0
+
+    warm = NetworkEmulator(me, LinkSpec(0.0, float("inf")), size_scale=scale)
+    for case in cases:
+        one(Emulated(comm, warm, lambda i: i), *case)
+    warm.close()
+    for label, delay, rate, overhead in settings:
+        net = NetworkEmulator(me, LinkSpec(delay / 1e3, rate * 1e9 if rate > 0 else float("inf")), size_scale=scale)
+        coll = Emulated(comm, net, lambda i: i)
+        link = Link.of(delay, rate)
+        nbytes = 4.0 * args.params
+        for mode, codec, h in cases:
+            took = float(np.median([one(coll, mode, codec, h) for _ in range(args.reps)]))
+            chunks_f32 = n_chunks(nbytes, args.elements)
+            chunks = n_chunks(scale * quant.wire_bytes(codec, args.elements), args.elements) if codec != "none" \
+                else chunks_f32
+            model = (diloco_sync_s(mode, size, nbytes, link, codec, 4.0 * args.wte_params, chunks) if h
+                     else dp_sync_s(mode, size, nbytes, link, chunks, codec))
+            per_step = took / h if h else took
+            if me == 0:
+                what = f"diloco H={h} ({mode})" if h else mode
+                vs = f" | {per_step / overhead:.3f} of the original's {overhead:.2f} s" if overhead else ""
+                amortised = f", per step {per_step:.4f} s" if h else ""
+                print(f"[{args.label}] {label:28s} {what:24s} {codec:9s} {took:7.3f} s (model {model:7.3f}, "
+                      f"measured/model {took / model if model else float('nan'):.2f}){amortised}{vs}", flush=True)
+                _append_json(args.json, {"mode": "dp-sync", "dp_mode": "diloco" if h else mode, "exchange": mode,
+                                         "codec": codec, "H": h, "ranks": size, "setting": label, "delay_ms": delay,
+                                         "rate_gbit": rate, "seconds": took, "per_step_s": per_step,
+                                         "modelled_s": model, "original_overhead_s": overhead,
+                                         "params": args.params, "elements": args.elements, "label": args.label})
+        net.close()
 
 
 def cmd_dispatch(args: argparse.Namespace) -> None:
@@ -388,8 +434,16 @@ def main() -> None:
             p.add_argument("--layers", type=int, default=7, help="layers in the stage (GPT-3 XL's middle stage: 7)")
             p.add_argument("--reps", type=int, default=20)
         if name == "dp-sync":
-            p.add_argument("--mib", type=int, nargs="+", default=[830], help="gradient size (GPT-3 XL stage 0: 830)")
-            p.add_argument("--reps", type=int, default=3)
+            p.add_argument("--params", type=float, default=204e6,
+                           help="parameters whose gradients the buffer stands for (the original's stage 0: 204e6)")
+            p.add_argument("--elements", type=int, default=2**21, help="float32 elements actually sent")
+            p.add_argument("--modes", nargs="+", default=["central_ps", "sharded_ps", "allreduce"])
+            p.add_argument("--codecs", nargs="+", default=["none", "bfloat16", "int8", "int4"])
+            p.add_argument("--diloco", type=int, nargs="*", default=[], help="DiLoCo's H (amortised outer step)")
+            p.add_argument("--diloco-codecs", nargs="+", default=["int8"])
+            p.add_argument("--wte-params", type=float, default=50257 * 2048, help="the tied embedding (GPT-3 XL)")
+            p.add_argument("--reps", type=int, default=1)
+            p.add_argument("--original", action="store_true", help="the original's five network settings")
             p.add_argument("--delay-ms", type=float, default=0.0)
             p.add_argument("--rate-gbit", type=float, default=0.0, help="0: unlimited")
     args = parser.parse_args()

@@ -28,6 +28,15 @@ from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
 from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, lower, make_schedule, walk
 
+CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
+CODEC_ROW_BYTES = {"none": 4 * CODEC_CHUNK, "bfloat16": 2 * CODEC_CHUNK, "int8": CODEC_CHUNK + 4,
+                   "int4": CODEC_CHUNK // 2 + 4}
+
+
+def codec_bytes(codec: str, fp32_bytes: float) -> float:
+    """What `fp32_bytes` of float32 gradients become on the wire with `parallel.grad_codec`."""
+    return fp32_bytes * CODEC_ROW_BYTES[codec] / (4 * CODEC_CHUNK)
+
 
 @dataclass(frozen=True)
 class StageTime:
@@ -129,19 +138,53 @@ def bubble_fraction(schedule: Schedule, times: Sequence[StageTime]) -> float:
     return (simulate_pipeline(lowered, times, 0.0, Link()).makespan - compute) / compute
 
 
-def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None) -> float:
-    """Time to average `grad_bytes` over `dp` replicas with jaxpipe's algorithm on these links
-    (`n_chunks`: how many pieces the chain moves, by default as the emulated transfers cut them)."""
+def collective_s(op: str, dp: int, nbytes: float, link: Link, n_chunks: int | None = None) -> float:
+    """One of jaxpipe.dp.collectives' operations on `nbytes` over `dp` members (the emulated patterns):
+    `chain` (reduce to or broadcast from DP rank 0, pipelined in `n_chunks`), `ring_reduce_scatter`,
+    `ring_allreduce`, and the direct sends `gather` (every member's `nbytes` to the root),
+    `allgather` (every member's `nbytes` to every other) and `alltoall` (1/dp of `nbytes` to each)."""
+    hop = link.delay_s + link.per_message_s
+    if op == "chain":
+        n = n_chunks or transfer_chunks(nbytes)
+        chunk = nbytes / n
+        return (dp - 1) * (link.transfer_s(chunk) + hop) + (n - 1) * link.transfer_s(chunk)
+    if op == "ring_reduce_scatter":
+        return (dp - 1) * (link.transfer_s(nbytes / dp) + hop)
+    if op == "ring_allreduce":
+        return 2 * (dp - 1) * (link.transfer_s(nbytes / dp) + hop)
+    egress = {"gather": nbytes, "allgather": (dp - 1) * nbytes, "alltoall": (dp - 1) / dp * nbytes}[op]
+    return link.transfer_s(egress) + hop
+
+
+def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None,
+              codec: str = "none") -> float:
+    """Time to average `grad_bytes` (float32) over `dp` replicas with jaxpipe's algorithm on these links
+    (`n_chunks`: how many pieces the chain moves, by default as jaxpipe.dp.collectives cuts them;
+    `codec`: parallel.grad_codec). Encoding and decoding are not counted (device work)."""
     if dp <= 1:
         return 0.0
-    if mode == "central_ps":  # Pipelined chain reduce to the server, then chain broadcast back.
-        n = n_chunks or transfer_chunks(grad_bytes)
-        chunk = grad_bytes / n
-        hops = dp - 1
-        one_way = hops * (link.transfer_s(chunk) + link.delay_s + link.per_message_s) + (n - 1) * link.transfer_s(chunk)
-        return 2 * one_way
-    # Ring reduce-scatter + all-gather (sharded PS / allreduce).
-    return 2 * (dp - 1) * (link.transfer_s(grad_bytes / dp) + link.delay_s + link.per_message_s)
+    if codec == "none":
+        if mode == "central_ps":  # Pipelined chain reduce to the server, then chain broadcast back.
+            return 2 * collective_s("chain", dp, grad_bytes, link, n_chunks)
+        if mode == "sharded_ps":  # Ring reduce-scatter, direct all-gather of the averaged shards.
+            return (collective_s("ring_reduce_scatter", dp, grad_bytes, link)
+                    + collective_s("allgather", dp, grad_bytes / dp, link))
+        return collective_s("ring_allreduce", dp, grad_bytes, link)
+    wire = codec_bytes(codec, grad_bytes)
+    if mode == "central_ps":  # Gather to the server; chain broadcast of its quantised result.
+        return collective_s("gather", dp, wire, link) + collective_s("chain", dp, wire, link, n_chunks)
+    if mode == "sharded_ps":  # All-to-all of the quantised rows, all-gather of the owners' results.
+        return collective_s("alltoall", dp, wire, link) + collective_s("allgather", dp, wire / dp, link)
+    return collective_s("allgather", dp, wire, link)  # allreduce: every member sums every message
+
+
+def diloco_sync_s(exchange: str, dp: int, grad_bytes: float, link: Link, codec: str = "none",
+                  wte_bytes: float = 0.0, n_chunks: int | None = None) -> float:
+    """One DiLoCo outer step of a stage: the pseudo-gradients' exchange and the step back
+    (`exchange`: parallel.diloco_exchange), plus, on the first stage, the step of the tied `wte`
+    (`wte_bytes` of float32) sent on to the LM head's stage through the same egress."""
+    tied = link.transfer_s(codec_bytes(codec, wte_bytes)) + link.delay_s + link.per_message_s if wte_bytes else 0.0
+    return dp_sync_s(exchange, dp, grad_bytes, link, n_chunks, codec) + tied
 
 
 @dataclass
@@ -154,6 +197,8 @@ class Prediction:
     bound: str = ""
     explanation: str = ""
     bubble: float = 0.0  # idle fraction of the busiest rank with free links
+    dp_s: float = 0.0  # the DP part per step (DiLoCo: one outer step over H), the slowest rank's
+    dp_outer_s: float = 0.0  # DiLoCo: one outer step, the slowest rank's
 
 
 def predict(
@@ -170,10 +215,16 @@ def predict(
     optimizer_s: float = 0.0,
     grad_chunks: Sequence[int] | None = None,
     links: Links | None = None,
+    grad_codec: str = "none",
+    diloco_inner_steps: int = 1,
+    diloco_exchange: str = "central_ps",
+    wte_bytes: float = 0.0,
 ) -> Prediction:
     """Iteration time of one pipeline (and its DP peers) and what bounds it. `times` per chunk;
     `grad_bytes` and `grad_chunks` per pipeline rank; `links` (default: `link` everywhere) for
-    the pipeline's messages, `link` for the tied and DP exchanges."""
+    the pipeline's messages, `link` for the tied and DP exchanges. With `dp_mode` diloco the
+    iteration is the mean over an inner phase: one outer step per `diloco_inner_steps` (the first
+    stage also sends the tied `wte`'s step, `wte_bytes` of float32, to the last)."""
     if isinstance(schedule, str):
         if n_microbatches is None:
             raise ValueError("n_microbatches is needed with a schedule name")
@@ -187,12 +238,21 @@ def predict(
     tied = (link.transfer_s(tied_bytes) + link.delay_s + link.per_message_s) if (
         ends_of[0] != ends_of[1] and tied_bytes) else 0.0
     control = 2 * max(0, (P - 1).bit_length()) * link.delay_s
-    ends = []
-    for r in range(P):
-        start = sim.stage_end[r]
-        if r in ends_of and tied:  # The exchange needs both ends of the tied embedding.
-            start = max(sim.stage_end[ends_of[0]], sim.stage_end[ends_of[1]]) + tied
-        ends.append(start + dp_sync_s(dp_mode, dp, grads[r], link, grad_chunks[r] if grad_chunks else None))
+
+    def dp_of(r: int) -> float:
+        chunks = grad_chunks[r] if grad_chunks else None
+        if dp_mode == "diloco":
+            wte = wte_bytes if r == ends_of[0] and ends_of[0] != ends_of[1] else 0.0
+            return diloco_sync_s(diloco_exchange, dp, grads[r], link, grad_codec, wte, chunks)
+        return dp_sync_s(dp_mode, dp, grads[r], link, chunks, grad_codec)
+
+    outer = [dp_of(r) for r in range(P)]
+    per_step = [t / diloco_inner_steps for t in outer] if dp_mode == "diloco" else outer
+    # Each end of the tied embedding averages its own part over DP, then the two ends sum.
+    ends = [sim.stage_end[r] + per_step[r] for r in range(P)]
+    if tied:
+        both = max(ends[ends_of[0]], ends[ends_of[1]]) + tied
+        ends[ends_of[0]] = ends[ends_of[1]] = both
     iteration = max(ends) + control + optimizer_s
     per_rank = rank_compute_s(lowered, times)
     compute = max(per_rank)
@@ -203,6 +263,7 @@ def predict(
         "synchronisation": max(0.0, iteration - optimizer_s - sim.makespan),
     }
     bound = max(comps, key=comps.get)  # type: ignore[arg-type]
+    outer_note = f", one outer step {max(outer):.3f} s every {diloco_inner_steps}" if dp_mode == "diloco" else ""
     slow = max(range(P), key=lambda r: sim.link_busy[r])
     per_phase_compute = M * max(t.fwd for t in times) * schedule.virtual_stages
     rate = link.rate_bps / 1e9
@@ -217,11 +278,13 @@ def predict(
                 f"({M * schedule.virtual_stages * link.transfer_s(msg_bytes):.3f} s) against "
                 f"{per_phase_compute:.3f} s of forward compute",
         "synchronisation": f"after the pipeline, {comps['synchronisation']:.3f} s of gradient exchange "
-                           f"(tied embedding {tied:.3f} s, DP {dp_mode} over {dp} replicas up to "
-                           f"{max(dp_sync_s(dp_mode, dp, g, link) for g in grads):.3f} s)",
+                           f"(tied embedding {tied:.3f} s, DP {dp_mode}"
+                           f"{f' + {grad_codec}' if grad_codec != 'none' else ''} over {dp} replicas up to "
+                           f"{max(per_step):.3f} s per step{outer_note})",
     }[bound]
     return Prediction(iteration, sim.makespan, ideal.makespan, iteration - sim.makespan - optimizer_s - control,
-                      comps, bound, f"{bound}-bound: {why}", (ideal.makespan - compute) / compute if compute else 0.0)
+                      comps, bound, f"{bound}-bound: {why}", (ideal.makespan - compute) / compute if compute else 0.0,
+                      max(per_step), max(outer) if dp_mode == "diloco" else 0.0)
 
 
 # ---- The original DT-FM GPT-3 XL runs, from their facts only ----------------------------------------
@@ -312,7 +375,9 @@ def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link
     tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0
     tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale
     return predict(schedule, times, msg, link, dp=p.dp, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
-                   optimizer_s=optimizer_s, grad_chunks=chunks, links=links)
+                   optimizer_s=optimizer_s, grad_chunks=chunks, links=links, grad_codec=p.grad_codec,
+                   diloco_inner_steps=p.diloco_inner_steps, diloco_exchange=p.diloco_exchange,
+                   wte_bytes=4.0 * m.vocab_size * m.d_model * cfg.network.size_scale)
 
 
 def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:
@@ -324,5 +389,7 @@ def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:
 
 def format_prediction(pred: Prediction) -> str:
     parts = " | ".join(f"{k} {v:.3f} s" for k, v in pred.components.items())
+    dp = f"\ndata-parallel part {pred.dp_s:.3f} s per step" + (
+        f" (one outer step {pred.dp_outer_s:.3f} s)" if pred.dp_outer_s else "") if pred.dp_s else ""
     return (f"predicted iteration {pred.iteration_s:.3f} s ({parts})\n{pred.explanation}\n"
-            f"bubble with free links: {pred.bubble:.1%} of the busiest rank's compute")
+            f"bubble with free links: {pred.bubble:.1%} of the busiest rank's compute{dp}")

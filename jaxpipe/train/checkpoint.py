@@ -7,6 +7,9 @@ Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
     head/         {"params": {"ln_f": ...}, "opt": ...}                            by the last stage
     state.json    step, data position, seeds, optimizer counters, the run's config
     tokenizer.json  copied from the prepared data directory, when there is one
+    replicas/<d>/  (DiLoCo) replica d's own items and opt_scalars.json: replicas train apart
+    dp/stage<s>_replica<r>.npz  what the data-parallel algorithm of that rank keeps (error-feedback
+                  residues, DiLoCo's outer parameters and momentum), written by that rank
     COMMIT        written last
 
 The layout is per layer, never per stage (keys as in `jaxpipe.model.gpt.flatten_per_layer`), so a
@@ -48,6 +51,7 @@ FORMAT = "jaxpipe.train.checkpoint.v1"
 STATE_FILE = "state.json"
 COMMIT_FILE = "COMMIT"
 TOKENIZER_FILE = "tokenizer.json"
+SCALARS_FILE = "opt_scalars.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Model fields that fix parameter shapes: a checkpoint loads only into a model that agrees on all.
 SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
@@ -213,8 +217,13 @@ def save(
     files: Mapping[str, str | Path] | None = None,
     keep: int = 0,
     pause_before_commit: float = 0.0,
+    subdir: str = "",
+    arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    scalars: bool = False,
 ) -> Path:
-    """Collective over `comm`: every rank calls it; ranks with `writer` write their chunks' items.
+    """Collective over `comm`: every rank calls it; ranks with `writer` write their chunks' items
+    (into `subdir`: a replica's own directory when replicas differ, with its optimizer counters
+    there too when `scalars`); every rank writes its `arrays` ({relative .npz path: arrays}).
 
     `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage;
     `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the newest `keep`.
@@ -233,8 +242,14 @@ def save(
     comm.Barrier()
     if writer:
         checkpointer = ocp.PyTreeCheckpointer()
+        base = tmp / subdir
+        base.mkdir(parents=True, exist_ok=True)
         for name, tree in rank_items(model, specs, params, opt_state).items():
-            checkpointer.save(tmp / name, tree)
+            checkpointer.save(base / name, tree)
+        if subdir and scalars:
+            _write_durable(base / SCALARS_FILE, json.dumps(opt_scalars(opt_state)) + "\n")
+    for rel, values in (arrays or {}).items():
+        _write_arrays(tmp / rel, values)
     comm.Barrier()
     if lead:
         meta = {"format": FORMAT, **state, "step": step, "opt_scalars": opt_scalars(opt_state),
@@ -276,6 +291,23 @@ def check_writable(root: str | Path, key: str, hint: str = "set train.checkpoint
                           f"write on every host, or {hint}") from None
 
 
+def _write_arrays(path: Path, values: Mapping[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **dict(values))  # type: ignore[arg-type]
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_arrays(ckpt: str | Path, rel: str) -> dict[str, np.ndarray] | None:
+    """The arrays a rank saved under `rel`, or None if there are none."""
+    path = Path(ckpt) / rel
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def prune(root: str | Path, keep: int) -> None:
     """Deletes all but the newest `keep` committed checkpoints, and leftovers of interrupted saves."""
     steps = committed(root)
@@ -291,17 +323,17 @@ def prune(root: str | Path, keep: int) -> None:
 # ---- Reading ----------------------------------------------------------------------------------------
 
 
-def read_items(ckpt: str | Path, names: list[str]) -> dict[str, Any]:
+def read_items(ckpt: str | Path, names: list[str], subdir: str = "") -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     ckpt = Path(ckpt).absolute()
     checkpointer = ocp.PyTreeCheckpointer()
     out = {}
     for name in names:
-        if not (ckpt / name).is_dir():
+        if not (ckpt / subdir / name).is_dir():
             n_layer = read_state(ckpt)["config"]["model"]["n_layer"]
             raise ConfigError(f"checkpoint '{ckpt}' has no item '{name}' (it holds a {n_layer}-layer model)")
-        out[name] = checkpointer.restore(ckpt / name)
+        out[name] = checkpointer.restore(ckpt / subdir / name)
     return out
 
 
@@ -340,12 +372,19 @@ def load_stage(ckpt: str | Path, model: ModelConfig, spec: StageSpec, params_tem
 
 
 def load_rank(ckpt: str | Path, model: ModelConfig, specs: Mapping[int, StageSpec],
-              params_template: Mapping[int, Params], opt_template: Any) -> tuple[dict[int, Params], Any]:
+              params_template: Mapping[int, Params], opt_template: Any,
+              subdir: str = "") -> tuple[dict[int, Params], Any]:
     """A rank's chunks' parameters and its optimizer state (moments keyed by chunk, as the
-    templates are) from a checkpoint written with any partition and any number of chunks per rank."""
+    templates are) from a checkpoint written with any partition and any number of chunks per rank
+    (`subdir`: a replica's own directory)."""
     state = read_state(ckpt)
+    if subdir:
+        try:
+            state = {"opt_scalars": json.loads((Path(ckpt) / subdir / SCALARS_FILE).read_text())}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"checkpoint '{ckpt}': cannot read {subdir}/{SCALARS_FILE}: {e}") from None
     names = sorted({n for spec in specs.values() for n in item_names(spec)})
-    items = read_items(ckpt, names)
+    items = read_items(ckpt, names, subdir)
     params = {c: _like(_assemble(model, spec, items, lambda it: it["params"]), params_template[c], "parameters")
               for c, spec in specs.items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_template, is_leaf=_is_moment)

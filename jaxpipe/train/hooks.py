@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import Transport
 from jaxpipe.config import Config
@@ -42,8 +44,10 @@ def find_resume(resume: str, cfg: Config) -> Path | None:
     return checkpoint.resolve(resume)
 
 
-def check_resume(cfg: Config, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint `resume` names and its state, checked against this run's model and batch;
+def check_resume(cfg: Config, resume: str | None,
+                 ranges: list[list[int]] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `resume` names and its state, checked against this run's model, batch and (for
+    replicas that train apart) data-parallel layout, `ranges` being this run's layers per chunk;
     None to start afresh. Cheap (state.json only), so the trainer runs it before anything compiles."""
     if not resume or (ckpt := find_resume(resume, cfg)) is None:
         return None
@@ -53,7 +57,32 @@ def check_resume(cfg: Config, resume: str | None) -> tuple[Path, dict[str, Any]]
     if saved != cfg.train.global_batch_size:
         raise ConfigError(f"checkpoint '{ckpt}' was trained with train.global_batch_size {saved}, this run "
                           f"uses {cfg.train.global_batch_size}: the data position would not carry over")
+    check_dp_layout(cfg, state, ckpt, ranges)
     return ckpt, state
+
+
+# What each rank's DiLoCo state (flat outer parameters, momentum, residues) and each replica's own
+# parameters depend on: a resume must keep all of them.
+_DILOCO_LAYOUT = ("pp", "dp", "virtual_stages", "schedule", "dp_mode", "diloco_exchange", "grad_codec",
+                  "diloco_inner_steps", "diloco_stagger")
+
+
+def check_dp_layout(cfg: Config, state: dict[str, Any], ckpt: Path, ranges: list[list[int]] | None) -> None:
+    """A checkpoint whose replicas differ (DiLoCo) resumes only into the same layout; one whose replicas
+    are equal resumes into any (error-feedback residues then start afresh, see RunHooks.restore)."""
+    if not state.get("dp", {}).get("per_replica"):
+        return
+    saved = state["config"]["parallel"]
+    now = cfg.parallel
+    diff = [f"parallel.{k} {getattr(now, k)} (checkpoint: {saved.get(k)})" for k in _DILOCO_LAYOUT
+            if saved.get(k) != getattr(now, k)]
+    if ranges is not None and [list(r) for r in state["partition"]] != [list(r) for r in ranges]:
+        diff.append(f"layers per chunk {[list(r) for r in ranges]} (checkpoint: {state['partition']})")
+    if diff:
+        raise ConfigError(
+            f"checkpoint '{ckpt}' holds {saved['dp']} DiLoCo replicas that train apart (each its own parameters, "
+            f"AdamW state and outer-step state), which resume only into the same layout; this run differs in "
+            f"{'; '.join(diff)}: resume with the checkpoint's settings, or start afresh")
 
 
 class RunHooks:
@@ -91,19 +120,51 @@ class RunHooks:
         if not resume:
             return params, opt_state, 0
         if found is None:
-            found = agree(self.topo.world, lambda: check_resume(self.cfg, resume))
+            ranges = [list(r) for r in self.partition.ranges]
+            found = agree(self.topo.world, lambda: check_resume(self.cfg, resume, ranges))
         if found is None:
             if self.reporter:
                 self.log(f"resume: no checkpoint in {self.cfg.train.checkpoint_dir} yet, starting at step 0")
             return params, opt_state, 0
         ckpt, state = found
+        per_replica = bool(state.get("dp", {}).get("per_replica")) and self.dp.per_replica_params
+        subdir = self._replica_dir() if per_replica else ""
         params, opt_state = agree(self.topo.world, lambda: checkpoint.load_rank(
-            ckpt, self.cfg.model, self.specs, params, opt_state))
+            ckpt, self.cfg.model, self.specs, params, opt_state, subdir))
+        note = self._restore_dp(ckpt)
+        notes = [n for n in self.topo.world.allgather(note) if n]
         if self.reporter:
             self.log(f"resumed from {ckpt} after step {state['step']} "
                      f"(written with layers per chunk {[b - a for a, b in state['partition']]})")
+            if notes:
+                self.log(f"resume: {notes[0]}" + (f" (and on {len(notes) - 1} more ranks)" if len(notes) > 1 else ""))
         self.start_step = int(state["step"])
         return params, opt_state, self.start_step
+
+    def _replica_dir(self) -> str:
+        return f"replicas/{self.topo.replica}" if self.topo.replica else ""
+
+    def _dp_file(self) -> str:
+        return f"dp/stage{self.topo.stage}_replica{self.topo.replica}.npz"
+
+    def _dp_signature(self) -> str:
+        return json.dumps({**self.dp.signature(), "chunks": {str(c): [s.start, s.stop] for c, s in self.specs.items()}},
+                          sort_keys=True)
+
+    def _restore_dp(self, ckpt: Path) -> str | None:
+        """Gives the DP algorithm its saved state; what could not be restored, said (None: all of it)."""
+        saved = checkpoint.read_arrays(ckpt, self._dp_file())
+        mine = self._dp_signature()
+        if saved is not None and str(saved.pop("signature", "")) == mine:
+            self.dp.load_state(saved)
+            return None
+        if self.dp.per_replica_params:  # A DiLoCo start from a checkpoint of equal replicas.
+            return ("DiLoCo's outer parameters start from the checkpoint's parameters and its momentum at zero "
+                    "(the checkpoint holds no outer-step state for this layout)")
+        if self.cfg.parallel.grad_codec != "none":
+            return ("error-feedback residues start at zero: the checkpoint holds none for this layout "
+                    f"({self.dp.describe()}), so at most one quantisation step of each element is not carried over")
+        return None
 
     # -- per step ------------------------------------------------------------------------------------
     def after_step(self, step: int, params: dict[int, Params], opt_state: Any, metrics_file: TextIO | None) -> None:
@@ -125,11 +186,15 @@ class RunHooks:
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
             assert t.checkpoint_dir is not None
             TRACE.phase("checkpoint save")
+            per_replica = self.dp.per_replica_params
+            dp_state = self.dp.state()
+            arrays = {self._dp_file(): {**dp_state, "signature": np.array(self._dp_signature())}} if dp_state else None
             with ACTIVITY.waiting("the checkpoint save after the step (its barriers wait for every writer)", long=True):
                 path = checkpoint.save(
-                    t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0,
+                    t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0 or per_replica,
                     model=self.cfg.model, specs=self.specs, params=params, opt_state=opt_state,
                     state=self._state(step), files=self.files, keep=t.keep_checkpoints,
+                    subdir=self._replica_dir() if per_replica else "", arrays=arrays, scalars=self.topo.stage == 0,
                 )
             TRACE.phase(None)
             if self.reporter:
@@ -144,4 +209,5 @@ class RunHooks:
             "partition": [list(r) for r in self.partition.ranges],
             "tokenizer": checkpoint.TOKENIZER_FILE if self.files else None,
             "config": cfg.to_dict(),
+            "dp": {"per_replica": self.dp.per_replica_params, "algorithm": self.dp.describe()},
         }

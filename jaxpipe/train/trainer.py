@@ -42,6 +42,7 @@ from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config, effective_warmup
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
 from jaxpipe.dp.base import DataParallel, DPContext
+from jaxpipe.dp.collectives import make_collectives
 from jaxpipe.dp.sync import make_data_parallel
 from jaxpipe.errors import NonFiniteError, agree
 from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
@@ -80,6 +81,7 @@ class Factories:
 
     transport: Callable[..., ThreadedTransport] = make_transport
     tied_exchange: Callable[..., TiedExchange] = make_tied_exchange
+    dp_collectives: Callable[..., Any] = make_collectives  # (transport, dp comm, net, world_rank_of)
 
 
 @dataclass
@@ -142,7 +144,9 @@ class StepMetrics:
     finite: bool
     sq_norm: float = 0.0  # the gradients' sum of squares (loss-scaled), over the pipeline
     nonfinite_stages: list[int] = field(default_factory=list)
-    dp_bytes: int = 0
+    dp_bytes: int = 0  # bytes on data-parallel links this step, summed over all ranks
+    dp_s: float = 0.0  # the data-parallel part of the step (sync + outer step), on the slowest rank
+    nonfinite_replicas: int = 0  # pipelines whose step was not finite (all or none unless DiLoCo)
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     # Every rank opens the data (a missing file fails the whole job here, before any compile).
     source = agree(comm, lambda: make_source(cfg.data, cfg.model))
     # A checkpoint of another model or batch size fails here, before anything compiles.
-    resume_from = agree(comm, lambda: check_resume(cfg, resume))
+    resume_from = agree(comm, lambda: check_resume(cfg, resume, [list(r) for r in partition.ranges]))
     # A checkpoint directory this job cannot write fails here, on every rank, not at the first save.
     if (ckpt_dir := cfg.train.checkpoint_dir) and cfg.train.checkpoint_every:
         agree(comm, lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
@@ -243,8 +247,13 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     opt_state = programs[chunks[0]].place_params(optimizer.init(params))  # committed, as the update returns it
     net = NetworkEmulator.from_config(cfg.network, topo.rank)
     place_trees = lambda trees: {c: programs[c].place_params(t) for c, t in trees.items()}  # noqa: E731
-    dp = make_data_parallel(DPContext(topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i), p,
-                                      place_trees))
+    dp_rank_of = lambda i: topo.world_rank_of(topo.stage, i)  # noqa: E731
+    tied_peer = topo.world_rank_of(topo.tied_stages[1] if 0 in chunks else topo.tied_stages[0])
+    dp = make_data_parallel(DPContext(
+        topo.dp_comm, net, dp_rank_of, p, place_trees,
+        collectives=lambda: f.dp_collectives(p.transport, topo.dp_comm, net, dp_rank_of),
+        stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last, tied=topo.tied,
+        tied_first=0 in chunks, tied_peer=tied_peer))
     transport = agree(comm, lambda: f.transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
                                                 programs[chunks[0]].place_input, single_device=mesh is None,
                                                 net=net, links=lowered.links))
@@ -265,6 +274,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
     run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log)
     params, opt_state, start_step = run.hooks.restore(params, opt_state, resume, resume_from)
+    dp.setup(params)
     # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
     # moves the data on but not the schedule.
     return run, TrainState(params, opt_state, optimizer.applied_updates(opt_state)), start_step
@@ -315,14 +325,20 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     if faults.ARMED:
         grads = faults.poison(step + 1, grads)
         faults.at_sync(step + 1)
-    with ACTIVITY.waiting("the tied-embedding gradient sum"):
-        if TRACE.enabled:  # Tracing only: the phases after the pipeline start from its end.
-            jax.block_until_ready(grads)
-            TRACE.phase("tied embedding sum")
-        grads = sum_tied(run, grads)
+    # Each end of the tied embedding averages its own part of the `wte` gradient over DP before the
+    # two are summed: a codec quantises by position in the stage's buffer, where `wte` differs, so
+    # averaging the summed gradient at both ends could leave the copies apart.
+    dp_s = 0.0
     with ACTIVITY.waiting(f"the data-parallel gradient sync ({p.dp_mode})"):
+        if run.dp.syncs_every_step or TRACE.enabled:
+            jax.block_until_ready(grads)  # The DP part starts when the gradients are there.
         TRACE.phase("data-parallel sync")
+        t_dp = time.perf_counter()
         grads = run.dp.sync_gradients(step, grads)
+        dp_s += time.perf_counter() - t_dp
+    with ACTIVITY.waiting("the tied-embedding gradient sum"):
+        TRACE.phase("tied embedding sum")
+        grads = sum_tied(run, grads)
     TRACE.phase("gradient norm")
     # Every stage's gradient sum of squares and the loss go to the whole pipeline. With a DP algorithm
     # that averages every step the gradients, hence the norm, are equal on all replicas, so every rank
@@ -347,33 +363,46 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
         params, opt_state = run.optimizer.update(params, opt_state, grads, jnp.float32(norm),
                                                  jnp.float32(1.0 / run.scaler.scale))
         updates += 1
-    params, opt_state = run.dp.after_update(step, params, opt_state)
-    # The world sum of the pipelines' losses is for reporting only: nothing waits for it here.
-    send, buf = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0]), np.zeros(1)
+    with ACTIVITY.waiting(f"the data-parallel step after the update ({run.dp.describe()})"):
+        if not run.dp.syncs_every_step:
+            jax.block_until_ready(params)  # The outer step's time starts after the update's.
+        t_dp = time.perf_counter()
+        params, opt_state = run.dp.after_update(step, params, opt_state, finite)
+        dp_s += time.perf_counter() - t_dp
+    # The world sums (the pipelines' losses, non-finite pipelines, DP bytes) and the slowest rank's DP
+    # time are for reporting and the stop verdict only: nothing waits for them here.
+    send = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0, float(not finite and topo.stage == 0),
+                     float(run.dp.wire_bytes())])
+    buf, send_s, buf_s = np.zeros(3), np.array([dp_s]), np.zeros(1)
     loss_req = run.comm.Iallreduce(send, buf, op=MPI.SUM)
+    dp_req = run.comm.Iallreduce(send_s, buf_s, op=MPI.MAX)
     jax.block_until_ready(params)
     dt = time.perf_counter() - t0
     TRACE.phase(None)
     run.scaler.update(finite)
     bad = [s for s in range(p.pp) if not np.isfinite(parts[s]).all()]
-    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad, run.dp.wire_bytes())
-    return TrainState(params, opt_state, updates), metrics, (loss_req, buf, send)
+    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad)
+    return TrainState(params, opt_state, updates), metrics, (loss_req, buf, send, dp_req, buf_s, send_s)
 
 
 def finish_loss(run: Run, metrics: StepMetrics, pending: Any) -> StepMetrics:
     """Completes the step's loss sum (started in `do_step`): the mean over the global batch."""
-    req, buf, _send = pending
+    req, buf, _send, dp_req, buf_s, _send_s = pending
     TRACE.phase("loss sum")
     with ACTIVITY.waiting("the allreduce of the loss"):
         req.Wait()
+        dp_req.Wait()
     TRACE.phase(None)
     metrics.loss = float(buf[0]) / run.cfg.parallel.dp  # Each pipeline's loss lives on its last stage.
+    metrics.nonfinite_replicas, metrics.dp_bytes, metrics.dp_s = int(buf[1]), int(buf[2]), float(buf_s[0])
     return metrics
 
 
 def check_finite(run: Run, m: StepMetrics) -> str | None:
-    """None for a finite step; else what was not finite, or NonFiniteError when the run must stop."""
-    if m.finite:
+    """None for a step this pipeline applied; else what was not finite, or NonFiniteError when the run
+    must stop. Each pipeline decides on its own numbers (the same on all of them when DP syncs every
+    step); a stop is for every rank as soon as any pipeline was not finite (DiLoCo's replicas differ)."""
+    if m.finite and not m.nonfinite_replicas:
         return None
     where = f"stage{'s' * (len(m.nonfinite_stages) > 1)} {', '.join(map(str, m.nonfinite_stages))}" \
         if m.nonfinite_stages else "another replica"
@@ -383,7 +412,7 @@ def check_finite(run: Run, m: StepMetrics) -> str | None:
             f"step {m.step}: {what}; train.on_nonfinite=stop ends the run: lower train.lr or raise "
             f"train.warmup_steps, check the data, resume from the last checkpoint, or set "
             f"train.on_nonfinite=skip to drop such steps")
-    return what
+    return what if not m.finite else None
 
 
 # ---- reporting -----------------------------------------------------------------------------------------
@@ -393,7 +422,8 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
     cfg = run.cfg
     tokens = cfg.train.global_batch_size * cfg.model.seq_len
     if run.reporter and skipped is not None:
-        run.log(f"step {m.step:>5} | skipped: {skipped}; no update on any rank"
+        run.log(f"step {m.step:>5} | skipped: {skipped}; no update on "
+                + ("any rank" if run.dp.syncs_every_step else "this replica's ranks (DiLoCo: each replica decides)")
                 + (f" (loss scale now {run.scaler.scale:g})" if run.scaler.dynamic else ""))
     if run.reporter and ((m.step - 1) % cfg.train.log_every == 0 or m.step == cfg.train.steps):
         run.log(f"step {m.step:>5} | loss {m.loss:.4f} | {m.iter_time_s:.3f} s | {tokens / m.iter_time_s:,.0f} tok/s"
@@ -401,7 +431,7 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
     if run.metrics_file is not None:
         run.metrics_file.write(json.dumps({
             "step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
-            "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes,
+            "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes, "dp_s": m.dp_s,
         }) + "\n")
         run.metrics_file.flush()
 
@@ -543,6 +573,8 @@ def train(
             run.transport.close()
             if run.tied is not None:
                 run.tied.close()
+        if healthy:
+            run.dp.close()
         if run.net is not None:
             run.net.close()
         if run.metrics_file is not None:

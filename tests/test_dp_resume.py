@@ -1,0 +1,63 @@
+"""Checkpoints of data-parallel state: DiLoCo's replicas train apart, so each replica's parameters and
+AdamW state, and each rank's outer parameters, momentum and error-feedback residues, are saved with the
+checkpoint; a resume in the middle of an inner phase computes exactly what the uninterrupted run
+computes, and a resume into another layout is refused on every rank before anything compiles."""
+
+import json
+
+import numpy as np
+import pytest
+from mpi_util import run_mpi
+
+pytestmark = pytest.mark.mpi
+
+MODEL = ["model.n_layer=4", "model.d_model=32", "model.n_head=2", "model.seq_len=16", "model.vocab_size=64"]
+# H = 3: the checkpoint after step 2 falls inside the first inner phase (the stages' offsets 0 and 1 with
+# staggering: stage 1 syncs after steps 2 and 5, stage 0 after 3 and 5), int8 with error feedback.
+RUN = [*MODEL, "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=5", "train.warmup_steps=1",
+       "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4", "parallel.pp=2", "parallel.dp=2",
+       "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=3", "parallel.diloco_stagger=true",
+       "parallel.diloco_exchange=sharded_ps", "parallel.grad_codec=int8", "train.checkpoint_every=2"]
+
+
+def sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def dump(out, ckpt, extra=(), resume=None):
+    args = ["tests/mpi_train_dump.py", "--out", str(out), *sets([*RUN, f"train.checkpoint_dir={ckpt}", *extra])]
+    return run_mpi(4, args + (["--resume", str(resume)] if resume else []), timeout=400)
+
+
+def test_diloco_resume_mid_inner_phase_is_exact(tmp_path):
+    run = dump(tmp_path / "straight", tmp_path / "a")
+    assert run.returncode == 0, run.stderr[-5000:]
+    step2 = tmp_path / "a" / "step_00000002"
+    assert (step2 / "replicas" / "1" / "layer_0").is_dir()  # replica 1's own parameters and AdamW state
+    assert sorted(f.name for f in (step2 / "dp").iterdir()) == [
+        f"stage{s}_replica{r}.npz" for s in range(2) for r in range(2)]
+    resumed = dump(tmp_path / "resumed", tmp_path / "b", resume=step2)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    straight = json.loads((tmp_path / "straight" / "result.json").read_text())
+    again = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert again["losses"] == straight["losses"][2:]  # exact float equality
+    assert again["grad_norms"] == straight["grad_norms"][2:]
+    for rank in range(4):
+        a, b = (dict(np.load(tmp_path / d / f"rank{rank}.npz")) for d in ("straight", "resumed"))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"rank {rank} {k}")
+    for f in sorted((tmp_path / "a" / "step_00000005" / "dp").iterdir()):  # outer state, momentum, residues
+        a, b = np.load(f), np.load(tmp_path / "b" / "step_00000005" / "dp" / f.name)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{f.name} {k}")
+
+    other = [*RUN, f"train.checkpoint_dir={tmp_path / 'c'}", "parallel.dp_mode=central_ps",
+             "parallel.diloco_stagger=false"]
+    refused = run_mpi(4, ["-m", "jaxpipe", "train", *sets(other), "--resume", str(step2)], timeout=120)
+    assert refused.returncode == 2
+    message = (f"checkpoint '{step2}' holds 2 DiLoCo replicas that train apart (each its own parameters, AdamW state "
+               f"and outer-step state), which resume only into the same layout; this run differs in "
+               f"parallel.dp_mode central_ps (checkpoint: diloco); parallel.diloco_stagger False (checkpoint: True)")
+    assert refused.stderr.count("jaxpipe: error: " + message) == 4, refused.stderr[-5000:]  # every rank
+    assert "step " not in refused.stdout  # nothing trained
