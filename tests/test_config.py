@@ -57,6 +57,8 @@ def test_preset_fields_can_be_overridden():
         ("parallel.stage_remat=[none,dots]", "parallel.stage_remat has 2 entries, need parallel.pp = 4"),
         ("parallel.stage_remat=[none,none,none,all]", "parallel.stage_remat: 'all' is not one of 'none', 'block'"),
         ("parallel.tied_grad_dtype=int8", "parallel.tied_grad_dtype: 'int8' is not one of 'float32', 'bfloat16'"),
+        ("train.loss_scale_init=0", "train.loss_scale_init must be a finite number >= 1 (a power of two such as "
+                                    "the default 65536 keeps scaling exact), got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
