@@ -352,6 +352,10 @@ def validate(cfg: Config) -> None:
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    # float16's loss scale: halved down to 1 at worst; a power of two keeps scaling exact.
+    if not 1 <= t.loss_scale_init < float("inf"):
+        raise ConfigError(f"train.loss_scale_init must be a finite number >= 1 (a power of two such as the "
+                          f"default 65536 keeps scaling exact), got {t.loss_scale_init}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if p.pp * p.virtual_stages > m.n_layer:

@@ -1,9 +1,11 @@
 """Run under mpiexec by the tests: trains per the given overrides and writes what the tests compare.
 
 Each rank writes `rank<r>.npz` with its chunks' parameters in the per-layer layout and
-`rank<r>.json` with the steps it skipped and the updates it applied; global rank 0 also writes
-`result.json` with per-step losses and gradient norms. With `--cases JSON` ({name: {"set": [...],
-"handshake": bool, "nccl_dp": bool}}) one launch trains each case in turn, into OUT/<name>/.
+`rank<r>.json` with the steps it skipped, the updates it applied and the loss scale of every step;
+global rank 0 also writes `result.json` with per-step losses and gradient norms and `log.txt` with
+what the run logged. With `--cases JSON` ({name: {"set": [...], "handshake": bool, "nccl_dp": bool,
+"resume": PATH}}) one launch trains each case in turn, into OUT/<name>/ (a case may resume from an
+earlier one's checkpoint).
 """
 
 import argparse
@@ -27,7 +29,8 @@ parser.add_argument("--resume", help="a checkpoint to resume from (as `jaxpipe t
 args = parser.parse_args()
 
 
-def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = False) -> None:
+def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = False,
+             resume: str | None = None) -> None:
     factories = None
     if handshake or nccl_dp:
         import handshake_transport
@@ -39,20 +42,24 @@ def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = F
         if nccl_dp:  # The NCCL data-parallel collectives' protocol, played by MPI on CPU.
             factories.dp_collectives = handshake_transport.make_dp_collectives
     cfg = load_config(None, overrides)
-    res = train(cfg, log=lambda s: None, factories=factories, resume=args.resume)
+    log: list[str] = []
+    res = train(cfg, log=log.append, factories=factories, resume=resume or args.resume)
     flat = {}
     for c, spec in res.chunks.items():
         flat.update(flatten_per_layer(cfg.model, spec.layers, spec.first, spec.last, res.params[c]))
     rank = MPI.COMM_WORLD.Get_rank()
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / f"rank{rank}.npz", **{k: np.asarray(v) for k, v in flat.items()})
-    (out / f"rank{rank}.json").write_text(json.dumps({"skipped_steps": res.skipped_steps, "updates": res.updates}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"skipped_steps": res.skipped_steps, "updates": res.updates,
+                                                      "loss_scales": res.loss_scales}))
     if rank == 0:
         (out / "result.json").write_text(json.dumps({"losses": res.losses, "grad_norms": res.grad_norms}))
+        (out / "log.txt").write_text("".join(line + "\n" for line in log))
 
 
 if args.cases:
     for name, case in json.loads(args.cases).items():
-        run_case(case["set"], case.get("handshake", False), Path(args.out) / name, case.get("nccl_dp", False))
+        run_case(case["set"], case.get("handshake", False), Path(args.out) / name, case.get("nccl_dp", False),
+                 case.get("resume"))
 else:
     run_case(args.overrides, args.handshake_transport, Path(args.out))

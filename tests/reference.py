@@ -10,15 +10,21 @@ import optax
 
 from jaxpipe.config import Config
 from jaxpipe.data.source import global_batch, make_source
-from jaxpipe.model.gpt import StageModel, next_token_loss
+from jaxpipe.model.gpt import StageModel, compute_dtype, next_token_loss
 from jaxpipe.model.layout import flatten_per_layer, init_stage_params
 from jaxpipe.train.optimizer import make_adamw
 
 
-def reference_train(cfg: Config, skip: frozenset[int] = frozenset()) -> tuple[list[float], list[float],
-                                                                             dict[str, np.ndarray]]:
+def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dict | None = None
+                    ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
     """`skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
-    counter (hence the learning-rate schedule) stay as they were; the next step reads its own data."""
+    counter (hence the learning-rate schedule) stay as they were; the next step reads its own data.
+
+    Dynamic loss scaling (float16, or `train.loss_scaling=dynamic`), as the config describes it: the
+    gradient is that of the loss times the scale, divided by the scale; a step whose gradients are
+    not finite is skipped (as are the steps in `skip`) and halves the scale (not below 1);
+    `train.loss_scale_window` finite steps in a row double it. `record`, if given, receives the
+    steps skipped ("skipped") and the scale each step used ("scales")."""
     m = cfg.model
     layers = range(m.n_layer)
     params = init_stage_params(m, cfg.train.seed, layers, True, True)
@@ -27,22 +33,42 @@ def reference_train(cfg: Config, skip: frozenset[int] = frozenset()) -> tuple[li
     opt_state = tx.init(params)
     source = make_source(cfg.data, m)
 
+    t = cfg.train
+    dynamic = t.loss_scaling == "dynamic" or (t.loss_scaling == "auto" and compute_dtype(m) == jnp.float16)
+    scale, good = (float(t.loss_scale_init) if dynamic else 1.0), 0
+
     @jax.jit
-    def step_fn(params, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(model.apply({"params": p}, inputs), targets))(
-            params)
+    def step_fn(params, opt_state, inputs, targets, scale):
+        def scaled_loss(p):
+            loss = next_token_loss(model.apply({"params": p}, inputs), targets)
+            return loss * scale, loss
+
+        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
+        grads = jax.tree.map(lambda g: g / scale, grads)
         norm = optax.tree.norm(grads)
         updates, new_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, loss, norm
 
-    losses, norms = [], []
-    for step in range(cfg.train.steps):
+    losses, norms, skipped, scales = [], [], [], []
+    for step in range(t.steps):
         inputs, targets = global_batch(source, cfg, step)
-        new_params, new_state, loss, norm = step_fn(params, opt_state, inputs, targets)
-        if step not in skip:
+        new_params, new_state, loss, norm = step_fn(params, opt_state, inputs, targets, np.float32(scale))
+        scales.append(scale)
+        finite = step not in skip and bool(np.isfinite(float(norm)) and np.isfinite(float(loss)))
+        if finite:
             params, opt_state = new_params, new_state
+        else:
+            skipped.append(step)
+        if dynamic and not finite:
+            scale, good = max(scale / 2, 1.0), 0
+        elif dynamic:
+            good += 1
+            if good == t.loss_scale_window:
+                scale, good = scale * 2, 0
         losses.append(float(loss))
-        norms.append(float(norm))
+        norms.append(float(norm) if finite else float("nan"))
+    if record is not None:
+        record.update(skipped=skipped, scales=scales)
     flat = flatten_per_layer(m, layers, True, True, params)
     return losses, norms, {k: np.asarray(v) for k, v in flat.items()}
 
@@ -67,14 +93,18 @@ def _stage_masks(params, stage_layers: list[range]) -> list:
     return [mask(s) for s in range(n_stages)]
 
 
-def reference_diloco(cfg: Config, stage_layers: list[range]) -> tuple[list[float], list[float],
-                                                                       list[dict[str, np.ndarray]]]:
+def reference_diloco(cfg: Config, stage_layers: list[range], skip: dict[int, frozenset[int]] | None = None,
+                     record: dict | None = None) -> tuple[list[float], list[float], list[dict[str, np.ndarray]]]:
     """DiLoCo in one process, without pipeline or DP code: D replicas, each its own AdamW (with its own
     clipping) on its own share of every global batch; after step k stage s (its layers, `stage_layers[s]`)
     runs the outer step if (k + offset_s) % H == 0 or k is the last step, offset_s = s·H // P with
     `parallel.diloco_stagger`: g = mean of (outer - local), m = mu·m + g, outer += -lr·(g + mu·m), and
     every replica continues from outer. Returns the mean loss over replicas and replica 0's gradient
-    norm per step, and every replica's final parameters (per layer)."""
+    norm per step, and every replica's final parameters (per layer).
+
+    Dynamic loss scaling (float16) as in `reference_train`, but per replica: each replica skips its own
+    non-finite steps (and those in `skip[replica]`) and keeps its own scale; `record` receives
+    "skipped" and "scales" as lists per replica."""
     m, p = cfg.model, cfg.parallel
     D, H, P = p.dp, p.diloco_inner_steps, len(stage_layers)
     lr, mu = jnp.float32(p.diloco_outer_lr), jnp.float32(p.diloco_outer_momentum)
@@ -90,10 +120,21 @@ def reference_diloco(cfg: Config, stage_layers: list[range]) -> tuple[list[float
     source = make_source(cfg.data, m)
     B = cfg.train.global_batch_size // D
 
+    t = cfg.train
+    dynamic = t.loss_scaling == "dynamic" or (t.loss_scaling == "auto" and compute_dtype(m) == jnp.float16)
+    scale, good = [float(t.loss_scale_init) if dynamic else 1.0] * D, [0] * D
+    skip = skip or {}
+    skipped: list[list[int]] = [[] for _ in range(D)]
+    scales: list[list[float]] = [[] for _ in range(D)]
+
     @jax.jit
-    def step_fn(params, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(lambda q: next_token_loss(model.apply({"params": q}, inputs), targets))(
-            params)
+    def step_fn(params, opt_state, inputs, targets, scale):
+        def scaled_loss(q):
+            loss = next_token_loss(model.apply({"params": q}, inputs), targets)
+            return loss * scale, loss
+
+        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
+        grads = jax.tree.map(lambda g: g / scale, grads)
         norm = optax.tree.norm(grads)
         updates, new_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, loss, norm
@@ -101,11 +142,23 @@ def reference_diloco(cfg: Config, stage_layers: list[range]) -> tuple[list[float
     losses, norms = [], []
     for step in range(cfg.train.steps):
         inputs, targets = global_batch(source, cfg, step)
-        out = [step_fn(replicas[r], states[r], inputs[r * B:(r + 1) * B], targets[r * B:(r + 1) * B])
-               for r in range(D)]
-        replicas, states = [o[0] for o in out], [o[1] for o in out]
+        out = [step_fn(replicas[r], states[r], inputs[r * B:(r + 1) * B], targets[r * B:(r + 1) * B],
+                       np.float32(scale[r])) for r in range(D)]
+        for r, (new_params, new_state, loss, norm) in enumerate(out):
+            scales[r].append(scale[r])
+            finite = step not in skip.get(r, ()) and bool(np.isfinite(float(norm)) and np.isfinite(float(loss)))
+            if finite:
+                replicas[r], states[r] = new_params, new_state
+            else:
+                skipped[r].append(step)
+            if dynamic and not finite:
+                scale[r], good[r] = max(scale[r] / 2, 1.0), 0
+            elif dynamic:
+                good[r] += 1
+                if good[r] == t.loss_scale_window:
+                    scale[r], good[r] = scale[r] * 2, 0
         losses.append(float(np.mean([float(o[2]) for o in out])))
-        norms.append(float(out[0][3]))
+        norms.append(float(out[0][3]) if step not in skipped[0] else float("nan"))  # rank 0 reports replica 0
         k = step + 1
         for s in range(P):
             if (k + offsets[s]) % H and k != cfg.train.steps:
@@ -120,5 +173,7 @@ def reference_diloco(cfg: Config, stage_layers: list[range]) -> tuple[list[float
             pick = lambda new, old, s=s: jax.tree.map(lambda msk, a, b: jnp.where(msk, a, b), masks[s], new, old)  # noqa: E731
             momentum, outer = pick(new_m, momentum), pick(new_outer, outer)
             replicas = [pick(outer, q) for q in replicas]
+    if record is not None:
+        record.update(skipped=skipped, scales=scales)
     flats = [{k: np.asarray(v) for k, v in flatten_per_layer(m, layers, True, True, q).items()} for q in replicas]
     return losses, norms, flats

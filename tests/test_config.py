@@ -62,6 +62,8 @@ def test_preset_fields_can_be_overridden():
         ("parallel.grad_codec=int4", "parallel.grad_codec=int4 compresses the data-parallel exchange, and with "
                                      "parallel.dp=1 there is none"),
         ("parallel.diloco_stagger=true", "parallel.diloco_stagger staggers DiLoCo's outer steps, but parallel.dp_mode"),
+        ("train.loss_scale_init=0", "train.loss_scale_init must be a finite number >= 1 (a power of two such as "
+                                    "the default 65536 keeps scaling exact), got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

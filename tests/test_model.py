@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jaxpipe.config import load_config
-from jaxpipe.model.gpt import StageModel
+from jaxpipe.model import gpt
+from jaxpipe.model.gpt import StageModel, next_token_loss
 from jaxpipe.model.layout import (
     assemble_stage_params,
     flatten_per_layer,
@@ -92,3 +93,59 @@ def test_remat_does_not_change_values():
         return jax.grad(lambda p: m.apply({"params": p}, tokens).sum())(params)
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(cfg), grads(remat))
+
+
+# ---- float16 on CPU ------------------------------------------------------------------------------------
+
+
+def _qkv(dtype, seed=4):
+    return [jax.random.normal(k, (2, 16, 4, 8)).astype(dtype) for k in jax.random.split(jax.random.PRNGKey(seed), 3)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_float16_attention_is_jax_attention_without_the_dot_algorithm(dtype):
+    """The attention float16 uses on CPU is JAX's XLA attention step for step: with inputs for which
+    JAX names no dot algorithm CPU lacks, its forward is JAX's bit for bit, its gradients to rounding."""
+    q, k, v = _qkv(dtype)
+    ours = gpt._float32_logits_attention
+    jax_xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(jax.jit(ours)(q, k, v)), np.asarray(jax.jit(jax_xla)(q, k, v)))
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2)))(q, k, v)
+
+    tol = float(jnp.finfo(dtype).eps) * 4
+    for a, b in zip(grads(ours), grads(jax_xla), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_float16_attention_on_gpu_is_jax_own(monkeypatch):
+    """Only CPU takes the float32-logits path: where the backend is a GPU, float16 attention is
+    JAX's, with its F16_F16_F32 dot algorithm, which is exactly what XLA's CPU backend refuses."""
+    q, k, v = _qkv("float16")
+    monkeypatch.setattr(gpt.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="The precision 'F16_F16_F32' is not supported by dot_general on CPU"):
+        jax.block_until_ready(jax.jit(lambda *a: gpt.causal_attention(*a, "xla"))(q, k, v))
+
+
+def test_float16_model_trains_on_cpu_close_to_float32():
+    """The whole model in float16 compiles and differentiates on CPU; its loss and gradients are
+    float32's to float16's precision (11-bit significands: ~5e-4 per rounding)."""
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 17), 0, 64)
+    params = init_stage_params(small(), 0, range(4), True, True)
+
+    def loss_and_grads(cfg):
+        model = StageModel(cfg, 4, True, True)
+        loss = lambda p: next_token_loss(model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l32, g32), (l16, g16) = loss_and_grads(small()), loss_and_grads(small("model.dtype=float16"))
+    assert l16.dtype == jnp.float32 and {g.dtype for g in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
+    assert float(l16) == pytest.approx(float(l32), rel=5e-4)  # measured: 5e-7
+    assert float(l16) != float(l32)  # computed in float16, not silently in float32
+    for path, a in jax.tree_util.tree_leaves_with_path(g32):
+        b = g16
+        for key in path:
+            b = b[key.key]
+        err = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
+        assert err < 1e-2, (jax.tree_util.keystr(path), err)  # measured: up to 1.8e-3

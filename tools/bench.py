@@ -215,7 +215,7 @@ def cmd_single(args: argparse.Namespace) -> None:
         for _ in range(M):
             grads, _, _ = program.forward_backward_loss(params, grads, x, targets, scale)
         norm = jnp.sqrt(program.sq_norm(grads, False))
-        params, state = opt.update(params, state, grads, norm, jnp.float32(1.0))
+        params, state = opt.update(params, state, grads, norm)
         jax.block_until_ready(params)
         times.append(time.perf_counter() - t0)
     measured = float(np.mean(times[args.skip:]))

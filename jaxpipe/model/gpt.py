@@ -39,6 +39,37 @@ def _attention_impl(cfg: ModelConfig) -> Literal["xla", "cudnn"]:
     return "cudnn" if (half and jax.default_backend() == "gpu") else "xla"
 
 
+def causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array,
+                     implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention(..., is_causal=True)`, except for float16 on CPU.
+
+    JAX's XLA attention asks for the dot algorithm F16_F16_F32 (float16 inputs, float32
+    accumulation and logits) for float16 queries; XLA's CPU backend has no such algorithm and fails
+    at compile time. `_float32_logits_attention` computes the same thing with what CPU offers:
+    a float16 product with float32 output and no named algorithm, which XLA's CPU compiler upcasts
+    to a float32 product (float16 values and their pairwise products are exact in float32, so only
+    the order of accumulation can differ). Every other case, and float16 on GPU, is JAX's own.
+    """
+    if q_BxLxNxH.dtype == jnp.float16 and implementation == "xla" and jax.default_backend() == "cpu":
+        return _float32_logits_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH)
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True,
+                                        implementation=implementation)
+
+
+def _float32_logits_attention(q_BxTxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array) -> jax.Array:
+    """JAX's XLA causal attention step for step (its `_dot_product_attention_core`: float32 logits,
+    scale, mask with -0.7 x float32 max, float32 softmax, probabilities rounded to the value dtype, a
+    product in that dtype), without the explicit dot algorithm. With float32 or bfloat16 inputs it
+    gives JAX's forward bit for bit on CPU (tests/test_model.py)."""
+    t, s, h = q_BxTxNxH.shape[1], k_BxSxNxH.shape[1], q_BxTxNxH.shape[-1]
+    logits_BxNxTxS = jnp.einsum("BTNH,BSNH->BNTS", q_BxTxNxH, k_BxSxNxH, preferred_element_type=jnp.float32)
+    logits_BxNxTxS *= jnp.float32(1.0 / math.sqrt(h))
+    causal_TxS = jnp.tril(jnp.ones((t, s), dtype=bool))
+    logits_BxNxTxS = jnp.where(causal_TxS, logits_BxNxTxS, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(v_BxSxNxH.dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs_BxNxTxS, v_BxSxNxH)
+
+
 # Collections for the split backward (zero-bubble schedules): every parametrised op records its input
 # in WEIGHT_INPUTS and marks its output with a zero perturbation, whose cotangent is the gradient at
 # that output. The input-gradient half differentiates with respect to the input and the
@@ -80,9 +111,7 @@ class Block(nn.Module):
         h_BxLxD = self._op("ln_1", x_BxLxD)
         qkv_BxLx3xNxH = self._op("qkv", h_BxLxD)
         q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
-        o_BxLxNxH = jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True, implementation=_attention_impl(self.cfg)
-        )
+        o_BxLxNxH = causal_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, _attention_impl(self.cfg))
         x_BxLxD = x_BxLxD + self._op("proj", o_BxLxNxH)
         h_BxLxF = nn.gelu(self._op("fc", self._op("ln_2", x_BxLxD)), approximate=True)
         return x_BxLxD + self._op("out", h_BxLxF), None

@@ -5,7 +5,7 @@ Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
     embed/        orbax PyTree {"params": {wte, wpe}, "opt": {<slot>: same}}       written by stage 0
     layer_<i>/    {"params": <block i>, "opt": {"0_mu": <block i>, "0_nu": ...}}  by the stage holding i
     head/         {"params": {"ln_f": ...}, "opt": ...}                            by the last stage
-    state.json    step, data position, seeds, optimizer counters, the run's config
+    state.json    step, data position, seeds, optimizer counters, float16 loss scale, the run's config
     tokenizer.json  copied from the prepared data directory, when there is one
     replicas/<d>/  (DiLoCo) replica d's own items and opt_scalars.json: replicas train apart
     dp/stage<s>_replica<r>.npz  what the data-parallel algorithm of that rank keeps (error-feedback

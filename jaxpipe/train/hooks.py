@@ -5,8 +5,9 @@ initialising parameters and optimizer state, and `after_step` after every optimi
 are collective over the world communicator, like a step.
 
 Exact resume needs nothing but the step: parameters and optimizer state (moments and update
-counter, hence the learning-rate schedule) come from the checkpoint, the data stream is addressed
-by step (`jaxpipe.data.source`), and initialisation is the only use of the seed. A resumed run therefore
+counter, hence the learning-rate schedule) and float16's loss scale (scale and good-step count)
+come from the checkpoint, the data stream is addressed by step (`jaxpipe.data.source`), and
+initialisation is the only use of the seed. A resumed run therefore
 computes bit-for-bit what the uninterrupted run computes, given the same partition and hardware.
 """
 
@@ -33,6 +34,7 @@ from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY
 from jaxpipe.train import checkpoint
 from jaxpipe.train.evaluate import Evaluator, eval_batch_count, perplexity
+from jaxpipe.train.optimizer import LossScaler
 
 
 def find_resume(resume: str, cfg: Config) -> Path | None:
@@ -88,8 +90,9 @@ def check_dp_layout(cfg: Config, state: dict[str, Any], ckpt: Path, ranges: list
 class RunHooks:
     def __init__(self, cfg: Config, topo: Topology, schedule: Schedule, partition: Partition,
                  programs: dict[int, StageProgram], transport: Transport, dp: DataParallel,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], scaler: LossScaler | None = None):
         self.cfg, self.topo, self.programs, self.dp = cfg, topo, programs, dp
+        self.scaler = scaler
         self.specs = {c: partition.stage(c) for c in programs}
         self.partition, self.log = partition, log
         self.reporter = topo.rank == 0
@@ -133,9 +136,12 @@ class RunHooks:
             ckpt, self.cfg.model, self.specs, params, opt_state, subdir))
         note = self._restore_dp(ckpt)
         notes = [n for n in self.topo.world.allgather(note) if n]
+        if self.scaler is not None:
+            self.scaler.load_state(state.get("loss_scale"))
         if self.reporter:
+            scale = f", loss scale {self.scaler.scale:g}" if self.scaler is not None and self.scaler.dynamic else ""
             self.log(f"resumed from {ckpt} after step {state['step']} "
-                     f"(written with layers per chunk {[b - a for a, b in state['partition']]})")
+                     f"(written with layers per chunk {[b - a for a, b in state['partition']]}{scale})")
             if notes:
                 self.log(f"resume: {notes[0]}" + (f" (and on {len(notes) - 1} more ranks)" if len(notes) > 1 else ""))
         self.start_step = int(state["step"])
@@ -208,6 +214,8 @@ class RunHooks:
             "data_seed": cfg.data.seed,
             "partition": [list(r) for r in self.partition.ranges],
             "tokenizer": checkpoint.TOKENIZER_FILE if self.files else None,
+            # The scale the next step uses and the good steps towards its growth (the same on every rank).
+            "loss_scale": self.scaler.state() if self.scaler is not None else None,
             "config": cfg.to_dict(),
             "dp": {"per_replica": self.dp.per_replica_params, "algorithm": self.dp.describe()},
         }

@@ -70,6 +70,7 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)  # global norm before clipping, per step
     iter_times: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # steps dropped for non-finite values
+    loss_scales: list[float] = field(default_factory=list)  # the loss scale each step used (1.0: no scaling)
     updates: int = 0  # optimizer updates applied in all (checkpointed runs included): steps minus skips
     peak_memory: list[int | None] = field(default_factory=list)  # per stage (global rank 0 only)
     probe: Any = None
@@ -142,11 +143,12 @@ class StepMetrics:
     lr: float
     iter_time_s: float
     finite: bool
-    sq_norm: float = 0.0  # the gradients' sum of squares (loss-scaled), over the pipeline
+    sq_norm: float = 0.0  # the gradients' sum of squares, over the pipeline
     nonfinite_stages: list[int] = field(default_factory=list)
     dp_bytes: int = 0  # bytes on data-parallel links this step, summed over all ranks
     dp_s: float = 0.0  # the data-parallel part of the step (sync + outer step), on the slowest rank
     nonfinite_replicas: int = 0  # pipelines whose step was not finite (all or none unless DiLoCo)
+    loss_scale: float = 1.0  # the scale this step's loss was multiplied by
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
               scaler=LossScaler(cfg.train, compute_dtype(cfg.model)), hooks=None,  # type: ignore[arg-type]
               net=net, source=source if needs_data else None, log=log)
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
-    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log)
+    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log, run.scaler)
     params, opt_state, start_step = run.hooks.restore(params, opt_state, resume, resume_from)
     dp.setup(params)
     # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
@@ -321,7 +323,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     t0 = time.perf_counter()
     grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
     result = run.executor.run(step, state.params, grads, batch, loss_scale=run.scaler.scale)
-    grads = result.grads
+    grads = run.scaler.unscale(result.grads)  # From here on, gradients of the loss itself (float16: see LossScaler).
     if faults.ARMED:
         grads = faults.poison(step + 1, grads)
         faults.at_sync(step + 1)
@@ -354,14 +356,13 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
         time.sleep(run.net.collective_latency(p.pp))
     sq_total, pipe_loss = (float(v) for v in parts.sum(axis=0))
     finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
-    norm = math.sqrt(sq_total) / run.scaler.scale if finite else float("nan")
+    norm = math.sqrt(sq_total) if finite else float("nan")
     lr = float(run.optimizer.schedule(state.updates))
     params, opt_state, updates = state.params, state.opt_state, state.updates
     ACTIVITY.doing = "the optimizer update"
     TRACE.phase("optimizer update")
     if finite:
-        params, opt_state = run.optimizer.update(params, opt_state, grads, jnp.float32(norm),
-                                                 jnp.float32(1.0 / run.scaler.scale))
+        params, opt_state = run.optimizer.update(params, opt_state, grads, jnp.float32(norm))
         updates += 1
     with ACTIVITY.waiting(f"the data-parallel step after the update ({run.dp.describe()})"):
         if not run.dp.syncs_every_step:
@@ -379,9 +380,10 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     jax.block_until_ready(params)
     dt = time.perf_counter() - t0
     TRACE.phase(None)
+    scale = run.scaler.scale
     run.scaler.update(finite)
     bad = [s for s in range(p.pp) if not np.isfinite(parts[s]).all()]
-    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad)
+    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad, loss_scale=scale)
     return TrainState(params, opt_state, updates), metrics, (loss_req, buf, send, dp_req, buf_s, send_s)
 
 
@@ -429,10 +431,11 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
         run.log(f"step {m.step:>5} | loss {m.loss:.4f} | {m.iter_time_s:.3f} s | {tokens / m.iter_time_s:,.0f} tok/s"
                 f"{_throughput_text(run, m)} | grad norm {m.grad_norm:.3f} | lr {m.lr:.2e}")
     if run.metrics_file is not None:
-        run.metrics_file.write(json.dumps({
-            "step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
-            "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes, "dp_s": m.dp_s,
-        }) + "\n")
+        row = {"step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
+               "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes, "dp_s": m.dp_s}
+        if run.scaler.dynamic:  # float16: the scale the step used, and whether it was skipped
+            row |= {"loss_scale": m.loss_scale, "skipped": skipped is not None}
+        run.metrics_file.write(json.dumps(row) + "\n")
         run.metrics_file.flush()
 
 
@@ -559,6 +562,7 @@ def train(
                 result.skipped_steps.append(step)
             report(run, metrics, skipped)
             result.losses.append(metrics.loss)
+            result.loss_scales.append(metrics.loss_scale)
             result.grad_norms.append(metrics.grad_norm)
             result.iter_times.append(metrics.iter_time_s)
             run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
