@@ -40,7 +40,7 @@ def _attention_impl(cfg: ModelConfig) -> Literal["xla", "cudnn"]:
 
 
 def causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array,
-                     implementation: str) -> jax.Array:
+                     implementation: Literal["xla", "cudnn"]) -> jax.Array:
     """`jax.nn.dot_product_attention(..., is_causal=True)`, except for float16 on CPU.
 
     JAX's XLA attention asks for the dot algorithm F16_F16_F32 (float16 inputs, float32
