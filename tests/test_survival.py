@@ -75,7 +75,7 @@ class Job:
                 raise AssertionError(f"never saw {what}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}")
             time.sleep(0.05)
 
-    def wait(self, timeout: float = 300) -> int:
+    def wait(self, timeout: float = 900) -> int:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

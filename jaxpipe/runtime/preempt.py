@@ -1,7 +1,9 @@
 """Preemption: SIGTERM or SIGINT (what Slurm, a spot reclaim and Ctrl-C send) is a notice, not a crash.
 
-Whichever rank gets it, and whether it comes to the ranks or to the launcher (MPICH's and Open MPI's
-`mpiexec` forward both signals to every rank), the job stops together at a step boundary:
+Whichever rank gets it, and whether it comes to the ranks or to the launcher (MPICH's `mpiexec`,
+Hydra, forwards both signals to every rank and waits; a launcher that follows SIGTERM with SIGKILL
+after a moment must leave the signal to the ranks themselves), the job stops together at a step
+boundary:
 
 - the signal only sets a flag (`PREEMPT.requested`); the trainer folds it into the world allreduce of
   the loss that every step already does, so all ranks learn of it at the same step, commit a checkpoint
