@@ -5,9 +5,12 @@ Also, each on one process: `prepare-data` (text to tokenizer + token files), `de
 
 Bad input (config, partition, rank count, data files, checkpoint) prints one `jaxpipe: error:` line
 on every rank and exits with status 2 before anything is compiled; a non-finite step with
-`train.on_nonfinite=stop` does the same with status 3. Any other exception on any rank prints where
-it happened (rank, stage, step, task) and its traceback, and aborts the whole MPI job (status 1), so
-no peer is left waiting for it. `supervise` relaunches a failed job from its newest checkpoint.
+`train.on_nonfinite=stop` does the same with status 3, a failed checkpoint save with
+`train.on_save_error=stop` with status 4. SIGTERM/SIGINT stops every rank after the current step with a
+checkpoint and status 75. Any other exception on any rank prints where it happened (rank, stage, step,
+task) and its traceback, and aborts the whole MPI job (status 1), so no peer is left waiting for it.
+`supervise` relaunches a failed or preempted job from its newest checkpoint, with `--elastic` on the
+hosts still usable.
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from jaxpipe import __version__
-from jaxpipe.errors import ConfigError, NonFiniteError
+from jaxpipe.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_SAVE_FAILED,
+    CheckpointError,
+    ConfigError,
+    NonFiniteError,
+    Preempted,
+)
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     sup.add_argument("--max-restarts", type=int, default=3, metavar="K", help="give up after K restarts (default 3)")
     sup.add_argument("--delay", type=float, default=5.0, metavar="S", help="seconds between a failure and the "
                      "restart (default 5)")
+    elastic = sup.add_argument_group("elastic restarts (the job must use parallel.dp=auto)")
+    elastic.add_argument("--elastic", action="store_true",
+                         help="launch every attempt on the hosts still usable: fills {n} (ranks), {hostfile} and "
+                              "{hosts} (host:slots,...) in the job command")
+    elastic.add_argument("--hosts", metavar="FILE", help="the hosts, one 'host[:slots]' or 'host slots=N' a line; "
+                         "re-read before every attempt")
+    elastic.add_argument("--probe", metavar="CMD", help="a shell command that exits 0 when {host} is usable "
+                         "(default: ssh -o BatchMode=yes -o ConnectTimeout=10 {host} true; this host is not probed)")
+    elastic.add_argument("--probe-timeout", type=float, default=30.0, metavar="S",
+                         help="a probe that takes longer marks its host unusable (default 30)")
+    elastic.add_argument("--hostfile-out", metavar="PATH", help="where {hostfile} is written (default: a "
+                         "temporary directory)")
     sup.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="the job, e.g. -- mpiexec -n 4 jaxpipe train --config run.yaml")
     part = sub.add_parser("partition", help="print the layer partition a config resolves to (no MPI needed)")
@@ -133,7 +158,42 @@ def _cmd_supervise(args: argparse.Namespace) -> None:
         raise ConfigError("supervise: give the job after --, e.g. jaxpipe supervise -- mpiexec -n 4 jaxpipe train")
     if args.max_restarts < 0:
         raise ConfigError("supervise: --max-restarts must be >= 0")
-    sys.exit(supervise(job, args.max_restarts, args.delay))
+    sys.exit(supervise(job, args.max_restarts, args.delay, elastic=_elastic(args, job) if args.elastic else None))
+
+
+def _job_config(job: list[str]) -> Any:
+    """The config a `... jaxpipe train --config F --set K=V ...` command trains with (parallel.dp=auto kept)."""
+    from jaxpipe.config import load_config
+
+    if "train" not in job:
+        raise ConfigError("supervise --elastic: the job must run `jaxpipe train` (its config decides the layout)")
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    known, _ = parser.parse_known_args(job[job.index("train") + 1:])
+    return load_config(known.config, known.overrides)
+
+
+def _elastic(args: argparse.Namespace, job: list[str]) -> Any:
+    """supervise --elastic's hosts, probe and layout. The layout is one function of the usable hosts:
+    the seam where a placement planner (a cluster file) would plan for the survivors."""
+    import tempfile
+
+    from jaxpipe.runtime.elastic import DEFAULT_PROBE, PLACEHOLDERS, Elastic, even_replicas
+
+    if not args.hosts:
+        raise ConfigError("supervise --elastic needs --hosts FILE: the hosts the job may run on, one a line")
+    if not any(p in a for a in job for p in ("{n}", "{hostfile}")):
+        raise ConfigError(f"supervise --elastic: the job command must say where the ranks go with "
+                          f"{' / '.join(PLACEHOLDERS)}, e.g. -- mpiexec -f {{hostfile}} -n {{n}} jaxpipe train ...")
+    cfg = _job_config(job)
+    if cfg.parallel.dp != "auto":
+        raise ConfigError(f"supervise --elastic: the job trains with parallel.dp={cfg.parallel.dp}; set "
+                          f"parallel.dp=auto (in its config or with --set) so it takes N / parallel.pp replicas "
+                          f"from the ranks it is launched with")
+    out = args.hostfile_out or str(Path(tempfile.mkdtemp(prefix="jaxpipe-supervise-")) / "hostfile")
+    layout = even_replicas(cfg.parallel.pp, cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    return Elastic(args.hosts, layout, out, args.probe or DEFAULT_PROBE, args.probe_timeout)
 
 
 def _cmd_partition(args: argparse.Namespace) -> None:
@@ -343,14 +403,18 @@ def main(argv: list[str] | None = None) -> None:
         from jaxpipe.train.trainer import train
 
         train(cfg, metrics_out=args.metrics_out, resume=args.resume, observe=observe)
-    except (ConfigError, NonFiniteError) as e:
+    except Preempted:  # Every rank at once; global rank 0 logged why and what was saved.
+        sys.stdout.flush()
+        sys.exit(EXIT_PREEMPTED)
+    except (ConfigError, NonFiniteError, CheckpointError) as e:
         from jaxpipe.runtime.watchdog import report_failure
 
         if isinstance(e, ConfigError) and not _agreed(e):  # e.g. bad data met by one stage mid-run
-            report_failure(e, code=2)
+            report_failure(e, code=EXIT_BAD_INPUT)
         sys.stderr.write(f"jaxpipe: error: {e}\n")  # One write per line: ranks share the terminal.
         sys.stderr.flush()
-        sys.exit(2 if isinstance(e, ConfigError) else 3)
+        sys.exit(EXIT_BAD_INPUT if isinstance(e, ConfigError) else
+                 EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_SAVE_FAILED)
     except Exception as e:
         from jaxpipe.runtime.watchdog import report_failure
 

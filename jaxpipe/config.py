@@ -59,7 +59,9 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     pp: int = 4
-    dp: int = 1
+    # Replicas, or "auto": as many as the launched ranks allow (N / pp), so a job restarted on fewer hosts
+    # (`jaxpipe supervise --elastic`) keeps the global batch with more micro-batches per replica.
+    dp: int | Literal["auto"] = 1
     # gpipe, 1f1b, interleaved_1f1b (needs virtual_stages >= 2), zb_h1 (zero-bubble H1); see jaxpipe.pipeline.schedule.
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
@@ -95,6 +97,13 @@ class ParallelConfig:
     diloco_outer_momentum: float = 0.9
     diloco_stagger: bool = False
 
+    @property
+    def replicas(self) -> int:
+        """`dp` as a number: what everything after `resolve_world` (the trainer's set-up) uses."""
+        if not isinstance(self.dp, int):
+            raise ConfigError(DP_AUTO_UNRESOLVED)
+        return self.dp
+
 
 @dataclass
 class TrainConfig:
@@ -127,6 +136,9 @@ class TrainConfig:
     loss_scale_window: int = 1000  # Good steps before the scale doubles.
     # A step whose loss or gradients are not finite: stop the job, or drop the step on every rank.
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # A checkpoint that cannot be written (disk full, write access lost): end the run (exit status 4), or
+    # log it and train on. Either way nothing half-written is committed.
+    on_save_error: Literal["stop", "warn"] = "stop"
 
 
 @dataclass
@@ -169,6 +181,9 @@ class RuntimeConfig:
     # `first_step_timeout_s` instead. 0 = no deadline.
     comm_timeout_s: float = 300.0
     first_step_timeout_s: float = 1800.0
+    # SIGTERM/SIGINT: every rank stops after the current step and commits a checkpoint; a job still running
+    # this long after the signal exits without it (spot reclaim and Slurm's KillWait allow 30-120 s).
+    preempt_grace_s: float = 120.0
 
 
 @dataclass
@@ -186,7 +201,7 @@ class Config:
     # Derived quantities, checked once in `validate` so every user can rely on them.
     @property
     def batch_per_replica(self) -> int:
-        return self.train.global_batch_size // self.parallel.dp
+        return self.train.global_batch_size // self.parallel.replicas
 
     def stage_model(self, stage: int) -> ModelConfig:
         """The model config one stage compiles with (its own remat, if parallel.stage_remat says)."""
@@ -202,6 +217,29 @@ class Config:
     @property
     def num_microbatches(self) -> int:
         return self.batch_per_replica // self.train.micro_batch_size
+
+
+DP_AUTO_UNRESOLVED = ("parallel.dp=auto takes the replica count from the launched ranks (N / parallel.pp), and "
+                      "this command runs without MPI: set parallel.dp to a number")
+
+
+def resolve_world(cfg: Config, world_size: int) -> Config:
+    """`cfg` with `parallel.dp=auto` replaced by world_size / parallel.pp, checked as a whole; other
+    configs unchanged (Topology.create checks that their pp × dp is what was launched)."""
+    p = cfg.parallel
+    if p.dp != "auto":
+        return cfg
+    if world_size % p.pp:
+        raise ConfigError(f"parallel.dp=auto: {world_size} launched ranks are not a multiple of parallel.pp "
+                          f"({p.pp}): launch a multiple of {p.pp} ranks, or set parallel.dp")
+    dp = world_size // p.pp
+    resolved = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=dp))
+    try:
+        validate(resolved)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (parallel.dp=auto gave {dp}: {world_size} launched ranks / parallel.pp {p.pp}; "
+                          f"launch a number of ranks whose replica count fits the batch, or set parallel.dp)") from None
+    return resolved
 
 
 def _type_name(tp: Any) -> str:
@@ -321,7 +359,10 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
+    """`world_size` (the launched ranks) resolves `parallel.dp=auto`; without it `auto` stays and the
+    checks that need the replica count wait for `resolve_world`."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -334,7 +375,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    cfg = config_from_dict(tree)
+    return cfg if world_size is None else resolve_world(cfg, world_size)
 
 
 def validate(cfg: Config) -> None:
@@ -343,7 +385,7 @@ def validate(cfg: Config) -> None:
     for key, value in [
         ("model.n_layer", m.n_layer), ("model.d_model", m.d_model), ("model.n_head", m.n_head),
         ("model.seq_len", m.seq_len), ("model.vocab_size", m.vocab_size), ("parallel.pp", p.pp),
-        ("parallel.dp", p.dp), ("parallel.virtual_stages", p.virtual_stages),
+        ("parallel.dp", p.dp if isinstance(p.dp, int) else 1), ("parallel.virtual_stages", p.virtual_stages),
         ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
         ("train.micro_batch_size", t.micro_batch_size), ("parallel.recv_lookahead", p.recv_lookahead),
         ("train.eval_batches", t.eval_batches), ("train.keep_checkpoints", t.keep_checkpoints),
@@ -362,11 +404,12 @@ def validate(cfg: Config) -> None:
         what = (f"parallel.pp × parallel.virtual_stages ({p.pp} × {p.virtual_stages})" if p.virtual_stages > 1
                 else f"parallel.pp ({p.pp})")
         raise ConfigError(f"{what} is larger than model.n_layer ({m.n_layer}): a stage would be empty")
-    if t.global_batch_size % p.dp:
+    replicas_known = isinstance(p.dp, int)  # "auto": the checks below wait for resolve_world
+    if isinstance(p.dp, int) and t.global_batch_size % p.dp:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be divisible by parallel.dp ({p.dp})"
         )
-    if cfg.batch_per_replica % t.micro_batch_size:
+    if replicas_known and cfg.batch_per_replica % t.micro_batch_size:
         raise ConfigError(
             f"train.micro_batch_size ({t.micro_batch_size}) must divide the per-replica batch "
             f"(train.global_batch_size / parallel.dp = {cfg.batch_per_replica})"
@@ -377,7 +420,7 @@ def validate(cfg: Config) -> None:
             f"train.micro_batch_size ({t.micro_batch_size}) must be divisible by runtime.devices_per_process ({k}): "
             f"each micro-batch is split over the process's devices"
         )
-    if cfg.num_microbatches > 4096:
+    if replicas_known and cfg.num_microbatches > 4096:
         raise ConfigError(
             f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)"
         )
@@ -410,8 +453,9 @@ def validate(cfg: Config) -> None:
     net = cfg.network
     if net.delay_ms < 0 or net.rate_gbit < 0 or net.size_scale <= 0:
         raise ConfigError("network.delay_ms and network.rate_gbit must be >= 0 and network.size_scale > 0")
-    world = p.pp * p.dp
-    for i, pair in enumerate(net.pairs):
+    world = p.pp * p.dp if isinstance(p.dp, int) else None
+    for i, pair in enumerate(net.pairs if world is not None else []):
+        assert world is not None
         if len(pair) != 4 or not all(0 <= int(r) < world and r == int(r) for r in pair[:2]) or pair[3] <= 0:
             raise ConfigError(
                 f"network.pairs[{i}] = {pair}: expected [src_rank, dst_rank, delay_ms, rate_gbit] with ranks "
@@ -419,6 +463,8 @@ def validate(cfg: Config) -> None:
             )
     if cfg.runtime.comm_timeout_s < 0 or cfg.runtime.first_step_timeout_s < 0:
         raise ConfigError("runtime.comm_timeout_s and runtime.first_step_timeout_s must be >= 0 (0 = no deadline)")
+    if cfg.runtime.preempt_grace_s < 0:
+        raise ConfigError("runtime.preempt_grace_s must be >= 0 (0 = no limit)")
     if cfg.data.source == "tokens" and not cfg.data.path:
         raise ConfigError("data.source is 'tokens' but data.path is not set")
     if t.eval_every < 0 or t.checkpoint_every < 0:
@@ -438,7 +484,9 @@ def effective_warmup(t: TrainConfig) -> int:
 
 
 def _validate_data_parallel(p: ParallelConfig) -> None:
-    """DP settings that cannot work together (jaxpipe.dp)."""
+    """DP settings that cannot work together (jaxpipe.dp); with parallel.dp=auto, once resolved."""
+    if not isinstance(p.dp, int):
+        return
     if p.dp_mode == "diloco" and p.dp < 2:
         raise ConfigError("parallel.dp_mode=diloco needs parallel.dp >= 2: DiLoCo's outer step averages replicas, "
                           f"and parallel.dp is {p.dp} (raise parallel.dp, or use parallel.dp_mode=central_ps)")

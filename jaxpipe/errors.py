@@ -13,6 +13,13 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Exit statuses of `jaxpipe train` besides 0 (done) and 1 (an abort: exception, deadline), which
+# `jaxpipe supervise` reads: what a restart can fix and what it cannot.
+EXIT_BAD_INPUT = 2  # ConfigError: the same input fails the same way
+EXIT_NONFINITE = 3  # NonFiniteError with train.on_nonfinite=stop
+EXIT_SAVE_FAILED = 4  # CheckpointError with train.on_save_error=stop: the disk needs fixing first
+EXIT_PREEMPTED = 75  # Preempted: stopped on a signal at a step boundary (sysexits' EX_TEMPFAIL: retry later)
+
 
 class ConfigError(ValueError):
     """Bad input: the message says which key or file is wrong and what to change."""
@@ -26,6 +33,22 @@ class NonFiniteError(FloatingPointError):
     """A step's loss or gradients are not finite and `train.on_nonfinite` is `stop`. Every rank
     raises it at the same step (the verdict comes from numbers all ranks share), so the job can
     end without an abort."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, write access lost). Raised on every rank together
+    (the save's collectives carry each rank's outcome), after the half-written directory was dropped."""
+
+    agreed = True
+
+
+class Preempted(Exception):
+    """Every rank stopped together at a step boundary because some rank received SIGTERM or SIGINT;
+    `checkpoint` is what was committed for that step (None without train.checkpoint_dir)."""
+
+    def __init__(self, message: str, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 def agree(comm: Any, check: Callable[[], T]) -> T:

@@ -290,19 +290,13 @@ def test_fault_specs():
 
 def _checkpoint_of_another_model(root: Path) -> Path:
     """A committed checkpoint of a narrower model, written in-process (no MPI job needed)."""
-    class Single:  # a one-process stand-in for the MPI communicator
-        def Get_rank(self):
-            return 0
-
-        def Barrier(self):
-            pass
-
     model = ModelConfig(n_layer=6, d_model=32, n_head=4, seq_len=32, vocab_size=128)
     params = init_stage_params(model, 0, range(6), True, True)
     opt = Optimizer(TrainConfig()).init({0: params})
     cfg = load_config(None, MODEL + TRAIN + ["model.d_model=32"])
-    return checkpoint.save(root, 2, comm=Single(), writer=True, model=model, specs={0: StageSpec(0, 1, 0, 6)},
-                           params={0: params}, opt_state=opt, state={"config": cfg.to_dict()})
+    return checkpoint.save(root, 2, comm=checkpoint.OneProcess(), writer=True, model=model,
+                           specs={0: StageSpec(0, 1, 0, 6)}, params={0: params}, opt_state=opt,
+                           state={"config": cfg.to_dict()})
 
 
 def _token_dir(root: Path, n_tokens: int, meta_tokens: int, bad_at: int | None = None) -> Path:

@@ -205,17 +205,13 @@ from jaxpipe.train.optimizer import Optimizer
 from jaxpipe.config import TrainConfig
 from jaxpipe.pipeline.partition import StageSpec
 
-class Single:  # a one-process stand-in for the MPI communicator
-    def Get_rank(self): return 0
-    def Barrier(self): pass
-
 model = ModelConfig(n_layer=2, d_model=32, n_head=2, seq_len=8, vocab_size=64)
 spec = StageSpec(0, 1, 0, 2)
 params = init_stage_params(model, 0, range(2), True, True)
 opt = Optimizer(TrainConfig()).init({0: params})
 for step in (1, 2):
-    checkpoint.save(sys.argv[1], step, comm=Single(), writer=True, model=model, specs={0: spec}, params={0: params},
-                    opt_state=opt, state={"config": {"model": model.__dict__}}, keep=3,
+    checkpoint.save(sys.argv[1], step, comm=checkpoint.OneProcess(), writer=True, model=model, specs={0: spec},
+                    params={0: params}, opt_state=opt, state={"config": {"model": model.__dict__}}, keep=3,
                     pause_before_commit=0 if step == 1 else 60)
     print("saved", step, flush=True)
 """

@@ -104,10 +104,15 @@ class Allreduce(GradSync):
 DP_MODES: dict[str, type[GradSync]] = {"central_ps": CentralPS, "sharded_ps": ShardedPS, "allreduce": Allreduce}
 
 
-def make_data_parallel(ctx: DPContext) -> DataParallel:
-    """The algorithm `parallel.dp_mode` names."""
-    if ctx.parallel.dp_mode == "diloco":
+def algorithm(dp_mode: str) -> type[DataParallel]:
+    """The class `parallel.dp_mode` names (its class attributes are known before set-up)."""
+    if dp_mode == "diloco":
         from jaxpipe.dp.diloco import DiLoCo
 
-        return DiLoCo(ctx)
-    return DP_MODES[ctx.parallel.dp_mode](ctx)
+        return DiLoCo
+    return DP_MODES[dp_mode]
+
+
+def make_data_parallel(ctx: DPContext) -> DataParallel:
+    """The algorithm `parallel.dp_mode` names."""
+    return algorithm(ctx.parallel.dp_mode)(ctx)

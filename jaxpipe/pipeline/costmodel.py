@@ -374,7 +374,7 @@ def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link
     chunks = [transfer_chunks(4.0 * n) for n in per_rank]  # cut from the real bytes, not the scaled ones
     tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0
     tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale
-    return predict(schedule, times, msg, link, dp=p.dp, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
+    return predict(schedule, times, msg, link, dp=p.replicas, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
                    optimizer_s=optimizer_s, grad_chunks=chunks, links=links, grad_codec=p.grad_codec,
                    diloco_inner_steps=p.diloco_inner_steps, diloco_exchange=p.diloco_exchange,
                    wte_bytes=4.0 * m.vocab_size * m.d_model * cfg.network.size_scale)

@@ -2,18 +2,22 @@
 
     JAXPIPE_FAULT='KIND@step=N[,rank=R][,stage=S][,replica=D][,mb=M][,at=task|sync]'  (';' separates several)
 
-KIND is what happens on the matching rank(s) in step N (1-based, as logged):
+KIND is what happens on the matching rank(s) in step N (1-based, as logged; step 0 is the set-up,
+just before the parameter broadcast):
     raise   a RuntimeError (the ordinary failure path: message, traceback, abort)
     kill    SIGKILL of the process itself (a crashed host, an OOM kill)
     exit    os._exit(1): a rank that vanishes without MPI_Abort or a signal
     hang    sleeps forever (a stuck device or host; the peers' deadlines must end the job)
+    pause   sleeps until the file PATH.release holds what the fault wrote into PATH (the marker below), at
+            most 120 s: holds the job at a known point while a test acts on it (signals it, takes its
+            disk away); several pauses are released one by one
     nan     multiplies the stage's gradients of that step by NaN (train.on_nonfinite decides)
 `at=task` (default) fires at the stage's first task of micro-batch M (default 0); `at=sync` after the
 pipeline, before gradient synchronisation. `nan` always acts on the step's gradients.
 
 `JAXPIPE_FAULT_MARKER=PATH` arms the faults only while PATH does not exist, and a fault creates PATH
-(holding the time and the fault) when it fires: a supervised restart of the job then runs clean,
-and a test learns when the fault happened.
+(holding the time, the process id and the fault) when it fires: a supervised restart of the job then
+runs clean, and a test learns when and where the fault happened.
 
 Read once per process (`load`); with no fault configured the hooks cost one truth test.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,8 @@ from typing import Any
 from jaxpipe.errors import ConfigError
 
 ENV, MARKER_ENV = "JAXPIPE_FAULT", "JAXPIPE_FAULT_MARKER"
-KINDS = ("raise", "kill", "exit", "hang", "nan")
+KINDS = ("raise", "kill", "exit", "hang", "pause", "nan")
+PAUSE_LIMIT_S = 120.0
 _KEYS = ("step", "rank", "stage", "replica", "mb", "at")
 
 
@@ -93,8 +99,9 @@ def load(rank: int, stage: int, replica: int, env: dict[str, str] | None = None)
 def _fire(fault: Fault) -> None:
     ARMED.remove(fault)
     marker = os.environ.get(MARKER_ENV)
+    note = f"{time.time()} {os.getpid()} {fault.text}\n"
     if marker:
-        Path(marker).write_text(f"{time.time()} {fault.text}\n")
+        Path(marker).write_text(note)
     if fault.kind == "raise":
         raise RuntimeError(f"injected fault {fault.text}")
     if fault.kind == "kill":
@@ -104,6 +111,22 @@ def _fire(fault: Fault) -> None:
     if fault.kind == "hang":
         while True:
             time.sleep(3600)
+    if fault.kind == "pause":
+        release = Path(f"{marker}.release") if marker else None
+        until = time.monotonic() + PAUSE_LIMIT_S
+        while time.monotonic() < until:
+            with suppress(OSError):
+                if release is not None and release.read_text() == note:
+                    return
+            time.sleep(0.02)
+
+
+def at_setup() -> None:
+    """The trainer's set-up, before the parameter broadcast: faults of step 0."""
+    for fault in ARMED:
+        if fault.kind != "nan" and fault.step == 0:
+            _fire(fault)
+            return
 
 
 def at_task(step: int, microbatch: int) -> None:

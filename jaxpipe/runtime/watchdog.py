@@ -16,9 +16,10 @@ which rank and stage, which step, which task. Hence:
   outlasts the deadline, after printing what was waited for.
 
 The deadline is `runtime.comm_timeout_s` (or 5 times the last step's time, if longer), except during
-a run's first step, its first evaluation and checkpoint saves, which get `runtime.first_step_timeout_s`:
-the first step compiles, and a stage's first receive waits for every upstream stage's compilation
-in turn.
+set-up (communicators, device assignment, data and checkpoint checks, the parameter broadcast, the
+transport's and NCCL's set-up), a run's first step, its first evaluation and checkpoint saves, which
+get `runtime.first_step_timeout_s`: set-up waits for the slowest rank's initialisation, the first
+step compiles, and a stage's first receive waits for every upstream stage's compilation in turn.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any, NoReturn
 
 _POLL_S = 0.25
 STEP_MULTIPLE = 5.0
-DEADLINE_KEYS = "deadline: runtime.comm_timeout_s, or runtime.first_step_timeout_s in a run's first step"
+DEADLINE_KEYS = "deadline: runtime.comm_timeout_s, or runtime.first_step_timeout_s in set-up and a run's first step"
 
 
 class Activity:
@@ -58,14 +59,18 @@ class Activity:
         # thread always reads a consistent triple.
         self.wait: tuple[str, float, float | None] | None = None
 
-    def configure(self, rank: int, stage: int, n_stages: int, replica: int, comm_timeout_s: float,
+    def configure(self, rank: int, stage: int | None, n_stages: int, replica: int, comm_timeout_s: float,
                   first_step_timeout_s: float) -> None:
-        """At the start of a run (set-up: no step yet)."""
+        """At the start of a run (set-up: no step yet); `stage` None until the topology is built."""
         self.rank, self.stage, self.n_stages, self.replica = rank, stage, n_stages, replica
         self.step, self.doing, self.wait, self.transport = None, "set-up", None, None
         self.comm_timeout_s = comm_timeout_s or None  # 0: no deadline
         self.first_step_timeout_s = first_step_timeout_s or None
         self.set_timeout(self.first_step_timeout_s)
+
+    def locate(self, stage: int, replica: int) -> None:
+        """Once the topology says where this rank runs."""
+        self.stage, self.replica = stage, replica
 
     def attach(self, transport: Any) -> None:
         """From now on the transport's receive deadline follows this record's."""
@@ -113,8 +118,8 @@ class Activity:
 
     # -- reading -------------------------------------------------------------------------------------
     def who(self) -> str:
-        if self.rank is None:
-            return f"rank {_world_rank()}"
+        if self.rank is None or self.stage is None:
+            return f"rank {_world_rank() if self.rank is None else self.rank}"
         return f"rank {self.rank} (stage {self.stage} of {self.n_stages}, replica {self.replica})"
 
     def where(self) -> str:
@@ -198,7 +203,8 @@ def _watch() -> None:
             continue
         what, since, deadline = wait
         if deadline is not None and time.monotonic() - since > deadline:
-            abort(f"jaxpipe: {ACTIVITY.who()} waited {round(deadline, 1):g} s at step {ACTIVITY.step} in {what}: "
+            when = "" if ACTIVITY.step is None else f" at step {ACTIVITY.step}"  # set-up: `what` says so
+            abort(f"jaxpipe: {ACTIVITY.who()} waited {round(deadline, 1):g} s{when} in {what}: "
                   f"another rank is dead, hung or far slower ({DEADLINE_KEYS}); aborting all ranks")
 
 

@@ -5,35 +5,45 @@ Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
     embed/        orbax PyTree {"params": {wte, wpe}, "opt": {<slot>: same}}       written by stage 0
     layer_<i>/    {"params": <block i>, "opt": {"0_mu": <block i>, "0_nu": ...}}  by the stage holding i
     head/         {"params": {"ln_f": ...}, "opt": ...}                            by the last stage
-    state.json    step, data position, seeds, optimizer counters, float16 loss scale, the run's config
+    state.json    step, data position, seeds, optimizer counters, float16 loss scale, the run's config,
+                  a checksum per file the ranks wrote
     tokenizer.json  copied from the prepared data directory, when there is one
     replicas/<d>/  (DiLoCo) replica d's own items and opt_scalars.json: replicas train apart
     dp/stage<s>_replica<r>.npz  what the data-parallel algorithm of that rank keeps (error-feedback
                   residues, DiLoCo's outer parameters and momentum), written by that rank
-    COMMIT        written last
+    COMMIT        written last: the step and the checksum of state.json
 
 The layout is per layer, never per stage (keys as in `jaxpipe.model.gpt.flatten_per_layer`), so a
 checkpoint written with one partition (PP, DP, layer split, scanned or unrolled blocks) loads into
 a run with any other, and into the single-process model for sampling and export. The tied head's
 `wte` is the embedding's (the trainer keeps both copies bit-identical), so only stage 0 writes it.
 
-Writing: global rank 0 creates `step_N.tmp/`; after a barrier, DP replica 0 of every stage writes its
-items into it (each process its own item directories: orbax's multi-host coordination assumes
-`jax.distributed`, which an MPI job does not start, so every process uses orbax as a single host);
-after a second barrier rank 0 writes state.json and COMMIT, fsyncs, and renames the directory to
-`step_N/`. The rename is the commit: a job killed at any point before it leaves the previous
-checkpoints untouched and at most a `.tmp` directory that readers ignore and the next save removes.
+Writing: global rank 0 creates `step_N.tmp/`; then DP replica 0 of every stage writes its items into
+it (each process its own item directories: orbax's multi-host coordination assumes `jax.distributed`,
+which an MPI job does not start, so every process uses orbax as a single host) and checksums what
+reached the disk; rank 0 gathers the checksums into state.json, writes COMMIT, fsyncs, and renames the
+directory to `step_N/`. The rename is the commit: a job killed at any point before it leaves the
+previous checkpoints untouched and at most a `.tmp` directory that readers ignore and the next save
+removes. Each phase ends in a collective that carries every rank's outcome, so a failed write (disk
+full, write access lost) is known to all ranks at once, nothing is committed, and every rank raises
+the same CheckpointError naming the rank and the path.
+
+Reading verifies: `verify` compares state.json with the checksum in COMMIT and each item a rank reads
+with its checksum in state.json (checkpoints written before checksums existed carry none and are
+taken as they are), so a damaged or incomplete checkpoint is refused, not loaded; `--resume auto`
+then falls back to the previous one (jaxpipe.train.hooks.find_checkpoint).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe.config import ModelConfig
-from jaxpipe.errors import ConfigError
+from jaxpipe.errors import CheckpointError, ConfigError
 from jaxpipe.model.gpt import Params, StageModel
 from jaxpipe.model.layout import assemble_stage_params, flatten_per_layer
 from jaxpipe.pipeline.partition import StageSpec
@@ -185,6 +195,73 @@ def item_names(spec: StageSpec) -> list[str]:
     return names + (["head"] if spec.last else [])
 
 
+def _rel(subdir: str, name: str) -> str:
+    return f"{subdir}/{name}" if subdir else name
+
+
+def rank_item_names(specs: Mapping[int, StageSpec]) -> list[str]:
+    """The items a rank with these chunks reads."""
+    return sorted({n for spec in specs.values() for n in item_names(spec)})
+
+
+# ---- Checksums --------------------------------------------------------------------------------------
+
+
+def digest(path: str | Path) -> dict[str, Any]:
+    """sha256 of a file, or of a directory's files (each one's relative path, size and bytes, in sorted
+    order), with the byte and file counts, which make a truncation readable in the message."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+        total += size
+    return {"sha256": h.hexdigest(), "bytes": total, "files": len(files)}
+
+
+def _mismatch(what: str, path: Path, want: Mapping[str, Any]) -> str | None:
+    if not path.exists():
+        return f"{what} is missing"
+    got = digest(path)
+    if got["sha256"] == want["sha256"]:
+        return None
+    if (got["bytes"], got["files"]) == (want["bytes"], want["files"]):
+        return f"{what} does not match its checksum in {STATE_FILE} (same size: its bytes changed)"
+    return (f"{what} does not match its checksum in {STATE_FILE} ({got['bytes']} bytes in {got['files']} file(s) on "
+            f"disk, {want['bytes']} in {want['files']} written)")
+
+
+def verify(ckpt: str | Path, names: Iterable[str] | None = None, files: bool = False) -> str | None:
+    """None if the committed checkpoint is intact for a reader of items `names` (None: every item its
+    state lists) and, with `files`, of the copied files; else what is damaged or missing."""
+    ckpt = Path(ckpt)
+    try:
+        commit = (ckpt / COMMIT_FILE).read_text().split()
+        raw = (ckpt / STATE_FILE).read_bytes()
+    except OSError as e:
+        return f"cannot read {Path(e.filename).name if e.filename else COMMIT_FILE}: {e.strerror or e}"
+    if len(commit) >= 3 and commit[1] == "sha256" and hashlib.sha256(raw).hexdigest() != commit[2]:
+        return f"{STATE_FILE} does not match its checksum in {COMMIT_FILE}"
+    try:
+        sums = json.loads(raw).get("checksums")
+    except ValueError as e:
+        return f"{STATE_FILE} is not valid JSON: {e}"
+    if sums is None:  # written before checkpoints carried checksums: nothing to compare with
+        return None
+    for name in sums["items"] if names is None else names:
+        if name not in sums["items"]:
+            return f"item '{name}' is not in its {STATE_FILE} (incomplete)"
+        if (bad := _mismatch(f"item '{name}'", ckpt / name, sums["items"][name])) is not None:
+            return bad
+    for name, want in sums["files"].items() if files else ():
+        if (bad := _mismatch(f"file '{name}'", ckpt / name, want)) is not None:
+            return bad
+    return None
+
+
 # ---- Writing ----------------------------------------------------------------------------------------
 
 
@@ -201,6 +278,19 @@ def _write_durable(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+class OneProcess:
+    """The communicator `save` needs, for a checkpoint written by one process outside MPI (tests, tools)."""
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 def save(
@@ -225,9 +315,10 @@ def save(
     (into `subdir`: a replica's own directory when replicas differ, with its optimizer counters
     there too when `scalars`); every rank writes its `arrays` ({relative .npz path: arrays}).
 
-    `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage;
-    `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the newest `keep`.
-    `pause_before_commit` exists for tests that kill a save half-way.
+    `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage and
+    the checksums; `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the
+    newest `keep`. `pause_before_commit` exists for tests that kill a save half-way. Raises
+    CheckpointError on every rank if any rank failed; nothing is committed then.
     """
     import orbax.checkpoint as ocp
 
@@ -235,42 +326,81 @@ def save(
     final = root / step_name(step)
     tmp = root / (final.name + ".tmp")
     lead = comm.Get_rank() == 0
-    if lead:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    comm.Barrier()
-    if writer:
-        checkpointer = ocp.PyTreeCheckpointer()
-        base = tmp / subdir
-        base.mkdir(parents=True, exist_ok=True)
-        for name, tree in rank_items(model, specs, params, opt_state).items():
-            checkpointer.save(base / name, tree)
-        if subdir and scalars:
-            _write_durable(base / SCALARS_FILE, json.dumps(opt_scalars(opt_state)) + "\n")
-    for rel, values in (arrays or {}).items():
-        _write_arrays(tmp / rel, values)
-    comm.Barrier()
-    if lead:
-        meta = {"format": FORMAT, **state, "step": step, "opt_scalars": opt_scalars(opt_state),
-                "saved_at": time.time()}
-        _write_durable(tmp / STATE_FILE, json.dumps(meta, indent=2) + "\n")
-        for name, src in (files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        if pause_before_commit:
-            time.sleep(pause_before_commit)
-        _write_durable(tmp / COMMIT_FILE, f"{step}\n")
-        _fsync(tmp)
-        old = root / (final.name + ".old")
-        if final.exists():  # Saving a step again (a resumed run from an older checkpoint).
+
+    def settle(errors: list[str | None]) -> None:
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if not failed:
+            return
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rank, error = failed[0]
+        others = f" (and on {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        newest = latest(root) if root.is_dir() else None
+        raise CheckpointError(f"checkpoint save of step {step} failed on rank {rank}{others}, {error}; nothing was "
+                              f"committed (newest committed checkpoint: {newest or 'none'})")
+
+    def failure(doing: str, e: BaseException) -> str:
+        return f"{doing}: {type(e).__name__}: {e}"
+
+    error = None
+    if lead:  # 1. the directory
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except Exception as e:
+            error = failure(f"creating '{tmp}'", e)
+    settle([comm.bcast(error, root=0)])
+    sums: dict[str, Any] = {}  # relative path -> checksum of what reached the disk
+    where = tmp
+    try:  # 2. the items (a replica's own in `subdir`), the DP state, and their checksums
+        if writer:
+            checkpointer = ocp.PyTreeCheckpointer()
+            base = tmp / subdir
+            base.mkdir(parents=True, exist_ok=True)
+            for name, tree in rank_items(model, specs, params, opt_state).items():
+                where = base / name
+                checkpointer.save(where, tree)
+                sums[_rel(subdir, name)] = digest(where)
+            if subdir and scalars:
+                where = base / SCALARS_FILE
+                _write_durable(where, json.dumps(opt_scalars(opt_state)) + "\n")
+                sums[_rel(subdir, SCALARS_FILE)] = digest(where)
+        for rel, values in (arrays or {}).items():
+            where = tmp / rel
+            _write_arrays(where, values)
+            sums[rel] = digest(where)
+    except Exception as e:
+        error = failure(f"writing '{where}'", e)
+    outcomes = comm.allgather((error, sums))
+    settle([e for e, _ in outcomes])
+    if lead:  # 3. state.json and COMMIT, then the rename that commits
+        try:
+            copied = {}
+            for name, src in (files or {}).items():
+                shutil.copyfile(src, tmp / name)
+                copied[name] = digest(tmp / name)
+            items = {name: d for _, rank_sums in outcomes for name, d in rank_sums.items()}
+            meta = {"format": FORMAT, **state, "step": step, "opt_scalars": opt_scalars(opt_state),
+                    "saved_at": time.time(), "checksums": {"algorithm": "sha256", "items": items, "files": copied}}
+            text = json.dumps(meta, indent=2) + "\n"
+            _write_durable(tmp / STATE_FILE, text)
+            if pause_before_commit:
+                time.sleep(pause_before_commit)
+            _write_durable(tmp / COMMIT_FILE, f"{step}\nsha256 {hashlib.sha256(text.encode()).hexdigest()}\n")
+            _fsync(tmp)
+            old = root / (final.name + ".old")
+            if final.exists():  # Saving a step again (a resumed run from an older checkpoint).
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            _fsync(root)
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync(root)
-        shutil.rmtree(old, ignore_errors=True)
-        if keep > 0:
-            prune(root, keep)
-    comm.Barrier()
+        except Exception as e:
+            error = failure(f"committing '{final}'", e)
+    settle([comm.bcast(error, root=0)])
+    if lead and keep > 0:
+        prune(root, keep)
     return final
 
 
@@ -309,7 +439,8 @@ def read_arrays(ckpt: str | Path, rel: str) -> dict[str, np.ndarray] | None:
 
 
 def prune(root: str | Path, keep: int) -> None:
-    """Deletes all but the newest `keep` committed checkpoints, and leftovers of interrupted saves."""
+    """Deletes all but the newest `keep` committed checkpoints, and leftovers of interrupted saves
+    (best effort: a directory that cannot be deleted stays, and readers ignore leftovers)."""
     steps = committed(root)
     for _, d in steps[: max(len(steps) - keep, 0)]:
         shutil.rmtree(d, ignore_errors=True)
@@ -323,10 +454,15 @@ def prune(root: str | Path, keep: int) -> None:
 # ---- Reading ----------------------------------------------------------------------------------------
 
 
-def read_items(ckpt: str | Path, names: list[str], subdir: str = "") -> dict[str, Any]:
+def read_items(ckpt: str | Path, names: list[str], verify_first: bool = True, subdir: str = "") -> dict[str, Any]:
+    """The items `names` (in `subdir`: a replica's own), verified against their checksums first
+    (unless the caller just did)."""
     import orbax.checkpoint as ocp
 
     ckpt = Path(ckpt).absolute()
+    if verify_first and (bad := verify(ckpt, [_rel(subdir, n) for n in names
+                                              if (ckpt / subdir / n).is_dir()])) is not None:
+        raise ConfigError(f"checkpoint '{ckpt}' is damaged or incomplete: {bad}")
     checkpointer = ocp.PyTreeCheckpointer()
     out = {}
     for name in names:
@@ -373,7 +509,7 @@ def load_stage(ckpt: str | Path, model: ModelConfig, spec: StageSpec, params_tem
 
 def load_rank(ckpt: str | Path, model: ModelConfig, specs: Mapping[int, StageSpec],
               params_template: Mapping[int, Params], opt_template: Any,
-              subdir: str = "") -> tuple[dict[int, Params], Any]:
+              verify_first: bool = True, subdir: str = "") -> tuple[dict[int, Params], Any]:
     """A rank's chunks' parameters and its optimizer state (moments keyed by chunk, as the
     templates are) from a checkpoint written with any partition and any number of chunks per rank
     (`subdir`: a replica's own directory)."""
@@ -383,8 +519,8 @@ def load_rank(ckpt: str | Path, model: ModelConfig, specs: Mapping[int, StageSpe
             state = {"opt_scalars": json.loads((Path(ckpt) / subdir / SCALARS_FILE).read_text())}
         except (OSError, ValueError) as e:
             raise ConfigError(f"checkpoint '{ckpt}': cannot read {subdir}/{SCALARS_FILE}: {e}") from None
-    names = sorted({n for spec in specs.values() for n in item_names(spec)})
-    items = read_items(ckpt, names, subdir)
+    names = rank_item_names(specs)
+    items = read_items(ckpt, names, verify_first, subdir)
     params = {c: _like(_assemble(model, spec, items, lambda it: it["params"]), params_template[c], "parameters")
               for c, spec in specs.items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_template, is_leaf=_is_moment)

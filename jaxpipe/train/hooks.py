@@ -9,14 +9,21 @@ counter, hence the learning-rate schedule) and float16's loss scale (scale and g
 come from the checkpoint, the data stream is addressed by step (`jaxpipe.data.source`), and
 initialisation is the only use of the seed. A resumed run therefore
 computes bit-for-bit what the uninterrupted run computes, given the same partition and hardware.
+
+What a run resumes from is verified first (`find_checkpoint`: every rank checks the checksums of the
+items it will read); `--resume auto` skips a damaged or incomplete newest checkpoint for the previous
+one. A save that fails (`train.on_save_error`) and a preemption (`stop_preempted`) end here too.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
@@ -25,11 +32,13 @@ from jaxpipe.comm.transport import Transport
 from jaxpipe.config import Config
 from jaxpipe.data.source import make_val_source, resolve_token_files
 from jaxpipe.dp.base import DataParallel
-from jaxpipe.errors import ConfigError, agree
+from jaxpipe.dp.sync import algorithm
+from jaxpipe.errors import CheckpointError, ConfigError, Preempted, agree
 from jaxpipe.model.gpt import Params
 from jaxpipe.pipeline.partition import Partition
 from jaxpipe.pipeline.schedule import Schedule
 from jaxpipe.pipeline.stage import StageProgram
+from jaxpipe.runtime.preempt import PREEMPT
 from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY
 from jaxpipe.train import checkpoint
@@ -37,22 +46,9 @@ from jaxpipe.train.evaluate import Evaluator, eval_batch_count, perplexity
 from jaxpipe.train.optimizer import LossScaler
 
 
-def find_resume(resume: str, cfg: Config) -> Path | None:
-    """`auto`: the newest checkpoint in train.checkpoint_dir, or None to start afresh; else a path."""
-    if resume == "auto":
-        if not cfg.train.checkpoint_dir:
-            raise ConfigError("--resume auto looks in train.checkpoint_dir, which is not set")
-        return checkpoint.latest(cfg.train.checkpoint_dir)
-    return checkpoint.resolve(resume)
-
-
-def check_resume(cfg: Config, resume: str | None,
-                 ranges: list[list[int]] | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint `resume` names and its state, checked against this run's model, batch and (for
-    replicas that train apart) data-parallel layout, `ranges` being this run's layers per chunk;
-    None to start afresh. Cheap (state.json only), so the trainer runs it before anything compiles."""
-    if not resume or (ckpt := find_resume(resume, cfg)) is None:
-        return None
+def _compatible(cfg: Config, ckpt: Path, ranges: list[list[int]] | None) -> dict[str, Any]:
+    """The checkpoint's state, if it was written by a run of this model and global batch (and, for
+    replicas that train apart, this data-parallel layout; `ranges`: this run's layers per chunk)."""
     state = checkpoint.read_state(ckpt)
     checkpoint.check_compatible(state, cfg.model, ckpt)
     saved = state["config"]["train"]["global_batch_size"]
@@ -60,7 +56,100 @@ def check_resume(cfg: Config, resume: str | None,
         raise ConfigError(f"checkpoint '{ckpt}' was trained with train.global_batch_size {saved}, this run "
                           f"uses {cfg.train.global_batch_size}: the data position would not carry over")
     check_dp_layout(cfg, state, ckpt, ranges)
-    return ckpt, state
+    return state
+
+
+def check_resume(cfg: Config, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """Without MPI (`jaxpipe train --dry-run`): the checkpoint `resume` names and its state, checked
+    against this run's model and batch; None to start afresh. The run itself verifies the items
+    (find_checkpoint)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        if not cfg.train.checkpoint_dir:
+            raise ConfigError("--resume auto looks in train.checkpoint_dir, which is not set")
+        if (ckpt := checkpoint.latest(cfg.train.checkpoint_dir)) is None:
+            return None
+    else:
+        ckpt = checkpoint.resolve(resume)
+    return ckpt, _compatible(cfg, ckpt, None)
+
+
+def replica_dir(replica: int) -> str:
+    """Where a DiLoCo replica's own items live in a checkpoint (replica 0: the top level)."""
+    return f"replicas/{replica}" if replica else ""
+
+
+def dp_file(stage: int, replica: int) -> str:
+    """The file of a rank's data-parallel state (error-feedback residues, DiLoCo's outer step)."""
+    return f"dp/stage{stage}_replica{replica}.npz"
+
+
+def rank_reads(cfg: Config, stage: int, replica: int, specs: dict[int, Any]) -> Callable[[dict[str, Any]], list[str]]:
+    """What a rank reads from a checkpoint, given its state: its chunks' items (a DiLoCo replica's own
+    when the checkpoint's replicas train apart, with their optimizer counters), and its DP state if
+    the checkpoint holds it. The checksums of exactly these are verified before a resume."""
+    own = algorithm(cfg.parallel.dp_mode).per_replica_params
+
+    def reads(state: dict[str, Any]) -> list[str]:
+        sub = replica_dir(replica) if own and state.get("dp", {}).get("per_replica") else ""
+        names = [f"{sub}/{n}" if sub else n for n in checkpoint.rank_item_names(specs)]
+        if sub and stage == 0:
+            names.append(f"{sub}/{checkpoint.SCALARS_FILE}")
+        if dp_file(stage, replica) in state.get("checksums", {}).get("items", {}):
+            names.append(dp_file(stage, replica))
+        return names
+
+    return reads
+
+
+def _damage(cfg: Config, ckpt: Path, reads: Callable[[dict[str, Any]], list[str]], lead: bool,
+            ranges: list[list[int]] | None) -> str | None:
+    """What is damaged in `ckpt` for this rank (None: intact); ConfigError if it is intact but not this
+    run's. Checks state.json before the items, so another model's checkpoint is named as that, not as
+    missing layers."""
+    try:
+        if (bad := checkpoint.verify(ckpt, ())) is not None:
+            return bad
+        state = _compatible(cfg, ckpt, ranges)
+        return checkpoint.verify(ckpt, reads(state), files=lead)
+    except OSError as e:  # an item that cannot be read at all
+        return f"cannot read '{e.filename}': {e.strerror or e}"
+
+
+def find_checkpoint(cfg: Config, resume: str | None, comm: Any, reads: Callable[[dict[str, Any]], list[str]],
+                    log: Callable[[str], None] | None = None,
+                    ranges: list[list[int]] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """Collective over `comm`: the checkpoint `resume` names (a path, or `auto`: the newest intact one in
+    train.checkpoint_dir) and its state; None to start afresh. Each rank verifies what it will read
+    (`reads(state)`, see rank_reads); a damaged file anywhere skips that checkpoint for all ranks
+    (`auto`, with a message that `log`, given on one rank, prints) or refuses it (a path)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        if not cfg.train.checkpoint_dir:
+            raise ConfigError("--resume auto looks in train.checkpoint_dir, which is not set")
+        candidates = [d for _, d in reversed(checkpoint.committed(cfg.train.checkpoint_dir))]
+        if not candidates:
+            return None
+    else:
+        candidates = [agree(comm, lambda: checkpoint.resolve(resume))]
+    lead, skipped = comm.Get_rank() == 0, []
+    for ckpt in candidates:
+        local = agree(comm, partial(_damage, cfg, ckpt, reads, lead, ranges))
+        found = [(r, bad) for r, bad in enumerate(comm.allgather(local)) if bad is not None]
+        if not found:
+            return ckpt, checkpoint.read_state(ckpt)
+        rank, bad = found[0]
+        what = f"checkpoint '{ckpt}' is damaged or incomplete: {bad} (found by rank {rank})"
+        if resume != "auto":
+            raise ConfigError(f"{what}: resume from another checkpoint (--resume auto takes the newest intact one)")
+        skipped.append(what)
+        if log is not None:
+            log(f"resume: {what}; taking the previous checkpoint")
+    raise ConfigError(f"--resume auto: none of the {len(candidates)} checkpoint(s) in "
+                      f"'{cfg.train.checkpoint_dir}' is intact (newest: {skipped[0]}): restore them, or move them "
+                      f"away to start afresh")
 
 
 # What each rank's DiLoCo state (flat outer parameters, momentum, residues) and each replica's own
@@ -100,8 +189,10 @@ class RunHooks:
         self.val_losses: dict[int, float] = {}
         self.evaluator: Evaluator | None = None
         if cfg.train.eval_every:
-            val = agree(topo.world, lambda: self._val_source())
+            with ACTIVITY.waiting("set-up (opening the validation data)", long=True):
+                val = agree(topo.world, lambda: self._val_source())
             self.evaluator = Evaluator(cfg, topo, schedule, programs, transport, val, eval_batch_count(cfg, val))
+        self.saved: tuple[int, Path | None] = (-1, None)  # the last checkpoint this run committed
         self.files: dict[str, Path] = {}
         if cfg.data.source == "tokens":
             tokenizer = resolve_token_files(cfg.data).tokenizer
@@ -117,23 +208,21 @@ class RunHooks:
 
     # -- resume --------------------------------------------------------------------------------------
     def restore(self, params: dict[int, Params], opt_state: Any, resume: str | None,
-                found: tuple[Path, dict[str, Any]] | None = None) -> tuple[dict[int, Params], Any, int]:
-        """(parameters, optimizer state, completed steps): from the checkpoint `resume` names, if any.
-        `found` is what `check_resume` returned, where the caller checked early."""
+                found: tuple[Path, dict[str, Any]] | None) -> tuple[dict[int, Params], Any, int]:
+        """(parameters, optimizer state, completed steps): from `found`, what `find_checkpoint`
+        returned for `resume` (verified moments ago), if anything."""
         if not resume:
             return params, opt_state, 0
-        if found is None:
-            ranges = [list(r) for r in self.partition.ranges]
-            found = agree(self.topo.world, lambda: check_resume(self.cfg, resume, ranges))
         if found is None:
             if self.reporter:
                 self.log(f"resume: no checkpoint in {self.cfg.train.checkpoint_dir} yet, starting at step 0")
             return params, opt_state, 0
         ckpt, state = found
         per_replica = bool(state.get("dp", {}).get("per_replica")) and self.dp.per_replica_params
-        subdir = self._replica_dir() if per_replica else ""
-        params, opt_state = agree(self.topo.world, lambda: checkpoint.load_rank(
-            ckpt, self.cfg.model, self.specs, params, opt_state, subdir))
+        subdir = replica_dir(self.topo.replica) if per_replica else ""
+        with ACTIVITY.waiting("set-up (loading the checkpoint)", long=True):
+            params, opt_state = agree(self.topo.world, lambda: checkpoint.load_rank(
+                ckpt, self.cfg.model, self.specs, params, opt_state, verify_first=False, subdir=subdir))
         note = self._restore_dp(ckpt)
         notes = [n for n in self.topo.world.allgather(note) if n]
         if self.scaler is not None:
@@ -148,10 +237,10 @@ class RunHooks:
         return params, opt_state, self.start_step
 
     def _replica_dir(self) -> str:
-        return f"replicas/{self.topo.replica}" if self.topo.replica else ""
+        return replica_dir(self.topo.replica)
 
     def _dp_file(self) -> str:
-        return f"dp/stage{self.topo.stage}_replica{self.topo.replica}.npz"
+        return dp_file(self.topo.stage, self.topo.replica)
 
     def _dp_signature(self) -> str:
         return json.dumps({**self.dp.signature(), "chunks": {str(c): [s.start, s.stop] for c, s in self.specs.items()}},
@@ -190,21 +279,65 @@ class RunHooks:
                 metrics_file.write(json.dumps({"step": step, "val_loss": loss, "val_ppl": perplexity(loss)}) + "\n")
                 metrics_file.flush()
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
-            assert t.checkpoint_dir is not None
-            TRACE.phase("checkpoint save")
-            per_replica = self.dp.per_replica_params
-            dp_state = self.dp.state()
-            arrays = {self._dp_file(): {**dp_state, "signature": np.array(self._dp_signature())}} if dp_state else None
-            with ACTIVITY.waiting("the checkpoint save after the step (its barriers wait for every writer)", long=True):
+            self.save(step, params, opt_state)
+
+    def save(self, step: int, params: dict[int, Params], opt_state: Any) -> Path | None:
+        """Collective: the checkpoint of `step`; on a failed save CheckpointError (train.on_save_error=stop,
+        on every rank) or None after a warning (warn)."""
+        t = self.cfg.train
+        assert t.checkpoint_dir is not None
+        per_replica = self.dp.per_replica_params
+        dp_state = self.dp.state()
+        arrays = {self._dp_file(): {**dp_state, "signature": np.array(self._dp_signature())}} if dp_state else None
+        TRACE.phase("checkpoint save")
+        try:
+            with ACTIVITY.waiting("the checkpoint save after the step (its collectives wait for every writer)",
+                                  long=True):
                 path = checkpoint.save(
                     t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0 or per_replica,
                     model=self.cfg.model, specs=self.specs, params=params, opt_state=opt_state,
                     state=self._state(step), files=self.files, keep=t.keep_checkpoints,
                     subdir=self._replica_dir() if per_replica else "", arrays=arrays, scalars=self.topo.stage == 0,
                 )
+        except CheckpointError as e:
             TRACE.phase(None)
+            if t.on_save_error == "stop":
+                raise CheckpointError(
+                    f"{e}; train.on_save_error=stop ends the run: free space or restore write access to "
+                    f"'{t.checkpoint_dir}', then resume with --resume auto (or set train.on_save_error=warn to "
+                    f"train on without checkpoints)") from None
             if self.reporter:
-                self.log(f"checkpoint {path}")
+                self.log(f"warning: {e}; training goes on without it (train.on_save_error=warn)")
+            return None
+        TRACE.phase(None)
+        self.saved = (step, path)
+        if self.reporter:
+            self.log(f"checkpoint {path}")
+        return path
+
+    def stop_preempted(self, step: int, params: dict[int, Params], opt_state: Any) -> NoReturn:
+        """Collective, at the step boundary where every rank learned of a SIGTERM/SIGINT (see
+        jaxpipe.runtime.preempt): the checkpoint of `step` (unless the step's own just went out), the
+        log line, then Preempted."""
+        t = self.cfg.train
+        path = None
+        if t.checkpoint_dir:
+            path = self.saved[1] if self.saved[0] == step else self.save(step, params, opt_state)
+        with ACTIVITY.waiting("the exchange of preemption notices"):
+            notices = self.topo.world.allgather((PREEMPT.signum, PREEMPT.wall_time) if PREEMPT.requested else None)
+        signalled = [(r, n) for r, n in enumerate(notices) if n is not None]
+        names = sorted({signal.Signals(signum).name for _, (signum, _) in signalled})
+        ranks = ", ".join(str(r) for r, _ in signalled)
+        took = time.time() - min(t for _, (_, t) in signalled)
+        saved = (f"checkpoint {path} committed" if path is not None else
+                 "no checkpoint (train.checkpoint_dir is not set)" if not t.checkpoint_dir else
+                 "no checkpoint (its save failed, see above)")
+        message = (f"preempted: {'/'.join(names)} on rank{'s' * (len(signalled) > 1)} {ranks}; every rank stopped "
+                   f"after step {step}, {saved}; {took:.1f} s from the signal to the exit; exit status 75 "
+                   f"(`jaxpipe supervise` resumes it with --resume auto)")
+        if self.reporter:
+            self.log(message)
+        raise Preempted(message, step, None if path is None else str(path))
 
     def _state(self, step: int) -> dict[str, Any]:
         cfg = self.cfg

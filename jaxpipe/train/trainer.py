@@ -39,12 +39,12 @@ from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.tied import TiedExchange, local_tied_sum, make_tied_exchange
 from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
-from jaxpipe.config import Config, effective_warmup
+from jaxpipe.config import Config, effective_warmup, resolve_world
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
 from jaxpipe.dp.base import DataParallel, DPContext
 from jaxpipe.dp.collectives import make_collectives
 from jaxpipe.dp.sync import make_data_parallel
-from jaxpipe.errors import NonFiniteError, agree
+from jaxpipe.errors import CheckpointError, NonFiniteError, Preempted, agree
 from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
 from jaxpipe.model.layout import init_stage_params, param_count
 from jaxpipe.pipeline.executor import Executor, StepBatch
@@ -53,10 +53,11 @@ from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, che
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
 from jaxpipe.runtime.devices import assign_devices, local_mesh
+from jaxpipe.runtime.preempt import PREEMPT
 from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY, start_watchdog
 from jaxpipe.train.checkpoint import check_writable
-from jaxpipe.train.hooks import RunHooks, check_resume
+from jaxpipe.train.hooks import RunHooks, find_checkpoint, rank_reads
 from jaxpipe.train.observe import Observe, Observer, peak_memory, throughput
 from jaxpipe.train.optimizer import LossScaler, Optimizer
 
@@ -149,6 +150,7 @@ class StepMetrics:
     dp_s: float = 0.0  # the data-parallel part of the step (sync + outer step), on the slowest rank
     nonfinite_replicas: int = 0  # pipelines whose step was not finite (all or none unless DiLoCo)
     loss_scale: float = 1.0  # the scale this step's loss was multiplied by
+    preempted: bool = False  # some rank had a SIGTERM/SIGINT when the step's loss sum started: all stop now
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dic
     seed: replicas must start identical even where random number generation differs by host). The
     last chunk's copy of the tied `wte` starts as the first chunk's."""
     params = {}
+    if faults.ARMED:
+        faults.at_setup()
     for c, program in programs.items():
         spec = partition.stage(c)
         shapes = program.param_shapes()
@@ -177,13 +181,15 @@ def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dic
             p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         if jax.tree.structure(p) != jax.tree.structure(shapes):  # type: ignore[operator]  # jaxlib's stub
             raise AssertionError("chunk parameter layout does not match the StageModel's")
-        params[c] = _bcast_tree(p, topo.dp_comm, root=0)
+        with ACTIVITY.waiting("set-up (the parameter broadcast to the replicas)", long=True):
+            params[c] = _bcast_tree(p, topo.dp_comm, root=0)
     if last_chunk > 0:
         if 0 in params and last_chunk in params:
             params[last_chunk]["wte"] = params[0]["wte"]
         elif topo.tied is not None:
             mine = params[0]["wte"] if 0 in params else params[last_chunk]["wte"]
-            wte = _bcast_tree(mine, topo.tied, root=0)
+            with ACTIVITY.waiting("set-up (the broadcast of the tied embedding)", long=True):
+                wte = _bcast_tree(mine, topo.tied, root=0)
             params[0 if 0 in params else last_chunk]["wte"] = wte
     return {c: programs[c].place_params(p) for c, p in params.items()}
 
@@ -212,33 +218,47 @@ def _warmup_note(cfg: Config) -> str:
     return f" | warm-up clipped from {t.warmup_steps} to {w} (train.steps={t.steps})" if w != t.warmup_steps else ""
 
 
+def _agreed(comm: Any, what: str, check: Callable[[], Any]) -> Any:
+    """`agree` under the set-up deadline (runtime.first_step_timeout_s): a rank that never arrives
+    ends the job with a message naming `what`, instead of a hang."""
+    with ACTIVITY.waiting(f"set-up ({what})", long=True):
+        return agree(comm, check)
+
+
 def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None = None,
           factories: Factories | None = None) -> tuple[Run, TrainState, int]:
     """Everything a run needs, and its state at `start_step` (0, or after the resumed step).
-    Collective over `comm`; bad input raises the same ConfigError on every rank before any compile."""
+    Collective over `comm`; bad input raises the same ConfigError on every rank before any compile.
+    Every collective of the set-up runs under the watchdog's deadline."""
     f = factories or Factories()
     p = cfg.parallel
     schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
     last = schedule.n_chunks - 1
-    topo = Topology.create(comm, p.pp, p.dp, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)))
-    ACTIVITY.configure(topo.rank, topo.stage, p.pp, topo.replica, cfg.runtime.comm_timeout_s,
-                       cfg.runtime.first_step_timeout_s)
-    agree(comm, lambda: faults.load(topo.rank, topo.stage, topo.replica))
+    ACTIVITY.configure(comm.Get_rank(), None, p.pp, 0, cfg.runtime.comm_timeout_s, cfg.runtime.first_step_timeout_s)
+    start_watchdog()
+    with ACTIVITY.waiting("set-up (splitting the communicators)", long=True):
+        topo = Topology.create(comm, p.pp, p.replicas, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)))
+    ACTIVITY.locate(topo.stage, topo.replica)
+    _agreed(comm, "loading the fault injection", lambda: faults.load(topo.rank, topo.stage, topo.replica))
     k = cfg.runtime.devices_per_process
-    agree(comm, lambda: assign_devices(comm, k))  # Before JAX touches a device.
-    mesh = agree(comm, lambda: local_mesh(k)) if k > 1 else None
+    _agreed(comm, "the device assignment", lambda: assign_devices(comm, k))  # Before JAX touches a device.
+    mesh = _agreed(comm, "the local device mesh", lambda: local_mesh(k)) if k > 1 else None
     weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
-    partition = agree(comm, lambda: resolve_partition(p.partition, cfg.model, schedule.n_chunks,
-                                                      cfg.train.micro_batch_size, weights))
+    partition = _agreed(comm, "the partition", lambda: resolve_partition(p.partition, cfg.model, schedule.n_chunks,
+                                                                          cfg.train.micro_batch_size, weights))
     chunks = schedule.chunks_of(topo.stage)
     needs_data = 0 in chunks or last in chunks
     # Every rank opens the data (a missing file fails the whole job here, before any compile).
-    source = agree(comm, lambda: make_source(cfg.data, cfg.model))
-    # A checkpoint of another model or batch size fails here, before anything compiles.
-    resume_from = agree(comm, lambda: check_resume(cfg, resume, [list(r) for r in partition.ranges]))
+    source = _agreed(comm, "opening the data", lambda: make_source(cfg.data, cfg.model))
+    # A checkpoint of another model, batch size or (DiLoCo) layout fails here, before anything compiles;
+    # a damaged one is refused (or, with --resume auto, skipped for the previous one).
+    with ACTIVITY.waiting("set-up (the checkpoint checks: checksums of each rank's items)", long=True):
+        reads = rank_reads(cfg, topo.stage, topo.replica, {c: partition.stage(c) for c in chunks})
+        resume_from = find_checkpoint(cfg, resume, comm, reads, log if comm.Get_rank() == 0 else None,
+                                      [list(r) for r in partition.ranges])
     # A checkpoint directory this job cannot write fails here, on every rank, not at the first save.
     if (ckpt_dir := cfg.train.checkpoint_dir) and cfg.train.checkpoint_every:
-        agree(comm, lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
+        _agreed(comm, "the checkpoint directory check", lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
 
     lowered = schedule.lowered()
     check(lowered)
@@ -256,18 +276,18 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
         collectives=lambda: f.dp_collectives(p.transport, topo.dp_comm, net, dp_rank_of),
         stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last, tied=topo.tied,
         tied_first=0 in chunks, tied_peer=tied_peer))
-    transport = agree(comm, lambda: f.transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
-                                                programs[chunks[0]].place_input, single_device=mesh is None,
-                                                net=net, links=lowered.links))
+    transport = _agreed(comm, f"the {p.transport} transport", lambda: f.transport(
+        p.transport, topo.pipe, topo.stage, topo.world_rank_of, programs[chunks[0]].place_input,
+        single_device=mesh is None, net=net, links=lowered.links))
     ACTIVITY.attach(transport)
     tied = None
+    what = f"the tied-embedding exchange over {p.transport}"
     if topo.tied is not None:  # Every rank takes part in `agree` (it is collective); only the pair builds.
         peer = topo.world_rank_of(topo.tied_stages[1] if 0 in chunks else topo.tied_stages[0])
-        tied = agree(comm, lambda: f.tied_exchange(p.transport, topo.tied, 0 in chunks, peer, net,
-                                                   p.tied_grad_dtype))
+        tied = _agreed(comm, what, lambda: f.tied_exchange(p.transport, topo.tied, 0 in chunks, peer, net,
+                                                           p.tied_grad_dtype))
     else:
-        agree(comm, lambda: None)
-    start_watchdog()
+        _agreed(comm, what, lambda: None)
     run = Run(cfg=cfg, comm=comm, topo=topo, schedule=schedule, lowered=lowered, partition=partition,
               programs=programs, executor=Executor(lowered, topo.stage, programs, transport, p.recv_lookahead),
               transport=transport, tied=tied, dp=dp, optimizer=optimizer,
@@ -371,10 +391,11 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
         params, opt_state = run.dp.after_update(step, params, opt_state, finite)
         dp_s += time.perf_counter() - t_dp
     # The world sums (the pipelines' losses, non-finite pipelines, DP bytes) and the slowest rank's DP
-    # time are for reporting and the stop verdict only: nothing waits for them here.
+    # time are for reporting and the stop verdict only: nothing waits for them here. They carry the
+    # ranks' preemption flags too (jaxpipe.runtime.preempt): every rank learns of a signal at one step.
     send = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0, float(not finite and topo.stage == 0),
-                     float(run.dp.wire_bytes())])
-    buf, send_s, buf_s = np.zeros(3), np.array([dp_s]), np.zeros(1)
+                     float(run.dp.wire_bytes()), float(PREEMPT.requested)])
+    buf, send_s, buf_s = np.zeros(4), np.array([dp_s]), np.zeros(1)
     loss_req = run.comm.Iallreduce(send, buf, op=MPI.SUM)
     dp_req = run.comm.Iallreduce(send_s, buf_s, op=MPI.MAX)
     jax.block_until_ready(params)
@@ -395,8 +416,9 @@ def finish_loss(run: Run, metrics: StepMetrics, pending: Any) -> StepMetrics:
         req.Wait()
         dp_req.Wait()
     TRACE.phase(None)
-    metrics.loss = float(buf[0]) / run.cfg.parallel.dp  # Each pipeline's loss lives on its last stage.
+    metrics.loss = float(buf[0]) / run.cfg.parallel.replicas  # Each pipeline's loss lives on its last stage.
     metrics.nonfinite_replicas, metrics.dp_bytes, metrics.dp_s = int(buf[1]), int(buf[2]), float(buf_s[0])
+    metrics.preempted = bool(buf[3] > 0)
     return metrics
 
 
@@ -517,7 +539,7 @@ def pipeline_bytes(run: Run) -> int:
     for a in sends:
         kind = Kind.ACT if a.op == Op.SEND_ACT else Kind.GRAD
         total += codecs[kind].wire_spec(spec).nbytes if kind in codecs else spec.nbytes
-    return total * run.cfg.parallel.dp
+    return total * run.cfg.parallel.replicas
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
@@ -535,8 +557,19 @@ def train(
 ) -> TrainResult:
     """Trains per `cfg` on this rank's chunks. `probe`, if given, runs once after set-up and before
     the first step (benchmarks use it to time a stage alone); its result is `TrainResult.probe`.
-    `observe`: trace, TensorBoard and the progress line (see jaxpipe.train.observe; off by default)."""
+    `observe`: trace, TensorBoard and the progress line (see jaxpipe.train.observe; off by default).
+
+    `parallel.dp=auto` takes the replicas the launched ranks allow. A SIGTERM/SIGINT on any rank ends
+    the run after the current step with a checkpoint: Preempted (see jaxpipe.runtime.preempt)."""
     comm = comm if comm is not None else MPI.COMM_WORLD
+    cfg = agree(comm, lambda: resolve_world(cfg, comm.Get_size()))
+    with PREEMPT.installed(cfg.runtime.preempt_grace_s, saves=bool(cfg.train.checkpoint_dir)):
+        return _train(cfg, comm, metrics_out, log, probe, resume, factories, observe)
+
+
+def _train(cfg: Config, comm: Any, metrics_out: str | Path | None, log: Callable[[str], None] | None,
+           probe: Callable[[Run, TrainState], Any] | None, resume: str | None,
+           factories: Factories | None, observe: Observe | None) -> TrainResult:
     run, state, start_step = setup(cfg, comm, log or (lambda s: print(s, flush=True)), resume, factories)
     result = TrainResult(partition=run.partition, chunks={c: run.partition.stage(c) for c in run.programs},
                          params=state.params, updates=state.updates)
@@ -567,10 +600,13 @@ def train(
             result.iter_times.append(metrics.iter_time_s)
             run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
             observe_step(run, observer, metrics)
+            if metrics.preempted and step + 1 < cfg.train.steps:
+                run.hooks.stop_preempted(step + 1, state.params, state.opt_state)
     except BaseException as e:
         # The job is about to be aborted: joining a receiver thread blocked on a dead peer would only
-        # delay that. A non-finite stop happens on every rank at once, with no message in flight.
-        healthy = isinstance(e, NonFiniteError)
+        # delay that. A non-finite stop, a failed save and a preemption happen on every rank at once,
+        # at a step boundary, with no message in flight.
+        healthy = isinstance(e, NonFiniteError | CheckpointError | Preempted)
         raise
     finally:
         if healthy:
