@@ -6,6 +6,8 @@ Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
     layer_<i>/    {"params": <block i>, "opt": {"0_mu": <block i>, "0_nu": ...}}  by the stage holding i
     head/         {"params": {"ln_f": ...}, "opt": ...}                            by the last stage
     state.json    step, data position, seeds, optimizer counters, the run's config
+    extras/<name>.npy  per-rank state beyond parameters, written by the rank that owns it (every
+                  replica's: the tied-embedding error feedback, delta mode's activation copies)
     tokenizer.json  copied from the prepared data directory, when there is one
     COMMIT        written last
 
@@ -47,6 +49,7 @@ FORMAT = "jaxpipe.train.checkpoint.v1"
 STATE_FILE = "state.json"
 COMMIT_FILE = "COMMIT"
 TOKENIZER_FILE = "tokenizer.json"
+EXTRAS_DIR = "extras"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Model fields that fix parameter shapes: a checkpoint loads only into a model that agrees on all.
 SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
@@ -212,11 +215,13 @@ def save(
     files: Mapping[str, str | Path] | None = None,
     keep: int = 0,
     pause_before_commit: float = 0.0,
+    extras: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Collective over `comm`: every rank calls it; ranks with `writer` write their chunks' items.
 
     `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage;
     `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the newest `keep`.
+    `extras` (per rank, names unique over the job) are written by every rank, writer or not.
     `pause_before_commit` exists for tests that kill a save half-way.
     """
     import orbax.checkpoint as ocp
@@ -234,6 +239,13 @@ def save(
         checkpointer = ocp.PyTreeCheckpointer()
         for name, tree in rank_items(model, specs, params, opt_state).items():
             checkpointer.save(tmp / name, tree)
+    if extras:
+        (tmp / EXTRAS_DIR).mkdir(exist_ok=True)
+        for name, array in extras.items():
+            with open(tmp / EXTRAS_DIR / f"{name}.npy", "wb") as f:
+                np.save(f, np.asarray(array))
+                f.flush()
+                os.fsync(f.fileno())
     comm.Barrier()
     if lead:
         meta = {"format": FORMAT, **state, "step": step, "opt_scalars": opt_scalars(opt_state),
@@ -271,6 +283,12 @@ def prune(root: str | Path, keep: int) -> None:
 
 
 # ---- Reading ----------------------------------------------------------------------------------------
+
+
+def read_extra(ckpt: str | Path, name: str) -> np.ndarray | None:
+    """A rank's extra state `name` (see `save`), memory-mapped; None if the checkpoint has none."""
+    path = Path(ckpt) / EXTRAS_DIR / f"{name}.npy"
+    return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
 def read_items(ckpt: str | Path, names: list[str]) -> dict[str, Any]:

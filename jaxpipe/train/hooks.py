@@ -8,6 +8,9 @@ Exact resume needs nothing but the step: parameters and optimizer state (moments
 counter, hence the learning-rate schedule) come from the checkpoint, the data stream is addressed
 by step (`jaxpipe.data.source`), and initialisation is the only use of the seed. A resumed run therefore
 computes bit-for-bit what the uninterrupted run computes, given the same partition and hardware.
+State beyond that (`stateful`: objects with `extra_state()` -> {name: array} and
+`load_extra_state(get)`, e.g. the tied embedding's int8 error feedback and delta mode's activation
+copies) is saved by the rank that holds it and handed back to it on resume.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def check_resume(cfg: Config, resume: str | None) -> tuple[Path, dict[str, Any]]
 class RunHooks:
     def __init__(self, cfg: Config, topo: Topology, schedule: Schedule, partition: Partition,
                  programs: dict[int, StageProgram], transport: Transport, dp: DataParallel,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], stateful: list[Any] | None = None):
         self.cfg, self.topo, self.programs, self.dp = cfg, topo, programs, dp
+        self.stateful = list(stateful or [])
         self.specs = {c: partition.stage(c) for c in programs}
         self.partition, self.log = partition, log
         self.reporter = topo.rank == 0
@@ -98,6 +102,10 @@ class RunHooks:
         ckpt, state = found
         params, opt_state = agree(self.topo.world, lambda: checkpoint.load_rank(
             ckpt, self.cfg.model, self.specs, params, opt_state))
+        for part in self.stateful:
+            note = part.load_extra_state(lambda name: checkpoint.read_extra(ckpt, name))
+            if note:
+                self.log(f"resume (rank {self.topo.rank}): {note}")
         if self.reporter:
             self.log(f"resumed from {ckpt} after step {state['step']} "
                      f"(written with layers per chunk {[b - a for a, b in state['partition']]})")
@@ -126,6 +134,7 @@ class RunHooks:
                     t.checkpoint_dir, step, comm=self.topo.world, writer=self.topo.replica == 0,
                     model=self.cfg.model, specs=self.specs, params=params, opt_state=opt_state,
                     state=self._state(step), files=self.files, keep=t.keep_checkpoints,
+                    extras={k: v for part in self.stateful for k, v in part.extra_state().items()},
                 )
             if self.reporter:
                 self.log(f"checkpoint {path}")

@@ -35,7 +35,7 @@ from mpi4py import MPI
 
 from jaxpipe import __version__
 from jaxpipe.comm.netem import NetworkEmulator
-from jaxpipe.comm.tied import TiedExchange, local_tied_sum, make_tied_exchange
+from jaxpipe.comm.tied import LocalTiedSum, TiedExchange, make_tied_exchange
 from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config
@@ -55,6 +55,7 @@ from jaxpipe.runtime.timeline import TIMELINE
 from jaxpipe.runtime.watchdog import ACTIVITY, start_watchdog
 from jaxpipe.train.hooks import RunHooks, check_resume
 from jaxpipe.train.optimizer import LossScaler, Optimizer
+from jaxpipe.train.traffic import describe_traffic, pipeline_codecs, tied_wire_bytes
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Run:
     source: TokenSource | None
     log: Callable[[str], None]
     metrics_file: TextIO | None = None
+    tied_local: LocalTiedSum | None = None  # both ends of the tied embedding on this rank
+    n_samples: int | None = None  # training samples (windows) in the data, where it has a count
 
     @property
     def first_chunk(self) -> bool:
@@ -140,6 +143,8 @@ class StepMetrics:
     sq_norm: float = 0.0  # the gradients' sum of squares (loss-scaled), over the pipeline
     nonfinite_stages: list[int] = field(default_factory=list)
     dp_bytes: int = 0
+    pipe_bytes: int = 0  # activations and their gradients put on links this step, all ranks
+    tied_bytes: int = 0  # the tied-embedding exchange's, all ranks
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -192,7 +197,9 @@ def describe(run: Run) -> str:
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
-        f"{run.net.describe() if run.net is not None else 'network emulation off'}"
+        f"{run.net.describe() if run.net is not None else 'network emulation off'} | "
+        + describe_traffic(cfg, run.lowered, run.executor.spec, run.n_samples,
+                           2 * tied_wire_bytes(cfg) if run.tied is not None else 0)
     )
 
 
@@ -232,25 +239,36 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     place_trees = lambda trees: {c: programs[c].place_params(t) for c, t in trees.items()}  # noqa: E731
     dp = make_data_parallel(DPContext(topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i), p,
                                       place_trees))
-    transport = agree(comm, lambda: f.transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of,
-                                                programs[chunks[0]].place_input, single_device=mesh is None,
-                                                net=net, links=lowered.links))
+    # -- compressed pipeline traffic: this rank's codecs (jaxpipe.train.traffic), checked before compiling.
+    act_spec, place = programs[chunks[0]].act_spec, programs[chunks[0]].place_input
+    codecs, codec_state = pipeline_codecs(cfg, topo, schedule, partition, source, act_spec, place)
+
+    def make_checked_transport() -> ThreadedTransport:
+        t = f.transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of, place, single_device=mesh is None,
+                        net=net, codecs=codecs, links=lowered.links)
+        t.check_codecs(act_spec)
+        return t
+
+    transport = agree(comm, make_checked_transport)
     ACTIVITY.attach(transport)
     tied = None
     if topo.tied is not None:  # Every rank takes part in `agree` (it is collective); only the pair builds.
         peer = topo.world_rank_of(topo.tied_stages[1] if 0 in chunks else topo.tied_stages[0])
         tied = agree(comm, lambda: f.tied_exchange(p.transport, topo.tied, 0 in chunks, peer, net,
-                                                   p.tied_grad_dtype))
+                                                   p.tied_grad_dtype, replica=topo.replica))
     else:
         agree(comm, lambda: None)
+    tied_local = LocalTiedSum(p.tied_grad_dtype, topo.replica) if (0 in chunks and last in chunks and last) else None
+    stateful = [*codec_state, *(tied.stateful() if tied else []), *(tied_local.stateful() if tied_local else [])]
     start_watchdog()
     run = Run(cfg=cfg, comm=comm, topo=topo, schedule=schedule, lowered=lowered, partition=partition,
               programs=programs, executor=Executor(lowered, topo.stage, programs, transport, p.recv_lookahead),
               transport=transport, tied=tied, dp=dp, optimizer=optimizer,
               scaler=LossScaler(cfg.train, compute_dtype(cfg.model)), hooks=None,  # type: ignore[arg-type]
-              net=net, source=source if needs_data else None, log=log)
+              net=net, source=source if needs_data else None, log=log, tied_local=tied_local,
+              n_samples=getattr(source, "n_samples", None))
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
-    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log)
+    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log, stateful)
     params, opt_state, start_step = run.hooks.restore(params, opt_state, resume, resume_from)
     # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
     # moves the data on but not the schedule.
@@ -274,11 +292,11 @@ def step_batch(run: Run, step: int) -> StepBatch:
 
 def sum_tied(run: Run, grads: dict[int, Params]) -> dict[int, Params]:
     """Both copies of `wte` get the sum of the two gradients (bit-identical on both ends)."""
-    last, wire = run.last_chunk, run.cfg.parallel.tied_grad_dtype
+    last = run.last_chunk
     if last == 0:
         return grads
-    if run.first_chunk and run.has_last_chunk:  # Both ends on this rank (V shape, or PP = 1).
-        g = local_tied_sum(grads[0]["wte"], grads[last]["wte"], wire)
+    if run.tied_local is not None:  # Both ends on this rank (V shape).
+        g = run.tied_local(grads[0]["wte"], grads[last]["wte"])
         return {**grads, 0: {**grads[0], "wte": g}, last: {**grads[last], "wte": g}}
     if run.tied is None:
         return grads
@@ -297,8 +315,10 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
         TIMELINE.start()
     t0 = time.perf_counter()
     grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
+    run.transport.take_bytes()  # (an evaluation's traffic is not this step's)
     result = run.executor.run(step, state.params, grads, batch, loss_scale=run.scaler.scale)
     grads = result.grads
+    pipe_bytes = run.transport.take_bytes()
     if faults.ARMED:
         grads = faults.poison(step + 1, grads)
         faults.at_sync(step + 1)
@@ -334,8 +354,11 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
                                                  jnp.float32(1.0 / run.scaler.scale))
         updates += 1
     params, opt_state = run.dp.after_update(step, params, opt_state)
-    # The world sum of the pipelines' losses is for reporting only: nothing waits for it here.
-    send, buf = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0]), np.zeros(1)
+    # The world sum of the pipelines' losses (and of the bytes each rank put on its links) is for
+    # reporting only: nothing waits for it here.
+    tied_bytes = run.tied.take_bytes() if run.tied is not None else 0
+    send = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0, float(pipe_bytes), float(tied_bytes)])
+    buf = np.zeros(3)
     loss_req = run.comm.Iallreduce(send, buf, op=MPI.SUM)
     jax.block_until_ready(params)
     dt = time.perf_counter() - t0
@@ -351,6 +374,7 @@ def finish_loss(run: Run, metrics: StepMetrics, pending: Any) -> StepMetrics:
     with ACTIVITY.waiting("the allreduce of the loss"):
         req.Wait()
     metrics.loss = float(buf[0]) / run.cfg.parallel.dp  # Each pipeline's loss lives on its last stage.
+    metrics.pipe_bytes, metrics.tied_bytes = int(buf[1]), int(buf[2])
     return metrics
 
 
@@ -385,6 +409,7 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
         run.metrics_file.write(json.dumps({
             "step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
             "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes,
+            "pipe_bytes": m.pipe_bytes, "tied_bytes": m.tied_bytes,
         }) + "\n")
         run.metrics_file.flush()
 
