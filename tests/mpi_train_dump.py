@@ -3,7 +3,8 @@
 Each rank writes `rank<r>.npz` with its chunks' parameters in the per-layer layout and
 `rank<r>.json` with the steps it skipped and the updates it applied; global rank 0 also writes
 `result.json` with per-step losses and gradient norms. With `--cases JSON` ({name: {"set": [...],
-"handshake": bool}}) one launch trains each case in turn, into OUT/<name>/.
+"handshake": bool, "resume": PATH}}) one launch trains each case in turn, into OUT/<name>/; rank 0 also
+writes `metrics.jsonl` there (per-step rows: bytes on the links included).
 """
 
 import argparse
@@ -26,7 +27,7 @@ parser.add_argument("--cases", help="JSON: several runs in this one launch, each
 args = parser.parse_args()
 
 
-def run_case(overrides: list[str], handshake: bool, out: Path) -> None:
+def run_case(overrides: list[str], handshake: bool, out: Path, resume: str | None = None) -> None:
     factories = None
     if handshake:
         import handshake_transport
@@ -34,7 +35,8 @@ def run_case(overrides: list[str], handshake: bool, out: Path) -> None:
         factories = Factories(transport=handshake_transport.make_transport,
                               tied_exchange=handshake_transport.make_tied_exchange)
     cfg = load_config(None, overrides)
-    res = train(cfg, log=lambda s: None, factories=factories)
+    out.mkdir(parents=True, exist_ok=True)
+    res = train(cfg, log=lambda s: None, factories=factories, resume=resume, metrics_out=out / "metrics.jsonl")
     flat = {}
     for c, spec in res.chunks.items():
         flat.update(flatten_per_layer(cfg.model, spec.layers, spec.first, spec.last, res.params[c]))
@@ -48,6 +50,6 @@ def run_case(overrides: list[str], handshake: bool, out: Path) -> None:
 
 if args.cases:
     for name, case in json.loads(args.cases).items():
-        run_case(case["set"], case.get("handshake", False), Path(args.out) / name)
+        run_case(case["set"], case.get("handshake", False), Path(args.out) / name, case.get("resume"))
 else:
     run_case(args.overrides, args.handshake_transport, Path(args.out))
