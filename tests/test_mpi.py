@@ -282,3 +282,71 @@ def test_codec_pipeline_equals_reference(tmp_path_factory, pp, name):
     assert rows[-1]["pipe_bytes"] == messages * (per_msg[Kind.ACT] + per_msg[Kind.GRAD])
     tied_row = {"float32": 4 * 64, "bfloat16": 2 * 64, "int8": 64 + 2}[tied_dtype]
     assert rows[-1]["tied_bytes"] == 2 * 128 * tied_row  # both ends, vocabulary 128 rows
+
+
+def _delta_data(tmp: Path) -> tuple[Path, Path]:
+    """Token files of 20 windows of 32 tokens (global batch 8: an epoch is 2.5 steps, so samples come
+    back every few steps and one micro-batch straddles each epoch's end) and a validation file."""
+    rng = np.random.default_rng(0)
+    train, val = tmp / "train.bin", tmp / "val.bin"
+    rng.integers(0, 128, 20 * 32 + 1).astype(np.uint16).tofile(train)
+    rng.integers(0, 128, 8 * 32 + 1).astype(np.uint16).tofile(val)
+    return train, val
+
+
+DELTA_RANGES = {"pp4_delta_int4": CODEC_RANGES[4], "pp2xdp2_delta_int4_tied_int8": CODEC_RANGES[2]}
+
+
+def _delta_cases(tmp: Path) -> dict[str, list[str]]:
+    train, val = _delta_data(tmp)
+    data = ["data.source=tokens", f"data.path={train}", f"data.val_path={val}", "data.shuffle=true",
+            "train.steps=6", "parallel.act_delta=true", "parallel.act_codec=int4"]
+    ranges = {k: json.dumps([list(r) for r in v]) for k, v in DELTA_RANGES.items()}
+    dp2 = [*data, "parallel.pp=2", "parallel.dp=2", f"parallel.partition={ranges['pp2xdp2_delta_int4_tied_int8']}",
+           "parallel.act_grad_codec=float8", "parallel.tied_grad_dtype=int8", "train.eval_every=3",
+           "train.eval_batches=1", "train.checkpoint_every=3"]
+    return {
+        "pp4_delta_int4": [*data, "parallel.pp=4", "parallel.dp=1", f"parallel.partition={ranges['pp4_delta_int4']}",
+                           "parallel.act_grad_codec=int8"],
+        "pp2xdp2_delta_int4_tied_int8": [*dp2, f"train.checkpoint_dir={tmp / 'ck_straight'}"],
+        "pp2xdp2_delta_resumed": [*dp2, f"train.checkpoint_dir={tmp / 'ck_resumed'}"],
+    }
+
+
+def test_delta_mode_equals_reference_and_resumes_exactly(tmp_path):
+    """AQ-SGD's delta mode at PP=4 and PP=2 x DP=2 (with the tied embedding in int8 and error feedback)
+    equals the single-process model with the same copies; a run resumed after step 3 (copies and
+    error-feedback residues restored from the checkpoint) ends bit-identical to the uninterrupted one,
+    validation included."""
+    sets_ = _delta_cases(tmp_path)
+    cases = {name: {"set": MODEL + TRAIN + extra} for name, extra in sets_.items()}
+    cases["pp2xdp2_delta_resumed"]["resume"] = str(tmp_path / "ck_straight" / "step_00000003")
+    out = tmp_path / "out"
+    run = run_mpi(4, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)], timeout=900)
+    assert run.returncode == 0, run.stderr[-20000:]
+    from reference_codec import reference_train_codec
+
+    for name, ranges in DELTA_RANGES.items():
+        ref_losses, ref_norms, ref_params = reference_train_codec(load_config(None, cases[name]["set"]), ranges)
+        result = json.loads((out / name / "result.json").read_text())
+        np.testing.assert_allclose(result["losses"], ref_losses, rtol=2e-6, err_msg=name)
+        np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=2e-6, err_msg=name)
+        got, tied = _case_params(out / name)
+        for k, ref in ref_params.items():
+            np.testing.assert_allclose(got[k], ref, rtol=0, atol=CODEC_PARAM_ATOL, err_msg=f"{name} {k}")
+        for wte in tied:
+            np.testing.assert_array_equal(wte, got["embed/wte"])
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["pipe_bytes"] for r in rows if "pipe_bytes" in r]
+        assert steps[0] > max(steps[3:])  # step 1: every sample new, int8; later steps mostly int4 deltas
+    straight, resumed = out / "pp2xdp2_delta_int4_tied_int8", out / "pp2xdp2_delta_resumed"
+    a = json.loads((straight / "result.json").read_text())
+    b = json.loads((resumed / "result.json").read_text())
+    assert b["losses"] == a["losses"][3:] and b["grad_norms"] == a["grad_norms"][3:]  # exact
+    val = [[r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+           for d in (straight, resumed)]
+    assert val[1] == [r for r in val[0] if r["step"] == 6]
+    got_a, _ = _case_params(straight)
+    got_b, _ = _case_params(resumed)
+    for k, v in got_a.items():
+        np.testing.assert_array_equal(got_b[k], v, err_msg=k)
