@@ -192,6 +192,9 @@ def test_bad_input_fails_on_every_rank(case):
                        "stage 0 (rank 0) but received the activation of micro-batch 1 of step 5"),
         ("deadline", "TransportError: receive deadline: stage 1 (rank 1) waited 1 s for the activation of "
                      "micro-batch 1 of step 4 from stage 0 (rank 0): that rank is dead, hung or far slower"),
+        ("wrong_codec", "TransportError: stage 0 (rank 0) sent the activation of micro-batch 1 of step 4 encoded with "
+                        "codec int8, but stage 1 (rank 1) decodes activations with int4: every rank must use the "
+                        "same parallel.act_codec and parallel.act_grad_codec"),
     ],
 )
 def test_transport_checks_every_message(mode, expected):
@@ -285,11 +288,12 @@ def test_codec_pipeline_equals_reference(tmp_path_factory, pp, name):
 
 
 def _delta_data(tmp: Path) -> tuple[Path, Path]:
-    """Token files of 20 windows of 32 tokens (global batch 8: an epoch is 2.5 steps, so samples come
-    back every few steps and one micro-batch straddles each epoch's end) and a validation file."""
+    """Token files of 21 windows of 32 tokens (global batch 8: an epoch is 2.6 steps, so samples come
+    back every few steps, micro-batch (20, 0) straddles the first epoch's end, and no step reads a
+    window twice) and a validation file."""
     rng = np.random.default_rng(0)
     train, val = tmp / "train.bin", tmp / "val.bin"
-    rng.integers(0, 128, 20 * 32 + 1).astype(np.uint16).tofile(train)
+    rng.integers(0, 128, 21 * 32 + 1).astype(np.uint16).tofile(train)
     rng.integers(0, 128, 8 * 32 + 1).astype(np.uint16).tofile(val)
     return train, val
 
@@ -299,7 +303,7 @@ DELTA_RANGES = {"pp4_delta_int4": CODEC_RANGES[4], "pp2xdp2_delta_int4_tied_int8
 
 def _delta_cases(tmp: Path) -> dict[str, list[str]]:
     train, val = _delta_data(tmp)
-    data = ["data.source=tokens", f"data.path={train}", f"data.val_path={val}", "data.shuffle=true",
+    data = ["data.source=tokens", f"data.path={train}", f"data.val_path={val}", "data.shuffle=false",
             "train.steps=6", "parallel.act_delta=true", "parallel.act_codec=int4"]
     ranges = {k: json.dumps([list(r) for r in v]) for k, v in DELTA_RANGES.items()}
     dp2 = [*data, "parallel.pp=2", "parallel.dp=2", f"parallel.partition={ranges['pp2xdp2_delta_int4_tied_int8']}",
