@@ -353,7 +353,8 @@ def test_delta_mode_equals_reference_and_resumes_exactly(tmp_path):
             np.testing.assert_array_equal(wte, got["embed/wte"])
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         steps = [r["pipe_bytes"] for r in rows if "pipe_bytes" in r]
-        assert steps[0] > max(steps[3:])  # step 1: every sample new, int8; later steps mostly int4 deltas
+        # Step 1: every sample new, all int8; deltas later (with DP only for samples back at the same replica).
+        assert min(steps) < steps[0] == max(steps)
     straight, resumed = out / "pp2xdp2_delta_int4_tied_int8", out / "pp2xdp2_delta_resumed"
     a = json.loads((straight / "result.json").read_text())
     b = json.loads((resumed / "result.json").read_text())
