@@ -193,7 +193,7 @@ def test_bad_input_fails_on_every_rank(case):
         ("deadline", "TransportError: receive deadline: stage 1 (rank 1) waited 1 s for the activation of "
                      "micro-batch 1 of step 4 from stage 0 (rank 0): that rank is dead, hung or far slower"),
         ("wrong_codec", "TransportError: stage 0 (rank 0) sent the activation of micro-batch 1 of step 4 encoded with "
-                        "codec int8, but stage 1 (rank 1) decodes activations with int4: every rank must use the "
+                        "codec int8, but stage 1 (rank 1) decodes activations with float8: every rank must use the "
                         "same parallel.act_codec and parallel.act_grad_codec"),
     ],
 )
