@@ -264,3 +264,11 @@ def test_int8_error_feedback_leaves_no_bias():
     assert bool(jnp.all(drift <= 0.5 * step * 1.01 + 1e-12))
     plain = jnp.abs(50 * quant.roundtrip(g, "int8") - 50 * g)
     assert float(plain.max()) > 10 * float(drift.max())
+
+
+def test_delta_copies_can_live_in_a_memory_mapped_file(tmp_path):
+    store = DeltaStore("act_delta.layer4.r0", 3, (2, 4), "float32", directory=str(tmp_path))
+    store.put(np.array([2]), jnp.full((1, 2, 4), 7.0))
+    store.sync()
+    np.testing.assert_array_equal(np.load(tmp_path / "act_delta.layer4.r0.npy", mmap_mode="r")[2], np.full((2, 4), 7.0))
+    np.testing.assert_array_equal(store.get(np.array([2, 0])), np.stack([np.full((2, 4), 7.0), np.zeros((2, 4))]))

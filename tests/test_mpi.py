@@ -230,6 +230,9 @@ def codec_case(pp: int, name: str) -> list[str]:
 
 for _pp in (2, 4):
     GROUPS[_pp].update({f"pp{_pp}_codec_{name}": codec_case(_pp, name) for name in CODECS})
+# int8 at PP=4 over the NCCL transport's protocol (uint8 wires through the ready handshake) and its tied
+# exchange (the int8 wire all-gathered as bytes, as NcclPairSum.exchange does on GPUs).
+HANDSHAKE.add("pp4_codec_int8")
 # Not bit-equal: the pipeline's and the reference's values before quantisation differ in their last bits
 # (other XLA fusions and reduction orders: a micro-batch's backward against the whole batch's), so now and
 # then a value on a rounding boundary lands one quantum apart; Adam (lr 1e-2) turns such a flip in a
