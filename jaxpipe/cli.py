@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                            "(default: a roofline estimate for an H100)")
     plan.add_argument("--platform", choices=["gpu", "cpu"], default="gpu",
                       help="where the run will happen (decides model.dtype=auto); default gpu")
+    plan.add_argument("--codec-ms", metavar="AE,AD,GE,GD",
+                      help="measured milliseconds per message of the codecs' activation encode, activation decode, "
+                           "gradient encode and gradient decode (tools/bench.py codec; default: a roofline estimate)")
     plan.add_argument("--sweep", action="store_true",
                       help="also predict the original DT-FM's five network settings for this config")
     plan.add_argument("--show-schedule", action="store_true",
@@ -216,6 +219,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from jaxpipe.config import load_config
     from jaxpipe.pipeline.costmodel import (
         ORIGINAL_SETTINGS,
+        CodecTimes,
         Link,
         StageTime,
         config_schedule,
@@ -234,6 +238,13 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         if len(times) != cfg.n_chunks:
             what = "parallel.pp" if cfg.parallel.virtual_stages == 1 else "parallel.pp × parallel.virtual_stages"
             raise ConfigError(f"--stage-ms gives {len(times)} stages but {what} is {cfg.n_chunks}")
+    codec = None
+    if args.codec_ms:
+        try:
+            codec = CodecTimes(*(float(v) / 1e3 for v in args.codec_ms.split(",")))
+        except (TypeError, ValueError):
+            raise ConfigError("--codec-ms: give four milliseconds AE,AD,GE,GD (activation encode, decode, "
+                              "gradient encode, decode)") from None
     if args.show_schedule:
         schedule = config_schedule(cfg)
         lowered = schedule.lowered()
@@ -242,9 +253,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         print("lowered:")
         print(format_grid(lowered))
     print(_param_counts(cfg))
-    print(format_prediction(plan(cfg, times, platform=args.platform)))
+    print(format_prediction(plan(cfg, times, platform=args.platform, codec_times=codec)))
     if args.sweep:
-        print(_sweep_table([(label, plan(cfg, times, Link.of(delay, rate), platform=args.platform))
+        print(_sweep_table([(label, plan(cfg, times, Link.of(delay, rate), platform=args.platform,
+                                                   codec_times=codec))
                             for label, delay, rate in ORIGINAL_SETTINGS]))
 
 

@@ -82,9 +82,21 @@ class ParallelConfig:
     # How many receives each stage posts ahead of the task that needs them.
     recv_lookahead: int = 4
     # Wire dtype of the tied-embedding gradient exchange between the first and last stage. bfloat16
-    # halves its bytes (412 MB -> 206 MB for GPT-3 XL: 1.6 s saved per step at 1 Gbit/s); both ends
-    # round both gradients the same way, so the two copies of `wte` stay identical.
-    tied_grad_dtype: Literal["float32", "bfloat16"] = "float32"
+    # halves its bytes (412 MB -> 206 MB for GPT-3 XL: 1.6 s saved per step at 1 Gbit/s); int8 (absmax
+    # per row, with error feedback) quarters them; both ends add the same wire values, so the two
+    # copies of `wte` stay identical.
+    tied_grad_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
+    # -- Compressed pipeline traffic (jaxpipe.comm.codec) --
+    # Wire format of activations (forward) and of their gradients (backward) between ranks: none (the
+    # compute dtype), bfloat16, float8 (e4m3 forward, e5m2 backward), int8 or int4 (two per byte); the
+    # float8 and integer ones with an absmax scale per token row. Encoded and decoded on the device.
+    act_codec: Literal["none", "bfloat16", "float8", "int8", "int4"] = "none"
+    act_grad_codec: Literal["none", "bfloat16", "float8", "int8", "int4"] = "none"
+    # AQ-SGD's delta mode: an activation travels as the act_codec-coded change since what the same
+    # training sample's last visit delivered (both ends keep that copy; a first visit goes in int8).
+    act_delta: bool = False
+    # Where those copies live: null = host memory, or a directory for memory-mapped files.
+    act_delta_dir: str | None = None
     # ---- data parallelism for slow links (jaxpipe.dp) ----
     # Wire format of the DP exchange (gradients; DiLoCo's pseudo-gradients and outer steps), with error
     # feedback: bfloat16, or int8 / int4 with one float32 scale per 1024 elements.
@@ -471,6 +483,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 = off)")
     if t.checkpoint_every and not t.checkpoint_dir:
         raise ConfigError("train.checkpoint_every is set but train.checkpoint_dir is not")
+    _validate_codecs(cfg)
+
+
+def _validate_codecs(cfg: Config) -> None:
+    """Compressed pipeline traffic (jaxpipe.comm.codec): the combinations that cannot work."""
+    p = cfg.parallel
+    if "int4" in (p.act_codec, p.act_grad_codec) and cfg.model.d_model % 2:
+        raise ConfigError(f"int4 packs two values per byte: model.d_model ({cfg.model.d_model}) must be even "
+                          f"for parallel.act_codec / parallel.act_grad_codec = int4")
+    if p.act_delta:
+        if p.act_codec not in ("int8", "int4", "float8"):
+            raise ConfigError(f"parallel.act_delta sends the act_codec-coded change of each activation: set "
+                              f"parallel.act_codec to int4, int8 or float8 (got {p.act_codec!r})")
+        if cfg.data.source != "tokens":
+            raise ConfigError("parallel.act_delta keeps a copy per training sample and sends the change since its "
+                              "last visit, but data.source=synthetic never visits a sample twice: use "
+                              "data.source=tokens (or turn parallel.act_delta off)")
+    elif p.act_delta_dir is not None:
+        raise ConfigError("parallel.act_delta_dir is set but parallel.act_delta is off")
 
 
 # ---- warm-up clipping (a run shorter than its warm-up) -------------------------------------------------

@@ -64,13 +64,20 @@ class HostPairSum:
         self.comm.Allreduce(mine, total, op=MPI.SUM)
         return jax.device_put(total, x.sharding)
 
+    def exchange(self, x: jax.Array) -> jax.Array:
+        """NCCL's all-gather of the int8 wire bytes (`NcclPairSum.exchange`)."""
+        mine = np.ascontiguousarray(np.asarray(x))
+        both = np.empty((2, *mine.shape), mine.dtype)
+        self.comm.Allgather(mine, both)
+        return jax.device_put(both[1 - self.comm.Get_rank()], x.sharding)
+
     def close(self) -> None:
         pass
 
 
 def make_tied_exchange(transport: str, comm: Any, first: bool, peer_world_rank: int, net: Any = None,
-                       wire_dtype: str = "float32", device_sum: Any = None) -> TiedExchange:
-    return TiedExchange(comm, first, peer_world_rank, net, wire_dtype, HostPairSum(comm))
+                       wire_dtype: str = "float32", device_sum: Any = None, replica: int = 0) -> TiedExchange:
+    return TiedExchange(comm, first, peer_world_rank, net, wire_dtype, HostPairSum(comm), replica)
 
 
 class MpiPlaysNccl(DeviceCollectives):

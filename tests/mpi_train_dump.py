@@ -5,7 +5,7 @@ Each rank writes `rank<r>.npz` with its chunks' parameters in the per-layer layo
 global rank 0 also writes `result.json` with per-step losses and gradient norms and `log.txt` with
 what the run logged. With `--cases JSON` ({name: {"set": [...], "handshake": bool, "nccl_dp": bool,
 "resume": PATH}}) one launch trains each case in turn, into OUT/<name>/ (a case may resume from an
-earlier one's checkpoint).
+earlier one's checkpoint); rank 0 also writes `metrics.jsonl` there (per-step rows: bytes on the links included).
 """
 
 import argparse
@@ -42,8 +42,10 @@ def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = F
         if nccl_dp:  # The NCCL data-parallel collectives' protocol, played by MPI on CPU.
             factories.dp_collectives = handshake_transport.make_dp_collectives
     cfg = load_config(None, overrides)
+    out.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
-    res = train(cfg, log=log.append, factories=factories, resume=resume or args.resume)
+    res = train(cfg, log=log.append, factories=factories, resume=resume or args.resume,
+                metrics_out=out / "metrics.jsonl")
     flat = {}
     for c, spec in res.chunks.items():
         flat.update(flatten_per_layer(cfg.model, spec.layers, spec.first, spec.last, res.params[c]))

@@ -9,13 +9,16 @@ import numpy as np
 from mpi4py import MPI
 
 import jaxpipe.comm.transport.mpi as tr
+from jaxpipe.comm.codec import Float8E4M3, Int8
 from jaxpipe.comm.message import ArraySpec, Kind, MsgKey
 from jaxpipe.errors import TransportError
 from jaxpipe.runtime.watchdog import abort
 
 mode = sys.argv[1]
 comm = MPI.COMM_WORLD
-t = tr.HostStagedMpi(comm, comm.rank, world_rank_of=lambda s: s)
+# wrong_codec: the ranks disagree on parallel.act_codec (int8 sent, float8 expected).
+codecs = {Kind.ACT: (Int8() if comm.rank == 0 else Float8E4M3())} if mode == "wrong_codec" else None
+t = tr.HostStagedMpi(comm, comm.rank, world_rank_of=lambda s: s, codecs=codecs)
 sent = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)
 key = MsgKey(step=3, microbatch=1, kind=Kind.ACT)
 if comm.rank == 0:

@@ -56,7 +56,7 @@ def test_preset_fields_can_be_overridden():
         ("parallel.extra_warmup=2", "parallel.extra_warmup (2) applies to parallel.schedule=1f1b only (got gpipe)"),
         ("parallel.stage_remat=[none,dots]", "parallel.stage_remat has 2 entries, need parallel.pp = 4"),
         ("parallel.stage_remat=[none,none,none,all]", "parallel.stage_remat: 'all' is not one of 'none', 'block'"),
-        ("parallel.tied_grad_dtype=int8", "parallel.tied_grad_dtype: 'int8' is not one of 'float32', 'bfloat16'"),
+        ("parallel.tied_grad_dtype=int4", "parallel.tied_grad_dtype: 'int4' is not one of 'float32', 'bfloat16'"),
         ("parallel.dp_mode=diloco", "parallel.dp_mode=diloco needs parallel.dp >= 2: DiLoCo's outer step averages"),
         ("parallel.diloco_inner_steps=0", "parallel.diloco_inner_steps must be at least 1, got 0"),
         ("parallel.grad_codec=int4", "parallel.grad_codec=int4 compresses the data-parallel exchange, and with "

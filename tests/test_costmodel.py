@@ -6,6 +6,7 @@ from jaxpipe.config import load_config
 from jaxpipe.pipeline.costmodel import (
     ORIGINAL_PP_FP16,
     ORIGINAL_PP_FP32,
+    CodecTimes,
     Link,
     StageTime,
     codec_bytes,
@@ -15,6 +16,7 @@ from jaxpipe.pipeline.costmodel import (
     plan,
     predict,
     simulate_pipeline,
+    with_codec_times,
 )
 from jaxpipe.pipeline.schedule import GPipe, OneFOneB
 
@@ -104,3 +106,28 @@ def test_plan_from_config_counts_messages_and_gradients():
     assert pred.components["link"] == pytest.approx(128 * 8 * 2**20 * 8 / 1e9, rel=1e-6)
     assert pred.bound == "link"
     assert math.isfinite(pred.iteration_s) and pred.iteration_s > pred.components["link"]
+
+
+def test_plan_charges_each_codecs_wire_bytes_per_direction():
+    """GPT-3 XL PP=4: int4 activations (2048 rows of 1,024 + 2 bytes) and int8 gradients (2,048 + 2)
+    through a middle stage's egress, 64 of each, at 1 Gbit/s."""
+    base = ["network.delay_ms=10", "network.rate_gbit=1"]
+    cfg = load_config("configs/gpt3_xl.yaml", [*base, "parallel.act_codec=int4", "parallel.act_grad_codec=int8",
+                                               "parallel.tied_grad_dtype=int8"])
+    pred = plan(cfg, codec_times=CodecTimes())
+    assert pred.components["link"] == pytest.approx(64 * 2048 * (1026 + 2050) * 8 / 1e9, rel=1e-9)
+    # The tied exchange: 50,257 rows of 2,048 int8 values + a 2-byte scale, after the pipeline.
+    assert pred.sync_s == pytest.approx(50257 * 2050 * 8 / 1e9 + 0.01, rel=1e-9)
+    assert pred.iteration_s < plan(load_config("configs/gpt3_xl.yaml", base)).iteration_s / 2
+
+
+def test_codec_time_lands_on_the_chunks_that_do_it():
+    times = with_codec_times([StageTime(1, 2)] * 3, CodecTimes(0.1, 0.2, 0.3, 0.4))
+    # First chunk: encodes activations, decodes gradients; middle: all four; last: decodes, encodes.
+    assert [v for t in times for v in (t.fwd, t.bwd)] == pytest.approx([1.1, 2.4, 1.3, 2.7, 1.2, 2.3])
+
+
+def test_gradient_messages_may_differ_from_activations():
+    link = Link(delay_s=0.0, rate_bps=8.0)  # 1 byte per second
+    pred = predict("gpipe", [StageTime(0, 0)] * 2, 1.0, link, n_microbatches=3, grad_msg_bytes=4.0)
+    assert pred.components["link"] == pytest.approx(12.0)  # stage 1's egress: 3 gradients of 4 bytes

@@ -45,3 +45,16 @@ def test_model_check_against_the_original():
     r = run(sys.executable, "tools/reproduce_seed.py", "--model-only")
     assert r.returncode == 0, r.stderr
     assert "19 of 20 rows within 20%" in r.stdout
+
+
+def test_plan_with_codecs_and_measured_codec_times():
+    """GPT-3 XL PP=4 at 10 ms / 1 Gbit/s with int4 both ways and the tied gradient in int8, from the
+    4 x H200 stage times and the H200's measured int4 encode/decode (BENCHMARKS.md)."""
+    r = run(sys.executable, "-m", "jaxpipe", "plan", "--config", "configs/gpt3_xl.yaml", "--set", "network.delay_ms=10",
+            "--set", "network.rate_gbit=1", "--set", "parallel.act_codec=int4", "--set", "parallel.act_grad_codec=int4",
+            "--set", "parallel.tied_grad_dtype=int8", "--stage-ms", "5.1,9.6;6.0,11.3;6.2,11.4;12.1,0",
+            "--codec-ms", "0.101,0.102,0.094,0.098")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("predicted iteration 3.155 s (compute 1.152 s | pipeline bubble 0.033 s | "
+                               "link 2.152 s | synchronisation 0.874 s)")
+    assert "2.0 MiB per message" in r.stdout.splitlines()[1]

@@ -5,6 +5,7 @@ dropped, the mean of the rest, reported by global rank 0.
     python tools/bench.py single --config configs/gpt3_xl.yaml [--set ...]     # whole model on one device
     mpiexec -n 2 python tools/bench.py transport --transport nccl --mib 8 16   # per-message time
     mpiexec -n 4 python tools/bench.py dp-sync --original --diloco 50          # DP exchange, every mode and codec
+    python tools/bench.py codec --config configs/gpt3_xl.yaml [--codecs int8,int4]  # encode/decode per message
 
 `pipeline` also measures, in the same run, each stage's forward+backward of one iteration's
 micro-batches alone (no communication): the stage ceiling. The pipeline bound is
@@ -272,6 +273,87 @@ def cmd_transport(args: argparse.Namespace) -> None:
     t.close()
 
 
+CODEC_ROWS = ("none", "bfloat16", "float8", "int8", "int4", "delta-int4")
+
+
+def codec_times(spec, names=CODEC_ROWS, reps: int = 10, place=None) -> dict:
+    """{name: CodecTimes} per message of `spec` on this process's device: the median seconds of each
+    codec's jitted encode and decode, each waited for. `delta-int4` is in its steady state (the copy
+    read from host memory, the change encoded, the new copy written back)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpipe.comm.codec import Delta, DeltaStore, Int4, make_codec
+    from jaxpipe.comm.message import Kind, MsgKey
+    from jaxpipe.pipeline.costmodel import CodecTimes
+
+    place = place or jax.device_put
+    x = place(jax.random.normal(jax.random.PRNGKey(0), spec.shape, jnp.float32).astype(spec.dtype))
+    ids = np.arange(spec.shape[0])
+
+    def timed(fn, flush) -> float:
+        out = []
+        for i in range(reps + 2):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(i))
+            flush()
+            out.append(time.perf_counter() - t0)
+        return float(np.median(out[2:]))
+
+    result = {}
+    for name in names:
+        per_kind = []
+        for kind in (Kind.ACT, Kind.GRAD):
+            if name == "delta-int4" and kind == Kind.ACT:
+                stores = [{1: DeltaStore(f"bench{j}", len(ids), spec.shape[1:], spec.dtype)} for j in (0, 1)]
+                send, recv = (Delta(Int4(), lambda key: ids, st, place) for st in stores)
+                key0 = MsgKey(0, 0, kind, 1)
+                recv.wire_spec(spec, key0)
+                recv.decode(send.encode(x, key0), spec, key0)  # the first visit: now both ends hold copies
+                wires = {}
+
+                def enc(i, send=send, recv=recv, wires=wires):
+                    key = MsgKey(i + 1, 0, Kind.ACT, 1)
+                    recv.wire_spec(spec, key)
+                    wires[i] = send.encode(x, key)
+                    return wires[i]
+
+                e = timed(enc, send.flush)
+                d = timed(lambda i, recv=recv, wires=wires: recv.decode(wires[i], spec, MsgKey(i + 1, 0, Kind.ACT, 1)),
+                          recv.flush)
+            else:
+                codec = make_codec("int8" if name == "delta-int4" else name, kind)
+                key = MsgKey(0, 0, kind, 1)
+                wire = codec.encode(x, key)
+                e = timed(lambda i, codec=codec, key=key: codec.encode(x, key), lambda: None)
+                d = timed(lambda i, codec=codec, key=key, wire=wire: codec.decode(wire, spec, key), lambda: None)
+            per_kind += [e, d]
+        result[name] = CodecTimes(*per_kind)
+    return result
+
+
+def cmd_codec(args: argparse.Namespace) -> None:
+    """Encode and decode time per message of every codec, at the config's activation shape."""
+    from jaxpipe.comm.codec import wire_nbytes
+    from jaxpipe.comm.message import Kind
+    from jaxpipe.pipeline.costmodel import act_spec
+
+    cfg = _config(args)
+    import jax
+
+    spec = act_spec(cfg, jax.default_backend())
+    names = args.codecs.split(",")
+    for name, t in codec_times(spec, names, args.reps).items():
+        wire = wire_nbytes("int4" if name == "delta-int4" else name, Kind.ACT, spec)
+        row = {"mode": "codec", "codec": name, "spec": str(spec), "wire_bytes": wire, "bytes": spec.nbytes,
+               "act_encode_s": t.act_encode, "act_decode_s": t.act_decode, "grad_encode_s": t.grad_encode,
+               "grad_decode_s": t.grad_decode, "backend": jax.default_backend(), "label": args.label}
+        print(f"[{args.label}] codec {name:10s} {spec}: {wire / 2**10:.1f} KiB on the wire ({wire / spec.nbytes:.3f} "
+              f"of the array) | act encode {t.act_encode * 1e3:.3f} ms decode {t.act_decode * 1e3:.3f} ms | grad "
+              f"encode {t.grad_encode * 1e3:.3f} ms decode {t.grad_decode * 1e3:.3f} ms", flush=True)
+        _append_json(args.json, row)
+
+
 def cmd_dp_sync(args: argparse.Namespace) -> None:
     """The data-parallel exchange of one stage over all ranks (its DP group), every mode and codec, over
     emulated links: a buffer of `--elements` float32 charged as `--params` parameters' gradients
@@ -415,7 +497,7 @@ def cmd_dispatch(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("pipeline", "single", "transport", "dp-sync", "dispatch"):
+    for name in ("pipeline", "single", "transport", "dp-sync", "dispatch", "codec"):
         p = sub.add_parser(name)
         p.add_argument("--config")
         p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -432,6 +514,8 @@ def main() -> None:
             p.add_argument("--reps", type=int, default=20)
         if name == "dispatch":
             p.add_argument("--layers", type=int, default=7, help="layers in the stage (GPT-3 XL's middle stage: 7)")
+        if name == "codec":
+            p.add_argument("--codecs", default=",".join(CODEC_ROWS))
             p.add_argument("--reps", type=int, default=20)
         if name == "dp-sync":
             p.add_argument("--params", type=float, default=204e6,
@@ -448,7 +532,7 @@ def main() -> None:
             p.add_argument("--rate-gbit", type=float, default=0.0, help="0: unlimited")
     args = parser.parse_args()
     {"pipeline": cmd_pipeline, "single": cmd_single, "transport": cmd_transport,
-     "dp-sync": cmd_dp_sync, "dispatch": cmd_dispatch}[args.cmd](args)
+     "dp-sync": cmd_dp_sync, "dispatch": cmd_dispatch, "codec": cmd_codec}[args.cmd](args)
 
 
 if __name__ == "__main__":

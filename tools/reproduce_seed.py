@@ -4,6 +4,8 @@ model's predictions, and checks the cost model against the original's own number
     python tools/reproduce_seed.py --platform cpu      # small model, messages scaled; 4 ranks on CPU
     python tools/reproduce_seed.py --platform gpu      # GPT-3 XL on 4 GPUs (PP=4; PP=2 x DP=2)
     python tools/reproduce_seed.py --model-only        # only the cost model vs the original's tables
+    python tools/reproduce_seed.py --platform cpu --tables pp --codecs none,bfloat16,int8,int4,delta-int4
+                                                       # the PP table once per pipeline codec, one launch
 
 For each table it first runs the configuration with the network off, measuring every stage's
 forward and backward time per micro-batch (alone, no communication), the real transport's time per
@@ -15,6 +17,7 @@ The DP table reports the synchronisation part (what follows the pipeline) separa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -66,6 +69,22 @@ PLATFORMS = {
 }
 
 
+# Pipeline codecs for `--codecs` (parallel.act_codec / act_grad_codec / act_delta). Delta mode is AQ-SGD's
+# setting: activations as int4 changes, gradients in int8.
+CODEC_SETS = {
+    "none": [],
+    "bfloat16": ["parallel.act_codec=bfloat16", "parallel.act_grad_codec=bfloat16"],
+    "float8": ["parallel.act_codec=float8", "parallel.act_grad_codec=float8"],
+    "int8": ["parallel.act_codec=int8", "parallel.act_grad_codec=int8"],
+    "int4": ["parallel.act_codec=int4", "parallel.act_grad_codec=int4"],
+    "delta-int4": ["parallel.act_codec=int4", "parallel.act_delta=true", "parallel.act_grad_codec=int8"],
+}
+# With codecs the CPU messages are charged 256x, so that bfloat16's 32 KiB message stands for GPT-3 XL's
+# 8 MiB bf16 activation (what `none` sends on GPU); the data is a token file of one batch of windows, so
+# every step after the first revisits every sample (delta mode's steady state) and all codecs read the same.
+CPU_CODEC_SCALE = 256
+
+
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
     config = None
     overrides = []
@@ -93,6 +112,7 @@ def worker(args: argparse.Namespace) -> None:
 
     comm = MPI.COMM_WORLD
     settings = json.loads(args.settings)
+    codecs = json.loads(args.codecs) if args.codecs else None  # [[name, overrides], ...]
 
     def probe(run, state):
         topo, program = run.topo, next(iter(run.programs.values()))
@@ -113,13 +133,21 @@ def worker(args: argparse.Namespace) -> None:
                     topo.pipe.Send(buf, dest=peer)
                 samples.append((time.perf_counter() - t0) / 2)
             one_way = float(np.median(samples[1:]))
-        return times, one_way
+        codec_s = None
+        if codecs:  # each codec's encode/decode per message on this rank's device (tools/bench.py codec)
+            from tools.bench import codec_times
 
+            measured = codec_times(program.act_spec, [c for c, _ in codecs], reps=10, place=program.place_input)
+            codec_s = {k: list(dataclasses.astuple(v)) for k, v in measured.items()}
+        return times, one_way, codec_s
+
+    runs = [(s, None, []) for s in settings] if not codecs else \
+        [(None, None, [])] + [(s, name, extra) for name, extra in codecs for s in settings if s is not None]
     out: dict = {"runs": []}
-    for i, setting in enumerate(settings):
+    for i, (setting, codec, extra) in enumerate(runs):
         net = [] if setting is None else [f"network.delay_ms={setting[0]}", f"network.rate_gbit={setting[1]}"]
         iters = 2 * args.iters if setting is None else args.iters  # the calibration: more iterations
-        cfg = load_config(args.config, [*args.overrides, *net, f"train.steps={iters}"])
+        cfg = load_config(args.config, [*args.overrides, *extra, *net, f"train.steps={iters}"])
         TRACE.enable()  # each run's last step: message latency, the DP part
         res = train(cfg, log=lambda s: None, probe=probe if i == 0 else None)
         events = comm.gather(TRACE.stop(), root=0)
@@ -143,7 +171,10 @@ def worker(args: argparse.Namespace) -> None:
                 # to finish, which is the schedule's time, not the transport's.
                 lat = message_latencies(events[:P], kinds="F") if P > 1 else []
                 out["per_message_s"] = float(np.median(lat)) if lat else out["ping_s"]
-        out["runs"].append({"setting": setting, "iter_times": res.iter_times, "sync_s": dp_part})
+                if codecs:  # per codec, the median over replica 0's ranks
+                    out["codec_s"] = {c: np.median([probes[r][2][c] for r in range(P)], axis=0).tolist()
+                                      for c, _ in codecs}
+        out["runs"].append({"setting": setting, "codec": codec, "iter_times": res.iter_times, "sync_s": dp_part})
         if comm.Get_rank() == 0:  # written after every row: a run cut short still leaves its rows
             Path(args.json).write_text(json.dumps(out))
 
@@ -174,19 +205,24 @@ def _mpirun(n: int, args: list[str], timeout: float) -> None:
 
 
 def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
-              rows_wanted: list[int] | None = None) -> list[dict]:
+              rows_wanted: list[int] | None = None, codecs: list[str] | None = None) -> list[dict]:
     from jaxpipe.config import load_config
+    from jaxpipe.pipeline.costmodel import CodecTimes
 
     n, spec = PLATFORMS[platform][name]
     iters = PLATFORMS[platform]["iters"]
     config, overrides = _split(spec)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if codecs:
+            overrides = [*overrides, *_codec_data(Path(tmp), platform, load_config(config, overrides))]
         out = Path(tmp) / f"{name}.json"
         sets = [a for o in overrides for a in ("--set", o)]
         wanted = rows_wanted if rows_wanted is not None else list(range(len(ORIGINAL_SETTINGS)))
         settings = [None] + [[ORIGINAL_SETTINGS[i][1], ORIGINAL_SETTINGS[i][2]] for i in wanted]
         args = ["--iters", str(iters), "--settings", json.dumps(settings)] + (["--config", config] if config else [])
+        if codecs:
+            args += ["--codecs", json.dumps([[c, CODEC_SETS[c]] for c in codecs])]
         try:
             _mpirun(n, [*args, *sets, "--json", str(out)], timeout)
         except subprocess.TimeoutExpired:  # keep the rows that finished
@@ -209,16 +245,33 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
           f"{result.get('ping_s', 0) * 1e3:.2f} ms); stage fwd/bwd ms {stage_ms}", flush=True)
     ref_pp = ORIGINAL_PP_FP16 if fp16_reference else ORIGINAL_PP_FP32
     ref_dp = ORIGINAL_DP4_FP16 if fp16_reference else ORIGINAL_DP4_FP32
-    for i, r in zip(wanted, runs, strict=False):
+    order = [(i, None) for i in wanted] if not codecs else [(i, c) for c in codecs for i in wanted]
+    for (i, codec), r in zip(order, runs, strict=False):
         label, delay, rate = ORIGINAL_SETTINGS[i]
         measured = float(np.median(r["iter_times"][1:]))
-        pred = plan(cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform)
-        rows.append({"setting": label, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
+        row_cfg = load_config(config, [*overrides, *CODEC_SETS[codec]]) if codec else cfg
+        codec_s = CodecTimes(*result["codec_s"][codec]) if codec else None
+        pred = plan(row_cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform,
+                    codec_times=codec_s)
+        rows.append({"setting": label, "codec": codec, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
                      "measured_s": measured, "predicted_s": pred.iteration_s,
                      "predicted_sync_s": pred.sync_s, "measured_sync_s": r.get("sync_s"), "bound": pred.bound,
                      "iter_times": r["iter_times"]})
-        print(f"  ran {name} {label}: {measured:.3f} s (predicted {pred.iteration_s:.3f} s)", flush=True)
+        print(f"  ran {name} {codec or ''} {label}: {measured:.3f} s (predicted {pred.iteration_s:.3f} s)", flush=True)
+    if codecs:
+        print("  codec encode/decode ms per message (act enc, act dec, grad enc, grad dec): " + "; ".join(
+            f"{c} " + ",".join(f"{v * 1e3:.2f}" for v in result["codec_s"][c]) for c in codecs), flush=True)
     return rows
+
+
+def _codec_data(tmp: Path, platform: str, cfg) -> list[str]:
+    """Overrides for the codec tables: the bytes scale and a token file of one global batch of windows."""
+    m, t = cfg.model, cfg.train
+    tokens = tmp / "tokens.bin"
+    n = t.global_batch_size // cfg.parallel.dp * cfg.parallel.dp
+    np.random.default_rng(0).integers(0, m.vocab_size, n * m.seq_len + 1).astype(np.uint16).tofile(tokens)
+    scale = [f"network.size_scale={CPU_CODEC_SCALE}"] if platform == "cpu" else []
+    return [*scale, "data.source=tokens", f"data.path={tokens}", "data.dtype=uint16"]
 
 
 def print_model_check() -> bool:
@@ -242,6 +295,19 @@ def print_model_check() -> bool:
     return ok == total
 
 
+def print_codec_table(name: str, platform: str, rows: list[dict]) -> None:
+    bf16 = {r["setting"]: r["measured_s"] for r in rows if r["codec"] == "bfloat16"}
+    print(f"\n{name.upper()} ({platform}) | codec | network | measured s | predicted s | measured/predicted | bound | "
+          f"iteration / bfloat16's")
+    for r in rows:
+        over = f"{r['measured_s'] / bf16[r['setting']]:.2f}" if r["setting"] in bf16 else "-"
+        print(f"{r['codec']:10s} | {r['setting']:28s} | {r['measured_s']:.3f} | {r['predicted_s']:.3f} | "
+              f"{r['measured_s'] / r['predicted_s']:.2f} | {r['bound']} | {over}")
+    if rows:
+        worst = max(r["measured_s"] / r["predicted_s"] for r in rows)
+        print(f"worst measured/predicted {worst:.2f} (target <= 1.15)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd")
@@ -251,12 +317,15 @@ def main() -> None:
     w.add_argument("--iters", type=int, default=4)
     w.add_argument("--json", required=True)
     w.add_argument("--settings", required=True, help="JSON list: null (network off) or [delay_ms, rate_gbit]")
+    w.add_argument("--codecs", help="JSON list of [name, overrides]: every setting once per codec")
     parser.add_argument("--platform", choices=list(PLATFORMS), default="cpu")
     parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--tables", default="pp,dp")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--rows", help="comma-separated indices of the five settings to run (default: all)")
     parser.add_argument("--json-out", help="write all rows here")
+    parser.add_argument("--codecs", help=f"comma-separated pipeline codecs ({', '.join(CODEC_SETS)}): the tables "
+                        "run once per codec in the same launch, with each codec's iteration over bfloat16's")
     args = parser.parse_args()
     if args.cmd == "worker":
         worker(args)
@@ -269,8 +338,12 @@ def main() -> None:
     for name in args.tables.split(","):
         print(f"\nrunning the {name} table on {args.platform} ...", flush=True)
         rows = [int(i) for i in args.rows.split(",")] if args.rows else None
-        results[name] = run_table(name, args.platform, fp16, args.timeout, rows)
+        results[name] = run_table(name, args.platform, fp16, args.timeout, rows,
+                                  args.codecs.split(",") if args.codecs else None)
     for name, rows in results.items():
+        if args.codecs:
+            print_codec_table(name, args.platform, rows)
+            continue
         col = "PP" if name == "pp" else "PP+DP"
         print(f"\n{col} ({args.platform}) | original s | jaxpipe measured s | predicted s | measured/predicted "
               f"| bound" + (" | measured sync s | predicted sync s" if name == "dp" else ""))

@@ -22,6 +22,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from jaxpipe.comm.codec import wire_nbytes
+from jaxpipe.comm.message import ArraySpec, Kind
 from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
@@ -219,10 +221,12 @@ def predict(
     diloco_inner_steps: int = 1,
     diloco_exchange: str = "central_ps",
     wte_bytes: float = 0.0,
+    grad_msg_bytes: float | None = None,
 ) -> Prediction:
     """Iteration time of one pipeline (and its DP peers) and what bounds it. `times` per chunk;
     `grad_bytes` and `grad_chunks` per pipeline rank; `links` (default: `link` everywhere) for
-    the pipeline's messages, `link` for the tied and DP exchanges. With `dp_mode` diloco the
+    the pipeline's messages, `link` for the tied and DP exchanges. `msg_bytes` per activation
+    message, `grad_msg_bytes` per gradient message (default: the same). With `dp_mode` diloco the
     iteration is the mean over an inner phase: one outer step per `diloco_inner_steps` (the first
     stage also sends the tied `wte`'s step, `wte_bytes` of float32, to the last)."""
     if isinstance(schedule, str):
@@ -231,8 +235,10 @@ def predict(
         schedule = make_schedule(schedule, len(times), n_microbatches)
     lowered = lower(schedule)
     P, M = schedule.n_ranks, schedule.n_microbatches
-    sim = simulate_pipeline(lowered, times, msg_bytes, links if links is not None else link)
-    ideal = simulate_pipeline(lowered, times, msg_bytes, Link())
+    g_msg = msg_bytes if grad_msg_bytes is None else grad_msg_bytes
+    nbytes = (lambda a: g_msg if a.op == Op.SEND_GRAD else msg_bytes) if g_msg != msg_bytes else msg_bytes
+    sim = simulate_pipeline(lowered, times, nbytes, links if links is not None else link)
+    ideal = simulate_pipeline(lowered, times, nbytes, Link())
     grads = list(grad_bytes or [0.0] * P)
     ends_of = (schedule.rank_of(0), schedule.rank_of(schedule.n_chunks - 1))
     tied = (link.transfer_s(tied_bytes) + link.delay_s + link.per_message_s) if (
@@ -272,7 +278,8 @@ def predict(
         "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to "
                            f"{compute:.3f} s of compute (M = {M} micro-batches, {schedule.name})",
         "link": f"stage {slow}'s link is busy {sim.link_busy[slow]:.3f} s per iteration, more than the "
-                f"{compute:.3f} s the slowest stage computes: {msg_bytes / 2**20:.1f} MiB per message at "
+                f"{compute:.3f} s the slowest stage computes: {msg_bytes / 2**20:.1f} MiB per message"
+                f"{f' ({g_msg / 2**20:.1f} MiB per gradient)' if g_msg != msg_bytes else ''} at "
                 f"{rate:.3g} Gbit/s is {link.transfer_s(msg_bytes) * 1e3:.0f} ms, and a "
                 f"forward phase moves {M * schedule.virtual_stages} of them "
                 f"({M * schedule.virtual_stages * link.transfer_s(msg_bytes):.3f} s) against "
@@ -354,30 +361,96 @@ def config_partition(cfg: Config, schedule: Schedule) -> Partition:
     return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)
 
 
+@dataclass(frozen=True)
+class CodecTimes:
+    """Seconds per message the codecs add on the device: encoding behind the producing program,
+    decoding ahead of the consuming one (measured: `tools/bench.py codec`)."""
+
+    act_encode: float = 0.0
+    act_decode: float = 0.0
+    grad_encode: float = 0.0
+    grad_decode: float = 0.0
+
+
+def with_codec_times(times: Sequence[StageTime], codec: CodecTimes) -> list[StageTime]:
+    """Chunk times with the codec work of its messages added: a chunk's forward encodes the
+    activation it sends and decodes the one it receives, its backward likewise for gradients."""
+    n = len(times)
+    out = []
+    for c, t in enumerate(times):
+        fwd = t.fwd + (codec.act_encode if c < n - 1 else 0.0) + (codec.act_decode if c > 0 else 0.0)
+        bwd = t.bwd + (codec.grad_encode if c > 0 else 0.0) + (codec.grad_decode if c < n - 1 else 0.0)
+        out.append(StageTime(fwd, bwd, t.input_frac))
+    return out
+
+
+def act_spec(cfg: Config, platform: str = "gpu") -> ArraySpec:
+    """One pipeline message's array: a micro-batch's activation (or its gradient)."""
+    m = cfg.model
+    return ArraySpec((cfg.train.micro_batch_size, m.seq_len, m.d_model), compute_dtype_name(cfg, platform))
+
+
+def message_bytes(cfg: Config, platform: str = "gpu") -> tuple[int, int]:
+    """(activation, gradient) wire bytes per message with the config's codecs; delta mode at its
+    steady state (every sample seen: the change in `act_codec`)."""
+    spec, p = act_spec(cfg, platform), cfg.parallel
+    return wire_nbytes(p.act_codec, Kind.ACT, spec), wire_nbytes(p.act_grad_codec, Kind.GRAD, spec)
+
+
+def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float = 3.0e12,
+                          launch_s: float = 10e-6, host_bytes_per_s: float = 20e9) -> CodecTimes:
+    """Roofline estimate (memory-bound: read the message, write the wire, and back; delta mode also
+    reads and rewrites its copy, and moves it between host and device) for when nothing was measured."""
+    spec, p = act_spec(cfg, platform), cfg.parallel
+    full = spec.nbytes
+
+    def one(name: str, kind: Kind, delta: bool = False) -> tuple[float, float]:
+        if name == "none" or (name == "bfloat16" and spec.dtype == "bfloat16"):
+            return 0.0, 0.0
+        wire = wire_nbytes(name, kind, spec)
+        enc = launch_s + (full + wire) / bytes_per_s
+        if delta:  # read the copy, write the new one; the copy goes host -> device, the new one back
+            enc += 2 * full / bytes_per_s + 2 * full / host_bytes_per_s + launch_s
+        return enc, enc
+    a_enc, a_dec = one(p.act_codec, Kind.ACT, p.act_delta)
+    g_enc, g_dec = one(p.act_grad_codec, Kind.GRAD)
+    return CodecTimes(a_enc, a_dec, g_enc, g_dec)
+
+
+def tied_bytes_per_end(cfg: Config) -> float:
+    m = cfg.model
+    per_row = {"float32": 4 * m.d_model, "bfloat16": 2 * m.d_model, "int8": m.d_model + 2}[cfg.parallel.tied_grad_dtype]
+    return float(per_row * m.vocab_size)
+
+
 def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link | None = None,
-         optimizer_s: float = 0.0, platform: str = "gpu", links: Links | None = None) -> Prediction:
-    """The prediction for a config: its schedule, partition, DP mode, message and gradient sizes,
-    and its `network` settings unless `link` is given. `stage_times` per chunk (default: the
-    roofline estimate); `platform` resolves `model.dtype=auto`."""
+         optimizer_s: float = 0.0, platform: str = "gpu", links: Links | None = None,
+         codec_times: CodecTimes | None = None) -> Prediction:
+    """The prediction for a config: its schedule, partition, DP mode, message (codec wire) and
+    gradient sizes, and its `network` settings unless `link` is given. `stage_times` per chunk
+    (default: the roofline estimate); `platform` resolves `model.dtype=auto`; `codec_times` per
+    message (default: a roofline estimate) is added to the chunks' compute."""
     p = cfg.parallel
     schedule = config_schedule(cfg)
     partition = config_partition(cfg, schedule)
     times = list(stage_times) if stage_times is not None else estimated_stage_times(cfg, partition)
+    if p.pp > 1:
+        times = with_codec_times(times, codec_times if codec_times is not None else
+                                 estimated_codec_times(cfg, platform))
     m = cfg.model
-    elt = 2 if compute_dtype_name(cfg, platform) in ("bfloat16", "float16") else 4
-    msg = cfg.train.micro_batch_size * m.seq_len * m.d_model * elt * cfg.network.size_scale
+    act, grad = message_bytes(cfg, platform)
+    msg, grad_msg = act * cfg.network.size_scale, grad * cfg.network.size_scale
     if link is None:
         link = Link.of(cfg.network.delay_ms, cfg.network.rate_gbit)
     counts = stage_param_counts(m, partition.ranges)
     per_rank = [sum(counts[c] for c in schedule.chunks_of(r)) for r in range(p.pp)]
     grads = [4.0 * n * cfg.network.size_scale for n in per_rank]
     chunks = [transfer_chunks(4.0 * n) for n in per_rank]  # cut from the real bytes, not the scaled ones
-    tied_elt = 2.0 if p.tied_grad_dtype == "bfloat16" else 4.0
-    tied = tied_elt * m.vocab_size * m.d_model * cfg.network.size_scale
+    tied = tied_bytes_per_end(cfg) * cfg.network.size_scale
     return predict(schedule, times, msg, link, dp=p.replicas, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
                    optimizer_s=optimizer_s, grad_chunks=chunks, links=links, grad_codec=p.grad_codec,
                    diloco_inner_steps=p.diloco_inner_steps, diloco_exchange=p.diloco_exchange,
-                   wte_bytes=4.0 * m.vocab_size * m.d_model * cfg.network.size_scale)
+                   wte_bytes=4.0 * m.vocab_size * m.d_model * cfg.network.size_scale, grad_msg_bytes=grad_msg)
 
 
 def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:

@@ -7,6 +7,8 @@ Layout of one checkpoint (`train.checkpoint_dir/step_00000100/`):
     head/         {"params": {"ln_f": ...}, "opt": ...}                            by the last stage
     state.json    step, data position, seeds, optimizer counters, float16 loss scale, the run's config,
                   a checksum per file the ranks wrote
+    extras/<name>.npy  per-rank state beyond parameters, written by the rank that owns it (every
+                  replica's: the tied-embedding error feedback, delta mode's activation copies)
     tokenizer.json  copied from the prepared data directory, when there is one
     replicas/<d>/  (DiLoCo) replica d's own items and opt_scalars.json: replicas train apart
     dp/stage<s>_replica<r>.npz  what the data-parallel algorithm of that rank keeps (error-feedback
@@ -62,6 +64,7 @@ STATE_FILE = "state.json"
 COMMIT_FILE = "COMMIT"
 TOKENIZER_FILE = "tokenizer.json"
 SCALARS_FILE = "opt_scalars.json"
+EXTRAS_DIR = "extras"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Model fields that fix parameter shapes: a checkpoint loads only into a model that agrees on all.
 SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
@@ -310,6 +313,7 @@ def save(
     subdir: str = "",
     arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     scalars: bool = False,
+    extras: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Collective over `comm`: every rank calls it; ranks with `writer` write their chunks' items
     (into `subdir`: a replica's own directory when replicas differ, with its optimizer counters
@@ -317,7 +321,8 @@ def save(
 
     `state` (JSON) is written by `comm` rank 0 together with the optimizer counters of its stage and
     the checksums; `files` are copied into the checkpoint by rank 0. `keep` > 0 deletes all but the
-    newest `keep`. `pause_before_commit` exists for tests that kill a save half-way. Raises
+    newest `keep`. `extras` (per rank, names unique over the job) are written by every rank, writer or
+    not. `pause_before_commit` exists for tests that kill a save half-way. Raises
     CheckpointError on every rank if any rank failed; nothing is committed then.
     """
     import orbax.checkpoint as ocp
@@ -370,6 +375,14 @@ def save(
             where = tmp / rel
             _write_arrays(where, values)
             sums[rel] = digest(where)
+        for name, array in (extras or {}).items():
+            where = tmp / EXTRAS_DIR / f"{name}.npy"
+            where.parent.mkdir(exist_ok=True)
+            with open(where, "wb") as fh:
+                np.save(fh, np.asarray(array))
+                fh.flush()
+                os.fsync(fh.fileno())
+            sums[f"{EXTRAS_DIR}/{name}.npy"] = digest(where)
     except Exception as e:
         error = failure(f"writing '{where}'", e)
     outcomes = comm.allgather((error, sums))
@@ -452,6 +465,18 @@ def prune(root: str | Path, keep: int) -> None:
 
 
 # ---- Reading ----------------------------------------------------------------------------------------
+
+
+def read_extra(ckpt: str | Path, name: str) -> np.ndarray | None:
+    """A rank's extra state `name` (see `save`), memory-mapped, after its checksum is checked; None
+    if the checkpoint has none."""
+    rel = f"{EXTRAS_DIR}/{name}.npy"
+    path = Path(ckpt) / rel
+    if not path.is_file():
+        return None
+    if (bad := verify(ckpt, [rel])) is not None:
+        raise ConfigError(f"checkpoint '{ckpt}' is damaged or incomplete: {bad}")
+    return np.load(path, mmap_mode="r")
 
 
 def read_items(ckpt: str | Path, names: list[str], verify_first: bool = True, subdir: str = "") -> dict[str, Any]:

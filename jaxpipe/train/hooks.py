@@ -10,6 +10,10 @@ come from the checkpoint, the data stream is addressed by step (`jaxpipe.data.so
 initialisation is the only use of the seed. A resumed run therefore
 computes bit-for-bit what the uninterrupted run computes, given the same partition and hardware.
 
+State beyond that (`stateful`: objects with `extra_state()` -> {name: array} and
+`load_extra_state(get)`, e.g. the tied embedding's int8 error feedback and delta mode's activation
+copies) is saved by the rank that holds it and handed back to it on resume.
+
 What a run resumes from is verified first (`find_checkpoint`: every rank checks the checksums of the
 items it will read); `--resume auto` skips a damaged or incomplete newest checkpoint for the previous
 one. A save that fails (`train.on_save_error`) and a preemption (`stop_preempted`) end here too.
@@ -179,9 +183,10 @@ def check_dp_layout(cfg: Config, state: dict[str, Any], ckpt: Path, ranges: list
 class RunHooks:
     def __init__(self, cfg: Config, topo: Topology, schedule: Schedule, partition: Partition,
                  programs: dict[int, StageProgram], transport: Transport, dp: DataParallel,
-                 log: Callable[[str], None], scaler: LossScaler | None = None):
+                 log: Callable[[str], None], scaler: LossScaler | None = None, stateful: list[Any] | None = None):
         self.cfg, self.topo, self.programs, self.dp = cfg, topo, programs, dp
         self.scaler = scaler
+        self.stateful = list(stateful or [])
         self.specs = {c: partition.stage(c) for c in programs}
         self.partition, self.log = partition, log
         self.reporter = topo.rank == 0
@@ -227,6 +232,10 @@ class RunHooks:
         notes = [n for n in self.topo.world.allgather(note) if n]
         if self.scaler is not None:
             self.scaler.load_state(state.get("loss_scale"))
+        for part in self.stateful:
+            note = part.load_extra_state(lambda name: checkpoint.read_extra(ckpt, name))
+            if note:
+                self.log(f"resume (rank {self.topo.rank}): {note}")
         if self.reporter:
             scale = f", loss scale {self.scaler.scale:g}" if self.scaler is not None and self.scaler.dynamic else ""
             self.log(f"resumed from {ckpt} after step {state['step']} "
@@ -298,6 +307,7 @@ class RunHooks:
                     model=self.cfg.model, specs=self.specs, params=params, opt_state=opt_state,
                     state=self._state(step), files=self.files, keep=t.keep_checkpoints,
                     subdir=self._replica_dir() if per_replica else "", arrays=arrays, scalars=self.topo.stage == 0,
+                    extras={k: v for part in self.stateful for k, v in part.extra_state().items()},
                 )
         except CheckpointError as e:
             TRACE.phase(None)

@@ -36,7 +36,7 @@ from mpi4py import MPI
 from jaxpipe import __version__
 from jaxpipe.comm.message import Kind
 from jaxpipe.comm.netem import NetworkEmulator
-from jaxpipe.comm.tied import TiedExchange, local_tied_sum, make_tied_exchange
+from jaxpipe.comm.tied import LocalTiedSum, TiedExchange, make_tied_exchange
 from jaxpipe.comm.topology import Topology
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config, effective_warmup, resolve_world
@@ -60,6 +60,7 @@ from jaxpipe.train.checkpoint import check_writable
 from jaxpipe.train.hooks import RunHooks, find_checkpoint, rank_reads
 from jaxpipe.train.observe import Observe, Observer, peak_memory, throughput
 from jaxpipe.train.optimizer import LossScaler, Optimizer
+from jaxpipe.train.traffic import describe_traffic, pipeline_codecs, tied_wire_bytes
 
 
 @dataclass
@@ -108,6 +109,8 @@ class Run:
     source: TokenSource | None
     log: Callable[[str], None]
     metrics_file: TextIO | None = None
+    tied_local: LocalTiedSum | None = None  # both ends of the tied embedding on this rank
+    n_samples: int | None = None  # training samples (windows) in the data, where it has a count
 
     @property
     def first_chunk(self) -> bool:
@@ -151,6 +154,8 @@ class StepMetrics:
     nonfinite_replicas: int = 0  # pipelines whose step was not finite (all or none unless DiLoCo)
     loss_scale: float = 1.0  # the scale this step's loss was multiplied by
     preempted: bool = False  # some rank had a SIGTERM/SIGINT when the step's loss sum started: all stop now
+    pipe_bytes: int = 0  # activations and their gradients put on links this step, all ranks
+    tied_bytes: int = 0  # the tied-embedding exchange's, all ranks
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -207,7 +212,9 @@ def describe(run: Run) -> str:
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
-        f"{run.net.describe() if run.net is not None else 'network emulation off'}{_warmup_note(cfg)}"
+        f"{run.net.describe() if run.net is not None else 'network emulation off'}{_warmup_note(cfg)} | "
+        + describe_traffic(cfg, run.lowered, run.executor.spec, run.n_samples,
+                           2 * tied_wire_bytes(cfg) if run.tied is not None else 0)
     )
 
 
@@ -276,25 +283,36 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
         collectives=lambda: f.dp_collectives(p.transport, topo.dp_comm, net, dp_rank_of),
         stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last, tied=topo.tied,
         tied_first=0 in chunks, tied_peer=tied_peer))
-    transport = _agreed(comm, f"the {p.transport} transport", lambda: f.transport(
-        p.transport, topo.pipe, topo.stage, topo.world_rank_of, programs[chunks[0]].place_input,
-        single_device=mesh is None, net=net, links=lowered.links))
+    # -- compressed pipeline traffic: this rank's codecs (jaxpipe.train.traffic), checked before compiling.
+    act_spec, place = programs[chunks[0]].act_spec, programs[chunks[0]].place_input
+    codecs, codec_state = pipeline_codecs(cfg, topo, schedule, partition, source, act_spec, place)
+
+    def make_checked_transport() -> ThreadedTransport:
+        t = f.transport(p.transport, topo.pipe, topo.stage, topo.world_rank_of, place, single_device=mesh is None,
+                        net=net, codecs=codecs, links=lowered.links)
+        t.check_codecs(act_spec)
+        return t
+
+    transport = _agreed(comm, f"the {p.transport} transport", make_checked_transport)
     ACTIVITY.attach(transport)
     tied = None
     what = f"the tied-embedding exchange over {p.transport}"
     if topo.tied is not None:  # Every rank takes part in `agree` (it is collective); only the pair builds.
         peer = topo.world_rank_of(topo.tied_stages[1] if 0 in chunks else topo.tied_stages[0])
         tied = _agreed(comm, what, lambda: f.tied_exchange(p.transport, topo.tied, 0 in chunks, peer, net,
-                                                           p.tied_grad_dtype))
+                                                           p.tied_grad_dtype, replica=topo.replica))
     else:
         _agreed(comm, what, lambda: None)
+    tied_local = LocalTiedSum(p.tied_grad_dtype, topo.replica) if (0 in chunks and last in chunks and last) else None
+    stateful = [*codec_state, *(tied.stateful() if tied else []), *(tied_local.stateful() if tied_local else [])]
     run = Run(cfg=cfg, comm=comm, topo=topo, schedule=schedule, lowered=lowered, partition=partition,
               programs=programs, executor=Executor(lowered, topo.stage, programs, transport, p.recv_lookahead),
               transport=transport, tied=tied, dp=dp, optimizer=optimizer,
               scaler=LossScaler(cfg.train, compute_dtype(cfg.model)), hooks=None,  # type: ignore[arg-type]
-              net=net, source=source if needs_data else None, log=log)
+              net=net, source=source if needs_data else None, log=log, tied_local=tied_local,
+              n_samples=getattr(source, "n_samples", None))
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
-    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log, run.scaler)
+    run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log, run.scaler, stateful)
     params, opt_state, start_step = run.hooks.restore(params, opt_state, resume, resume_from)
     dp.setup(params)
     # The learning-rate schedule is at the count of applied updates, not at the step: a skipped step
@@ -319,11 +337,11 @@ def step_batch(run: Run, step: int) -> StepBatch:
 
 def sum_tied(run: Run, grads: dict[int, Params]) -> dict[int, Params]:
     """Both copies of `wte` get the sum of the two gradients (bit-identical on both ends)."""
-    last, wire = run.last_chunk, run.cfg.parallel.tied_grad_dtype
+    last = run.last_chunk
     if last == 0:
         return grads
-    if run.first_chunk and run.has_last_chunk:  # Both ends on this rank (V shape, or PP = 1).
-        g = local_tied_sum(grads[0]["wte"], grads[last]["wte"], wire)
+    if run.tied_local is not None:  # Both ends on this rank (V shape).
+        g = run.tied_local(grads[0]["wte"], grads[last]["wte"])
         return {**grads, 0: {**grads[0], "wte": g}, last: {**grads[last], "wte": g}}
     if run.tied is None:
         return grads
@@ -342,8 +360,10 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     TRACE.phase("pipeline")
     t0 = time.perf_counter()
     grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
+    run.transport.take_bytes()  # (an evaluation's traffic is not this step's)
     result = run.executor.run(step, state.params, grads, batch, loss_scale=run.scaler.scale)
     grads = run.scaler.unscale(result.grads)  # From here on, gradients of the loss itself (float16: see LossScaler).
+    pipe_bytes = run.transport.take_bytes()
     if faults.ARMED:
         grads = faults.poison(step + 1, grads)
         faults.at_sync(step + 1)
@@ -390,12 +410,14 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
         t_dp = time.perf_counter()
         params, opt_state = run.dp.after_update(step, params, opt_state, finite)
         dp_s += time.perf_counter() - t_dp
-    # The world sums (the pipelines' losses, non-finite pipelines, DP bytes) and the slowest rank's DP
-    # time are for reporting and the stop verdict only: nothing waits for them here. They carry the
+    # The world sums (the pipelines' losses, non-finite pipelines, bytes on DP, pipeline and tied links)
+    # and the slowest rank's DP time are for reporting and the stop verdict only: nothing waits for them
+    # here. They carry the
     # ranks' preemption flags too (jaxpipe.runtime.preempt): every rank learns of a signal at one step.
+    tied_bytes = run.tied.take_bytes() if run.tied is not None else 0
     send = np.array([pipe_loss if topo.stage == p.pp - 1 else 0.0, float(not finite and topo.stage == 0),
-                     float(run.dp.wire_bytes()), float(PREEMPT.requested)])
-    buf, send_s, buf_s = np.zeros(4), np.array([dp_s]), np.zeros(1)
+                     float(run.dp.wire_bytes()), float(PREEMPT.requested), float(pipe_bytes), float(tied_bytes)])
+    buf, send_s, buf_s = np.zeros(6), np.array([dp_s]), np.zeros(1)
     loss_req = run.comm.Iallreduce(send, buf, op=MPI.SUM)
     dp_req = run.comm.Iallreduce(send_s, buf_s, op=MPI.MAX)
     jax.block_until_ready(params)
@@ -419,6 +441,7 @@ def finish_loss(run: Run, metrics: StepMetrics, pending: Any) -> StepMetrics:
     metrics.loss = float(buf[0]) / run.cfg.parallel.replicas  # Each pipeline's loss lives on its last stage.
     metrics.nonfinite_replicas, metrics.dp_bytes, metrics.dp_s = int(buf[1]), int(buf[2]), float(buf_s[0])
     metrics.preempted = bool(buf[3] > 0)
+    metrics.pipe_bytes, metrics.tied_bytes = int(buf[4]), int(buf[5])
     return metrics
 
 
@@ -454,7 +477,8 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
                 f"{_throughput_text(run, m)} | grad norm {m.grad_norm:.3f} | lr {m.lr:.2e}")
     if run.metrics_file is not None:
         row = {"step": m.step, "loss": m.loss, "iter_time_s": m.iter_time_s, "tokens_per_s": tokens / m.iter_time_s,
-               "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes, "dp_s": m.dp_s}
+               "grad_norm": m.grad_norm, "lr": m.lr, "dp_bytes": m.dp_bytes, "dp_s": m.dp_s,
+               "pipe_bytes": m.pipe_bytes, "tied_bytes": m.tied_bytes}
         if run.scaler.dynamic:  # float16: the scale the step used, and whether it was skipped
             row |= {"loss_scale": m.loss_scale, "skipped": skipped is not None}
         run.metrics_file.write(json.dumps(row) + "\n")

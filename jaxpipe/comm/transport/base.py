@@ -26,7 +26,7 @@ import numpy as np
 from mpi4py import MPI
 
 from jaxpipe.comm.codec import Codec, Identity, codec_name
-from jaxpipe.comm.message import MAGIC, ArraySpec, Kind, MsgKey, parse_header
+from jaxpipe.comm.message import DTYPES, MAGIC, ArraySpec, Kind, MsgKey, parse_header
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.errors import ConfigError, TransportError
 from jaxpipe.runtime.trace import TRACE
@@ -96,6 +96,29 @@ class ThreadedTransport(Transport):
         self._send_handles: list[Any] = []
         self._handles_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._bytes = 0  # put on the wire (headers included) since the last `take_bytes`
+        self._bytes_lock = threading.Lock()
+
+    # Wire dtypes this transport can put on a link (the header names them; NCCL's CuPy views cannot
+    # take float8 arrays). Every built-in codec sends uint8 or the compute dtype.
+    wire_dtypes: frozenset[str] = frozenset(DTYPES)
+
+    def check_codecs(self, spec: ArraySpec) -> None:
+        """Before anything compiles: every codec's wire array for messages of `spec` is one this
+        transport carries."""
+        for kind, codec in self.codecs.items():
+            wire = codec.wire_spec(spec)
+            if wire.dtype not in self.wire_dtypes:
+                key = "parallel.act_codec" if kind == Kind.ACT else "parallel.act_grad_codec"
+                raise ConfigError(f"{key}={codec.name} sends {wire.dtype} arrays, which the {self.name} transport "
+                                  f"cannot carry (it carries {', '.join(sorted(self.wire_dtypes))}): choose "
+                                  f"another codec or transport")
+
+    def take_bytes(self) -> int:
+        """Bytes this rank put on its links since the last call (payloads and headers)."""
+        with self._bytes_lock:
+            n, self._bytes = self._bytes, 0
+        return n
 
     def _queue(self, qs: dict[int, queue.Queue[Any]], peer: int, loop: Callable[[queue.Queue[Any]], None],
                name: str) -> queue.Queue[Any]:
@@ -150,7 +173,7 @@ class ThreadedTransport(Transport):
             return
         fut = _Future()
         self._pending[key] = fut
-        wire = self.codecs[key.kind].wire_spec(spec)
+        wire = self.codecs[key.kind].wire_spec(spec, key)
         q = self._queue(self._recv_qs, peer, self._recv_loop, "recv")
         q.put((key, peer, wire, self.post_recv(key, peer, wire), fut))
 
@@ -192,12 +215,16 @@ class ThreadedTransport(Transport):
         if self._send_error is not None:
             raise self._send_error
         self.finish_sends(self._take_send_handles())
+        for codec in self.codecs.values():
+            codec.flush()
 
     def close(self) -> None:
         for q in [*self._send_qs.values(), *self._recv_qs.values()]:
             q.put(None)
         for t in self._threads:
             t.join(timeout=10)
+        for codec in self.codecs.values():
+            getattr(codec, "close", lambda: None)()
 
     # -- threads -------------------------------------------------------------------------------------
     _POLL_S = 0.0005
@@ -237,6 +264,8 @@ class ThreadedTransport(Transport):
                 nbytes, state = self.stage_send(key, peer, x, dtype, codec)
                 if TRACE.enabled:  # The computed output is on the host (or ready on the device).
                     TRACE.ready(key.step, key.short(), self._world_rank_of(self.stage), self._world_rank_of(peer))
+                with self._bytes_lock:
+                    self._bytes += nbytes
                 if self.net is None:
                     self._wire_send_traced(key, peer, state)
                 else:  # Leaves when the emulated link is free, arrives one delay later.

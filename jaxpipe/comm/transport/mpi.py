@@ -93,6 +93,7 @@ class CudaAwareMpi(HostStagedMpi):
     """mpi4py on device buffers; chosen for `transport=mpi` on GPU when the MPI is CUDA-aware."""
 
     name = "mpi (CUDA-aware)"
+    wire_dtypes = frozenset(d for d in ThreadedTransport.wire_dtypes if not d.startswith("float8"))  # as NCCL's
 
     def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
                  net: NetworkEmulator | None = None, codecs: Mapping[Kind, Codec] | None = None):

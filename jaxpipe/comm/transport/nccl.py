@@ -89,6 +89,8 @@ class Nccl(ReadyHandshake):
     stream would wait for all of JAX's queued compute and serialise the pipeline."""
 
     name = "nccl"
+    # CuPy (DLPack) has no float8 dtypes; bfloat16 travels as its uint16 bits (device.wire_view).
+    wire_dtypes = frozenset(d for d in ThreadedTransport.wire_dtypes if not d.startswith("float8"))
 
     def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
                  net: NetworkEmulator | None = None, codecs: Mapping[Kind, Codec] | None = None,
