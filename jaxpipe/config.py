@@ -83,6 +83,9 @@ class ParallelConfig:
     # halves its bytes (412 MB -> 206 MB for GPT-3 XL: 1.6 s saved per step at 1 Gbit/s); both ends
     # round both gradients the same way, so the two copies of `wte` stay identical.
     tied_grad_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Which world rank runs which (stage, replica): a placement file (`jaxpipe plan --placement-out`);
+    # unset = launch order, rank r runs stage r % pp of replica r // pp.
+    placement: str | None = None
 
 
 @dataclass
@@ -142,10 +145,12 @@ class NetworkConfig:
     pairs: list[list[float]] = field(default_factory=list)
     # Bytes charged per byte sent (lets a small CPU model stand in for large messages).
     size_scale: float = 1.0
+    # A cluster file (jaxpipe.comm.cluster): every ordered pair of world ranks gets its delay and rate.
+    matrix: str | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.delay_ms > 0 or self.rate_gbit > 0 or bool(self.pairs)
+        return self.delay_ms > 0 or self.rate_gbit > 0 or bool(self.pairs) or bool(self.matrix)
 
 
 @dataclass

@@ -290,10 +290,11 @@ class ZeroBubbleH1(Schedule):
     name: ClassVar[str] = "zb_h1"
 
     def actions(self, rank: int) -> list[Action]:
-        return _zb_h1_orders(self.n_ranks, self.n_microbatches)[rank]
+        return list(_zb_h1_orders(self.n_ranks, self.n_microbatches)[rank])
 
 
-def _zb_h1_orders(P: int, M: int) -> list[list[Action]]:
+@cache  # every rank's order comes out of one greedy run: run it once, not once per rank
+def _zb_h1_orders(P: int, M: int) -> tuple[tuple[Action, ...], ...]:
     clock, orders = [0] * P, [[] for _ in range(P)]
     act = {(0, m): 0 for m in range(M)}  # (rank, micro-batch) -> when its input activation is there
     grad: dict[tuple[int, int], int] = {}
@@ -336,7 +337,7 @@ def _zb_h1_orders(P: int, M: int) -> list[list[Action]]:
             grad[(r - 1, m)] = end
         clock[r] = end
         orders[r].append(Action(op, r, m))
-    return orders
+    return tuple(tuple(o) for o in orders)
 
 
 @dataclass(frozen=True)

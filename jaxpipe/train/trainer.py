@@ -36,7 +36,7 @@ from mpi4py import MPI
 from jaxpipe import __version__
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.tied import TiedExchange, local_tied_sum, make_tied_exchange
-from jaxpipe.comm.topology import Topology
+from jaxpipe.comm.topology import Topology, read_placement
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
@@ -193,6 +193,7 @@ def describe(run: Run) -> str:
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
         f"{run.net.describe() if run.net is not None else 'network emulation off'}"
+        + (f" | placement {p.placement}" if p.placement else "")
     )
 
 
@@ -204,7 +205,10 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     p = cfg.parallel
     schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
     last = schedule.n_chunks - 1
-    topo = Topology.create(comm, p.pp, p.dp, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)))
+    # parallel.placement: which rank runs which (stage, replica), checked on every rank together.
+    layout = agree(comm, lambda: read_placement(p.placement, p.pp, p.dp)) if p.placement else None
+    topo = Topology.create(comm, p.pp, p.dp, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)),
+                           layout=layout)
     ACTIVITY.configure(topo.rank, topo.stage, p.pp, topo.replica, cfg.runtime.comm_timeout_s,
                        cfg.runtime.first_step_timeout_s)
     agree(comm, lambda: faults.load(topo.rank, topo.stage, topo.replica))
@@ -220,6 +224,8 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     source = agree(comm, lambda: make_source(cfg.data, cfg.model))
     # A checkpoint of another model or batch size fails here, before anything compiles.
     resume_from = agree(comm, lambda: check_resume(cfg, resume))
+    # Emulated links are keyed by world rank (network.matrix: a cluster file, checked on every rank).
+    net = agree(comm, lambda: NetworkEmulator.from_config(cfg.network, topo.rank, comm.Get_size()))
 
     lowered = schedule.lowered()
     check(lowered)
@@ -228,7 +234,6 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     params = init_params(cfg, topo, partition, programs, last)
     optimizer = Optimizer(cfg.train)
     opt_state = programs[chunks[0]].place_params(optimizer.init(params))  # committed, as the update returns it
-    net = NetworkEmulator.from_config(cfg.network, topo.rank)
     place_trees = lambda trees: {c: programs[c].place_params(t) for c, t in trees.items()}  # noqa: E731
     dp = make_data_parallel(DPContext(topo.dp_comm, net, lambda i: topo.world_rank_of(topo.stage, i), p,
                                       place_trees))
@@ -322,7 +327,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
         parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
     if run.net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
-        time.sleep(run.net.collective_latency(p.pp))
+        time.sleep(run.net.collective_latency(p.pp, [topo.world_rank_of(s) for s in range(p.pp)]))
     sq_total, pipe_loss = (float(v) for v in parts.sum(axis=0))
     finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
     norm = math.sqrt(sq_total) / run.scaler.scale if finite else float("nan")
