@@ -74,6 +74,10 @@ GROUPS = {
         # ...and under interleaved 1F1B, where the last rank also sends back to the first, with 2 replicas.
         "pp2xdp2_interleaved_handshake_transport": ["parallel.pp=2", "parallel.dp=2", *INTERLEAVED,
                                                     "network.delay_ms=1", "network.rate_gbit=10"],
+        # A placement (issue 14) that moves every tied pair and DP group away from the launch order, over a
+        # cluster file's per-pair emulated links: placement changes where things run, not what they compute.
+        "pp2xdp2_placed_matrix": ["parallel.pp=2", "parallel.dp=2", "parallel.placement=tests/data/placement_2x2.yaml",
+                                  "network.matrix=tests/data/cluster4.yaml"],
     },
 }
 HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_transport"}
@@ -160,6 +164,13 @@ BAD_INPUT = {
                                 "train.micro_batch_size (3) must divide the per-replica batch"),
     "missing_data_file": (4, ["data.source=tokens", "data.path=/nonexistent/train.bin"],
                           "data.path: no such file '/nonexistent/train.bin'"),
+    # Placement files and cluster files (issue 14).
+    "placement_repeats": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.placement=tests/data/placement_repeat.yaml"],
+                          "parallel.placement tests/data/placement_repeat.yaml: the placement gives stage 0, replica 0 "
+                          "to ranks 0 and 2: each (stage, replica) needs exactly one rank"),
+    "matrix_wrong_shape": (4, ["network.matrix=tests/data/cluster_bad_shape.yaml"],
+                           "network.matrix tests/data/cluster_bad_shape.yaml: bandwidth_gbit[2] has 3 entries, need 4 "
+                           "(one per receiving rank)"),
 }
 
 
@@ -203,3 +214,24 @@ def test_transport_checks_every_message(mode, expected):
 def test_data_parallel_averages_over_mpi_and_emulated_links(n):
     run = run_mpi(n, ["tests/mpi_grad_sync_check.py"], timeout=180)
     assert run.stdout.strip() == f"all averages right on {n} ranks", run.stdout + run.stderr
+
+
+# ---- probe-network (issue 14) -----------------------------------------------------------------------------
+
+
+def test_probe_network_recovers_an_emulated_matrix(tmp_path):
+    """Every ordered pair of 4 ranks emulated with its own delay (10-45 ms) and rate (0.1-0.5 Gbit/s),
+    asymmetric; probe-network measures them all back within 10%."""
+    out = tmp_path / "probed.yaml"
+    run = run_mpi(4, ["-m", "jaxpipe", "probe-network", "--out", str(out), "--set",
+                      "network.matrix=tests/data/cluster4.yaml"], timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    from jaxpipe.comm.cluster import load_cluster
+
+    want, got = load_cluster("tests/data/cluster4.yaml"), load_cluster(out)
+    assert got.n == 4 and len(got.hosts) == 4
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                assert got.delay_ms[i][j] == pytest.approx(want.delay_ms[i][j], rel=0.10), (i, j, "delay")
+                assert got.bandwidth_gbit[i][j] == pytest.approx(want.bandwidth_gbit[i][j], rel=0.10), (i, j, "rate")

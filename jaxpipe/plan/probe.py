@@ -90,21 +90,23 @@ class _Link:
 
 def _measure_direction(link: _Link, me: int, src: int, dst: int, pings: int, target_s: float,
                        max_bytes: int) -> dict[str, float]:
-    """Both ends call this; returns on `dst` the one-way delay (median) and the rate, on `src` the
-    round trip. With emulated links, the same sizes also go straight over MPI and that slope (the
-    host's own copying, which the emulation adds on top of the link: see jaxpipe.comm.netem) is
-    taken off, so what is left is the emulated link."""
+    """Both ends call this; returns on `dst` the one-way delay and the rate, on `src` the round trip.
+    With emulated links the same pings and sizes also go straight over MPI, and that time (the host's
+    own messaging and copying, which the emulation adds on top of the link: see jaxpipe.comm.netem)
+    is taken off, so what is left is the emulated link."""
     small = np.zeros(_HEADER, np.float64)
     baseline = link.net is not None
     out: dict[str, float] = {}
     if me == src:
         rtts = []
-        for _ in range(pings):
-            t0 = time.time()
-            small[0] = t0
-            link.send(small, dst, _PING)
-            link.recv(small, dst, _PONG)
-            rtts.append(time.time() - t0)
+        for emulate in ((True, False) if baseline else (True,)):
+            for _ in range(pings):
+                t0 = time.time()
+                small[0], small[1] = t0, float(emulate)
+                link.send(small, dst, _PING, emulate)
+                link.recv(small, dst, _PONG)
+                if emulate:
+                    rtts.append(time.time() - t0)
         out["rtt"] = min(rtts)
         ack = np.zeros(1, np.float64)
 
@@ -122,12 +124,12 @@ def _measure_direction(link: _Link, me: int, src: int, dst: int, pings: int, tar
             for size in (big // 8, big) * _REPS:
                 payload(size, emulate)
         return out
-    samples = []
-    for _ in range(pings):
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(pings * (2 if baseline else 1)):
         link.recv(small, src, _PING)
-        samples.append(time.time() - small[0])
-        link.send(small, src, _PONG)
-    out["one_way"] = min(samples)
+        samples[bool(small[1])].append(time.time() - small[0])
+        link.send(small, src, _PONG, bool(small[1]))
+    out["one_way"] = min(samples[True]) - (min(samples[False]) if baseline else 0.0)
     took: dict[tuple[bool, int], float] = {}
 
     def receive() -> tuple[bool, int]:

@@ -127,6 +127,7 @@ class PlanResult:
     best: Candidate  # grids hold the planned job's world ranks
     launch: Candidate  # launch order, its best settings in the chosen shape
     launch_config: Candidate | None  # launch order with the config's own settings (None if they do not fit)
+    launch_same: Candidate | None = None  # launch order with exactly the chosen settings
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -151,6 +152,7 @@ class PlanResult:
         return {"predicted_s": self.best.iteration_s, "bound": self.best.prediction.bound,
                 "launch_order_s": self.launch.iteration_s, "launch_order_bound": self.launch.prediction.bound,
                 "launch_order_config_s": self.launch_config.iteration_s if self.launch_config else None,
+                "launch_order_same_settings_s": self.launch_same.iteration_s if self.launch_same else None,
                 "pp": self.best.settings.pp, "dp": self.best.settings.dp,
                 "placement": [list(x) for x in self.layout], "settings": self.best.settings.overrides(),
                 "chosen": cand(self.best), "launch_order": cand(self.launch),
@@ -564,10 +566,39 @@ def _order_path(hosts: list[int], dist: Sequence[Sequence[float]]) -> list[int]:
     return [hosts[i] for i in order]
 
 
+def _hosts_packed(cluster: Cluster, P: int, D: int, members: Sequence[int]) -> Grid | None:
+    """Each host's ranks on consecutive stages of one replica, the largest hosts first, each into the
+    replica filled least so far (so equal hosts line up stage by stage across the replicas, and the
+    boundaries between hosts fall at the same stages); a host larger than a replica's room is split.
+    None when every host runs one rank."""
+    by_host: dict[str, list[int]] = {}
+    for h in members:
+        by_host.setdefault(cluster.hosts[h], []).append(h)
+    blocks = sorted(by_host.values(), key=len, reverse=True)
+    if len(blocks[0]) < 2:
+        return None
+    grid = [[-1] * D for _ in range(P)]
+    fill = [0] * D
+    queue = list(blocks)
+    while queue:
+        block = queue.pop(0)
+        r = min(range(D), key=lambda c: (fill[c], c))
+        room = P - fill[r]
+        if len(block) > room:
+            queue.insert(0, block[room:])
+            block = block[:room]
+        for h in block:
+            grid[fill[r]][r] = h
+            fill[r] += 1
+    return grid
+
+
 def seed_grids(cluster: Cluster, P: int, D: int, mats: _Matrices, work: Workload, rng: random.Random,
                members: Sequence[int]) -> dict[str, Grid]:
-    """Starting layouts: launch order, pipelines local, DP groups local, random."""
-    n = len(members)
+    """Starting layouts: the launch order; pipelines inside well-connected sets of P ranks (each
+    ordered along its cheapest path); DP groups inside well-connected sets of D ranks, ordered and
+    matched the way DT-FM does (bottleneck matchings, an open-loop tour); hosts packed onto
+    consecutive stages; a random layout."""
     act = [[work.msg_bytes * (mats.inv[i][j] + mats.inv[j][i]) + mats.lat[i][j] + mats.lat[j][i]
             for j in range(cluster.n)] for i in range(cluster.n)]
     grad_b = work.grads((1.0,) * P)[0]
@@ -588,11 +619,13 @@ def seed_grids(cluster: Cluster, P: int, D: int, mats: _Matrices, work: Workload
         out["DP groups local"] = _order_columns(g2, grad)
     elif D == 1 and P > 1:
         out["path"] = [[h] for h in _order_path(list(members), act)]
+    packed = _hosts_packed(cluster, P, D, members)
+    if packed is not None:
+        out["hosts packed"] = packed
     shuffled = list(members)
     rng.shuffle(shuffled)
     out["random"] = [[shuffled[r * P + s] for r in range(D)] for s in range(P)]
     assert all(sorted(h for row in g for h in row) == sorted(members) for g in out.values()), "seed lost a rank"
-    del n
     return out
 
 
@@ -879,8 +912,11 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
                                      p.tied_grad_dtype, pair, cache_, optimizer_s)
         except ConfigError:
             launch_config = None
+    s = best.settings
+    launch_same = evaluate(sub, workload(s.pp, s.dp, s.micro_batch, s.schedule.virtual_stages),
+                           launch_grid(s.pp, s.dp), s.schedule, s.dp_mode, s.tied_dtype, pair, cache_, optimizer_s)
     stats["seconds"] = time.perf_counter() - t_start
-    return PlanResult(sub, ranks, best, launch, launch_config, stats)
+    return PlanResult(sub, ranks, best, launch, launch_config, launch_same, stats)
 
 
 def with_settings(cfg: Config, settings: Settings) -> Config:
@@ -926,6 +962,9 @@ def format_plan(res: PlanResult, sizes: dtfm.DtfmSizes | None = None, placement_
            f"  predicted iteration {b.iteration_s:.3f} s; {b.prediction.explanation}",
            f"launch order, same shape, its best settings: {lo.iteration_s:.3f} s ({lo.prediction.bound}-bound): "
            f"{lo.iteration_s / b.iteration_s:.2f}x the chosen layout's time"]
+    if res.launch_same is not None and res.launch_same.settings != lo.settings:
+        out.append(f"launch order with the chosen settings: {res.launch_same.iteration_s:.3f} s "
+                   f"({res.launch_same.prediction.bound}-bound)")
     if res.launch_config is not None:
         lc = res.launch_config
         out.append(f"launch order with the config's settings: {lc.iteration_s:.3f} s ({lc.prediction.bound}-bound)")
