@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--show-schedule", action="store_true",
                       help="print the configured schedule: each rank's actions placed in time with unit costs "
                            "('.' marks idle time), then its lowered actions with receives and sends")
+    _add_placement_args(plan)
+    _add_probe_parser(sub)
     prep = sub.add_parser("prepare-data", help="tokenise text files into DIR/{train,val}.bin + tokenizer.json")
     prep.add_argument("text_files", nargs="+", metavar="TEXT_FILE")
     prep.add_argument("--out", required=True, metavar="DIR")
@@ -360,6 +362,105 @@ def _cmd_dry_run(args: argparse.Namespace) -> None:
     print(pred.explanation)
 
 
+# ---- Placement: `plan --cluster` and `probe-network` (jaxpipe.plan) ------------------------------------
+
+
+def _add_placement_args(plan: argparse.ArgumentParser) -> None:
+    from jaxpipe.plan.search import SEARCHABLE
+
+    plan.add_argument("--cluster", metavar="FILE|dtfm:CASE",
+                      help="plan the layout for this cluster file (jaxpipe probe-network --out) or DT-FM scenario "
+                           "(dtfm:case0_datacenter ... dtfm:case4_worldwide): which rank runs which stage and "
+                           "replica, and the settings")
+    plan.add_argument("--shuffle-seed", type=int, metavar="S",
+                      help="with --cluster: hand the ranks out in a random order (seed S), as a launcher would")
+    plan.add_argument("--placement-out", metavar="placement.yaml",
+                      help="with --cluster: write the chosen layout (run it with parallel.placement=FILE)")
+    plan.add_argument("--json", action="store_true", help="with --cluster: print the result as one JSON object")
+    plan.add_argument("--search", default=",".join(SEARCHABLE), metavar="WHAT",
+                      help=f"with --cluster: what to choose, comma-separated (default all: {','.join(SEARCHABLE)}); "
+                           "the rest comes from the config")
+    plan.add_argument("--time-budget", type=float, metavar="S", help="with --cluster: seconds for the layout search "
+                      "(default: 5 + 0.3 s per rank, at most 30)")
+    plan.add_argument("--objective", choices=["jaxpipe", "dtfm"], default="jaxpipe",
+                      help="with --cluster: anneal layouts on jaxpipe's cost model (default) or on DT-FM's")
+    plan.add_argument("--seed", type=int, default=0, help="with --cluster: the search's random seed")
+
+
+def _cmd_plan_cluster(args: argparse.Namespace) -> None:
+    import json
+
+    from jaxpipe.comm.topology import write_placement
+    from jaxpipe.config import load_config
+    from jaxpipe.plan.cluster import resolve_cluster
+    from jaxpipe.plan.dtfm import ANCHOR_SIZES
+    from jaxpipe.plan.search import format_plan, plan_layout
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = resolve_cluster(args.cluster, args.shuffle_seed)
+    times = _stage_times(args, cfg)
+    log = None if args.json else (lambda line: print(line, flush=True))
+    res = plan_layout(cluster, cfg, search=[w.strip() for w in args.search.split(",") if w.strip()],
+                      time_budget_s=args.time_budget, seed=args.seed, platform=args.platform, stage_times=times,
+                      objective=args.objective, dtfm_sizes=ANCHOR_SIZES, log=log)
+    if args.placement_out:
+        s = res.best.settings
+        write_placement(args.placement_out, res.layout, s.pp, s.dp, hosts=list(cluster.hosts),
+                        settings=s.overrides(), predicted_s=round(res.best.iteration_s, 4),
+                        launch_order_s=round(res.launch.iteration_s, 4), source=cluster.source or args.cluster)
+    if args.json:
+        print(json.dumps(res.to_json(ANCHOR_SIZES)))
+        return
+    print(format_plan(res, ANCHOR_SIZES, args.placement_out))
+
+
+def _stage_times(args: argparse.Namespace, cfg: Any) -> Any:
+    from jaxpipe.pipeline.costmodel import StageTime
+
+    if not args.stage_ms:
+        return None
+    try:
+        times = [StageTime(*(float(v) / 1e3 for v in st.split(","))) for st in args.stage_ms.split(";")]
+    except TypeError:
+        raise ConfigError("--stage-ms: give 'F,B' milliseconds per stage, separated by ';'") from None
+    if len(times) != cfg.n_chunks:
+        raise ConfigError(f"--stage-ms gives {len(times)} stages but the config has {cfg.n_chunks} chunks")
+    return times
+
+
+def _add_probe_parser(sub: Any) -> None:
+    probe = sub.add_parser("probe-network", help="measure delay and bandwidth between every ordered pair of ranks "
+                           "(run under mpiexec) and write a cluster file")
+    probe.add_argument("--out", required=True, metavar="cluster.yaml")
+    probe.add_argument("--config", help="YAML config: with network.* set, the emulated links are measured")
+    probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    probe.add_argument("--pings", type=int, default=5, help="round trips per direction for the delay (default 5)")
+    probe.add_argument("--target-s", type=float, default=0.25,
+                       help="seconds the larger bandwidth message should take on the link (default 0.25)")
+
+
+def _cmd_probe_network(args: argparse.Namespace, cfg: Any) -> None:
+    from mpi4py import MPI
+
+    from jaxpipe.errors import agree
+    from jaxpipe.plan.probe import emulator_for_probe, probe_network
+
+    comm = MPI.COMM_WORLD
+    net = agree(comm, lambda: emulator_for_probe(cfg, comm.Get_rank(), comm.Get_size()))
+    try:
+        cluster = probe_network(comm, net, pings=args.pings, target_s=args.target_s,
+                                log=lambda line: print(line, flush=True))
+    finally:
+        if net is not None:
+            net.close()
+    if cluster is not None:
+        cluster.save(args.out)
+        lo = min(v for i, row in enumerate(cluster.bandwidth_gbit) for j, v in enumerate(row) if i != j) \
+            if cluster.n > 1 else 0.0
+        print(f"wrote {args.out}: {cluster.n} ranks on {len(set(cluster.hosts))} host(s), slowest pair "
+              f"{lo:g} Gbit/s", flush=True)
+
+
 def _cmd_single_process(args: argparse.Namespace) -> None:
     """The commands that run on one process and never start MPI."""
     if args.command == "prepare-data":
@@ -390,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
             _cmd_partition(args)
             return
         if args.command == "plan":
-            _cmd_plan(args)
+            (_cmd_plan_cluster if args.cluster else _cmd_plan)(args)
             return
         if args.command in ("prepare-data", "demo-corpus", "export-hf", "generate"):
             _cmd_single_process(args)
@@ -411,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
 
         # On every rank together: a config file missing on one host must not leave the others waiting.
         cfg = agree(MPI.COMM_WORLD, lambda: load_config(args.config, args.overrides))
+        if args.command == "probe-network":
+            _cmd_probe_network(args, cfg)
+            return
         observe = agree(MPI.COMM_WORLD, lambda: _check_observe(args, cfg))
         from jaxpipe.train.trainer import train
 

@@ -97,6 +97,9 @@ class ParallelConfig:
     act_delta: bool = False
     # Where those copies live: null = host memory, or a directory for memory-mapped files.
     act_delta_dir: str | None = None
+    # Which world rank runs which (stage, replica): a placement file (`jaxpipe plan --placement-out`);
+    # unset = launch order, rank r runs stage r % pp of replica r // pp.
+    placement: str | None = None
     # ---- data parallelism for slow links (jaxpipe.dp) ----
     # Wire format of the DP exchange (gradients; DiLoCo's pseudo-gradients and outer steps), with error
     # feedback: bfloat16, or int8 / int4 with one float32 scale per 1024 elements.
@@ -177,10 +180,12 @@ class NetworkConfig:
     pairs: list[list[float]] = field(default_factory=list)
     # Bytes charged per byte sent (lets a small CPU model stand in for large messages).
     size_scale: float = 1.0
+    # A cluster file (jaxpipe.comm.cluster): every ordered pair of world ranks gets its delay and rate.
+    matrix: str | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.delay_ms > 0 or self.rate_gbit > 0 or bool(self.pairs)
+        return self.delay_ms > 0 or self.rate_gbit > 0 or bool(self.pairs) or bool(self.matrix)
 
 
 @dataclass

@@ -76,6 +76,10 @@ GROUPS = {
         # ...and under interleaved 1F1B, where the last rank also sends back to the first, with 2 replicas.
         "pp2xdp2_interleaved_handshake_transport": ["parallel.pp=2", "parallel.dp=2", *INTERLEAVED,
                                                     "network.delay_ms=1", "network.rate_gbit=10"],
+        # A placement (issue 14) that moves every tied pair and DP group away from the launch order, over a
+        # cluster file's per-pair emulated links: placement changes where things run, not what they compute.
+        "pp2xdp2_placed_matrix": ["parallel.pp=2", "parallel.dp=2", "parallel.placement=tests/data/placement_2x2.yaml",
+                                  "network.matrix=tests/data/cluster4.yaml"],
     },
 }
 HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_transport"}
@@ -186,6 +190,13 @@ BAD_INPUT = {
                                   "a directory this job can write on every host"),
     "diloco_without_replicas": (2, ["parallel.pp=2", "parallel.dp_mode=diloco"],
                                 "parallel.dp_mode=diloco needs parallel.dp >= 2"),
+    # Placement files and cluster files (issue 14).
+    "placement_repeats": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.placement=tests/data/placement_repeat.yaml"],
+                          "parallel.placement tests/data/placement_repeat.yaml: the placement gives stage 0, replica 0 "
+                          "to ranks 0 and 2: each (stage, replica) needs exactly one rank"),
+    "matrix_wrong_shape": (4, ["network.matrix=tests/data/cluster_bad_shape.yaml"],
+                           "network.matrix tests/data/cluster_bad_shape.yaml: bandwidth_gbit[2] has 3 entries, need 4 "
+                           "(one per receiving rank)"),
 }
 
 
@@ -447,3 +458,24 @@ def test_delta_mode_equals_reference_and_resumes_exactly(tmp_path):
     got_b, _ = _case_params(resumed)
     for k, v in got_a.items():
         np.testing.assert_array_equal(got_b[k], v, err_msg=k)
+
+
+# ---- probe-network (issue 14) -----------------------------------------------------------------------------
+
+
+def test_probe_network_recovers_an_emulated_matrix(tmp_path):
+    """Every ordered pair of 4 ranks emulated with its own delay (10-45 ms) and rate (0.1-0.5 Gbit/s),
+    asymmetric; probe-network measures them all back within 10%."""
+    out = tmp_path / "probed.yaml"
+    run = run_mpi(4, ["-m", "jaxpipe", "probe-network", "--out", str(out), "--set",
+                      "network.matrix=tests/data/cluster4.yaml"], timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    from jaxpipe.comm.cluster import load_cluster
+
+    want, got = load_cluster("tests/data/cluster4.yaml"), load_cluster(out)
+    assert got.n == 4 and len(got.hosts) == 4
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                assert got.delay_ms[i][j] == pytest.approx(want.delay_ms[i][j], rel=0.10), (i, j, "delay")
+                assert got.bandwidth_gbit[i][j] == pytest.approx(want.bandwidth_gbit[i][j], rel=0.10), (i, j, "rate")

@@ -7,6 +7,11 @@ link for bytes·8/R, and is put on the wire D later. Links are full duplex (only
 modelled, like netem on a NIC), so a rank's sends to all peers share one link unless a per-pair
 override gives that pair a link of its own. Small control messages pay the delay too.
 
+`network.matrix` (a cluster file, `jaxpipe.comm.cluster`) gives every ordered pair of world ranks
+its own delay and rate, each pair a link of its own (a WAN path: what limits a pair between two
+sites is the path, not the sender's NIC), so any measured or published cluster runs here;
+`network.pairs` entries override single pairs on top of it.
+
 `size_scale` multiplies the bytes the *model* charges for each message (not what is sent): on CPU,
 where compute is slow, a small model's messages can stand in for GPT-3 XL's 16 MiB activations.
 
@@ -23,7 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jaxpipe.comm.cluster import load_cluster
 from jaxpipe.config import NetworkConfig
+from jaxpipe.errors import ConfigError
 
 CHUNK_BYTES = 4 * 2**20  # bulk transfers over emulated links move in pieces of this size (at most 64)
 
@@ -53,6 +60,7 @@ class NetworkEmulator:
         self.pairs = dict(pairs or {})
         self.size_scale = size_scale
         self.clock = clock
+        self.matrix = ""  # the cluster file the pairs come from, if any
         self._free: dict[tuple[int, int | None], float] = {}
         self._lock = threading.Lock()
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
@@ -65,12 +73,25 @@ class NetworkEmulator:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, cfg: NetworkConfig, rank: int) -> NetworkEmulator | None:
+    def from_config(cls, cfg: NetworkConfig, rank: int, world: int | None = None) -> NetworkEmulator | None:
+        """`world`: the job's size, which a `network.matrix` file must match (checked when given)."""
         if not cfg.enabled:
             return None
-        pairs = {(int(a), int(b)): LinkSpec(d / 1e3, r * 1e9) for a, b, d, r in cfg.pairs}
+        pairs: dict[tuple[int, int], LinkSpec] = {}
+        source = ""
+        if cfg.matrix:
+            cluster = load_cluster(cfg.matrix, f"network.matrix {cfg.matrix}")
+            if world is not None and cluster.n != world:
+                raise ConfigError(f"network.matrix {cfg.matrix} describes {cluster.n} ranks, but the job has {world}: "
+                                  f"use a cluster file of {world} ranks")
+            pairs = {(rank, j): LinkSpec(cluster.delay_s(rank, j), cluster.rate_bps(rank, j))
+                     for j in range(cluster.n) if j != rank}
+            source = cfg.matrix
+        pairs.update({(int(a), int(b)): LinkSpec(d / 1e3, r * 1e9) for a, b, d, r in cfg.pairs})
         rate = cfg.rate_gbit * 1e9 if cfg.rate_gbit > 0 else float("inf")
-        return cls(rank, LinkSpec(cfg.delay_ms / 1e3, rate), pairs, cfg.size_scale)
+        net = cls(rank, LinkSpec(cfg.delay_ms / 1e3, rate), pairs, cfg.size_scale)
+        net.matrix = source
+        return net
 
     def link(self, dst: int) -> LinkSpec:
         return self.pairs.get((self.rank, dst), self.default)
@@ -132,14 +153,19 @@ class NetworkEmulator:
                 self._pending -= 1
                 self._cv.notify_all()
 
-    def collective_latency(self, n: int) -> float:
-        """One-way delays a small allreduce over `n` ranks pays (recursive doubling, there and back)."""
-        return 2 * max(0, (n - 1).bit_length()) * self.default.delay_s
+    def collective_latency(self, n: int, peers: list[int] | None = None) -> float:
+        """One-way delays a small allreduce over `n` ranks pays (recursive doubling, there and back);
+        with `peers` (their world ranks), the longest delay from this rank to one of them."""
+        others = [p for p in peers or [] if p != self.rank]
+        delay = max(self.link(p).delay_s for p in others) if others else self.default.delay_s
+        return 2 * max(0, (n - 1).bit_length()) * delay
 
     def describe(self) -> str:
         rate = self.default.rate_bps / 1e9
         s = f"network emulation on: delay {self.default.delay_s * 1e3:g} ms, rate {rate:g} Gbit/s"
-        if self.pairs:
+        if self.matrix:
+            s = f"network emulation on: per-pair links from {self.matrix}"
+        elif self.pairs:
             s += f", {len(self.pairs)} pair override(s)"
         if self.size_scale != 1:
             s += f", message sizes x{self.size_scale:g}"

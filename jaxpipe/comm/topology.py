@@ -3,7 +3,9 @@
 By default world rank r runs stage r % PP of replica r // PP (the original's layout): pipelines
 are contiguous blocks of ranks, so with one process per GPU and hosts filled in rank order,
 neighbouring stages share a host whenever they can. A `layout` (one (stage, replica) per world
-rank, from `parallel.placement`) puts them anywhere else. Sub-communicators:
+rank, from `parallel.placement`: `read_placement`) puts them anywhere else; everything that talks
+to another rank asks `world_rank_of`, so the transports, the tied pair, the DP groups and the
+emulated links follow it. Sub-communicators:
 - `pipe`: the P pipeline ranks of this rank's replica, ordered by stage (activations and gradients),
 - `dp_comm`: the D replicas of this rank's stage, ordered by replica (gradient averaging),
 - `tied`: the two pipeline ranks of this replica that hold the tied token embedding (the first and
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
 from mpi4py import MPI
 
 from jaxpipe.errors import ConfigError
@@ -105,3 +109,55 @@ def check_layout(layout: Sequence[tuple[int, int]], pp: int, dp: int) -> None:
             raise ConfigError(f"the placement gives stage {s}, replica {d} to ranks {seen[(s, d)]} and {r}: "
                               f"each (stage, replica) needs exactly one rank")
         seen[(s, d)] = r
+
+
+# ---- Placement files (`parallel.placement`; written by `jaxpipe plan --placement-out`) ---------------
+
+PLACEMENT_KEYS = ("pp", "dp", "layout", "hosts", "settings", "predicted_s", "launch_order_s", "source")
+
+
+def read_placement(path: str | Path, pp: int, dp: int) -> tuple[tuple[int, int], ...]:
+    """The (stage, replica) of every world rank, checked against the configured PP × DP."""
+    where = f"parallel.placement {path}"
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{where}: no such file")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict) or "layout" not in tree:
+        raise ConfigError(f"{where}: expected a mapping with 'layout': one [stage, replica] per world rank")
+    unknown = sorted(set(tree) - set(PLACEMENT_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(PLACEMENT_KEYS)})")
+    if (tree.get("pp", pp), tree.get("dp", dp)) != (pp, dp):
+        raise ConfigError(f"{where} is for PP {tree.get('pp')} x DP {tree.get('dp')}, but parallel.pp x parallel.dp "
+                          f"= {pp} x {dp}: set them to the placement's, or plan again for this shape")
+    rows = tree["layout"]
+    if not isinstance(rows, list):
+        raise ConfigError(f"{where}: 'layout' must be a list of [stage, replica], one per world rank")
+    layout = []
+    for r, row in enumerate(rows):
+        if (not isinstance(row, list | tuple) or len(row) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in row)):
+            raise ConfigError(f"{where}: layout[{r}] = {row!r}: expected [stage, replica] (two integers)")
+        layout.append((int(row[0]), int(row[1])))
+    try:
+        check_layout(layout, pp, dp)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return tuple(layout)
+
+
+def write_placement(path: str | Path, layout: Sequence[Sequence[int]], pp: int, dp: int,
+                    hosts: Sequence[str] | None = None, **info: Any) -> None:
+    """A placement file that `read_placement` accepts; `info` (settings, predictions) is kept for
+    the reader and ignored by training."""
+    check_layout([(int(s), int(r)) for s, r in layout], pp, dp)
+    tree: dict[str, Any] = {"pp": pp, "dp": dp, "layout": [[int(s), int(r)] for s, r in layout]}
+    if hosts is not None:
+        tree["hosts"] = list(hosts)
+    tree.update({k: v for k, v in info.items() if k in PLACEMENT_KEYS})
+    header = "# jaxpipe placement: world rank -> [stage, replica] (run with parallel.placement=THIS_FILE)\n"
+    Path(path).write_text(header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=100000))

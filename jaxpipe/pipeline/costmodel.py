@@ -19,8 +19,12 @@ simulation) and synchronisation (tied embedding + DP + control after the pipelin
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
 
 from jaxpipe.comm.codec import wire_nbytes
 from jaxpipe.comm.message import ArraySpec, Kind
@@ -28,7 +32,7 @@ from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
-from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, lower, make_schedule, walk
+from jaxpipe.pipeline.schedule import Action, Deadlock, Lowered, Op, Schedule, lower, make_schedule, walk
 
 CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
 CODEC_ROW_BYTES = {"none": 4 * CODEC_CHUNK, "bfloat16": 2 * CODEC_CHUNK, "int8": CODEC_CHUNK + 4,
@@ -466,3 +470,274 @@ def format_prediction(pred: Prediction) -> str:
         f" (one outer step {pred.dp_outer_s:.3f} s)" if pred.dp_outer_s else "") if pred.dp_s else ""
     return (f"predicted iteration {pred.iteration_s:.3f} s ({parts})\n{pred.explanation}\n"
             f"bubble with free links: {pred.bubble:.1%} of the busiest rank's compute{dp}")
+
+
+# ---- Many replicas on a cluster: per-pair links, per-host speeds ---------------------------------------
+#
+# A placement puts each (pipeline rank, replica) on its own host, so every replica's pipeline runs over
+# its own links at its own hosts' speeds, the tied exchange crosses each replica's own pair, and each
+# stage's DP group averages over the links between its members. `predict_layout` simulates all of it;
+# `CompiledSchedule` is the same simulation as `simulate_pipeline` (checked equal in the tests) on flat
+# integer lists, fast enough to run once per replica for every layout a search keeps.
+
+_OPS = (Op.F, Op.B, Op.I, Op.W, Op.L, Op.LI, Op.E, Op.EL)
+_OP_INDEX = {op: i for i, op in enumerate(_OPS)}
+PairLink = Callable[[int, int], Link]  # (src, dst) -> the link between them, each pair its own
+
+
+class CompiledSchedule:
+    """A lowered schedule as per-rank lists of (kind, a, b): compute (0, chunk·8 + op, 0), send
+    (1, message id, peer), receive (2, message id, 0)."""
+
+    def __init__(self, schedule: Schedule | Lowered):
+        lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
+        self.lowered, self.schedule = lowered, lowered.schedule
+        ids: dict[tuple[int, tuple], int] = {}
+        self.progs: list[list[tuple[int, int, int]]] = []
+        for r, actions in enumerate(lowered.ranks):
+            prog = []
+            for a in actions:
+                if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
+                    key = (a.peer, a.message())
+                    prog.append((1, ids.setdefault(key, len(ids)), int(a.peer)))  # type: ignore[arg-type]
+                elif a.op in (Op.RECV_ACT, Op.RECV_GRAD):
+                    prog.append((2, ids.setdefault((r, a.message()), len(ids)), 0))
+                else:
+                    prog.append((0, a.chunk * len(_OPS) + _OP_INDEX[a.op], 0))
+            self.progs.append(prog)
+        self.n_messages = len(ids)
+        self.peers = sorted({(r, p) for r, prog in enumerate(self.progs) for k, _, p in prog if k == 1})
+
+    def compute_s(self, times: Sequence[StageTime]) -> list[float]:
+        """`rank_compute_s`: each rank's computation time per step."""
+        dur = [t.of(op) for t in times for op in _OPS]
+        return [sum(dur[x] for k, x, _ in prog if k == 0) for prog in self.progs]
+
+    def simulate(self, times: Sequence[StageTime], msg_bytes: float, links: Links) -> PipelineSim:
+        """`simulate_pipeline`'s result (without the per-action start times)."""
+        if len(times) != self.schedule.n_chunks:
+            raise ValueError(f"{len(times)} chunk times for {self.schedule.n_chunks} chunks")
+        dur = [t.of(op) for t in times for op in _OPS]
+        link_of = _link_fn(links)
+        P = len(self.progs)
+        egress_ix: dict[tuple[int, int | None], int] = {}
+        send_info: dict[tuple[int, int], tuple[float, float, int]] = {}
+        for r, p in self.peers:
+            link, own = link_of(r, p)
+            ix = egress_ix.setdefault((r, p if own else None), len(egress_ix))
+            send_info[(r, p)] = (link.transfer_s(msg_bytes), link.delay_s + link.per_message_s, ix)
+        egress = [0.0] * len(egress_ix)
+        egress_rank = [r for (r, _), _ in sorted(egress_ix.items(), key=lambda kv: kv[1])]
+        busy = [0.0] * P
+        arrived: list[float | None] = [None] * self.n_messages
+        waiting = [-1] * self.n_messages
+        clock, ptr = [0.0] * P, [0] * P
+        ready = deque(range(P))
+        while ready:
+            r = ready.popleft()
+            prog, i, t = self.progs[r], ptr[r], clock[r]
+            end = len(prog)
+            while i < end:
+                kind, x, y = prog[i]
+                if kind == 0:
+                    t += dur[x]
+                elif kind == 1:
+                    tx, lat, ix = send_info[(r, y)]
+                    start = t if t > egress[ix] else egress[ix]
+                    egress[ix] = start + tx
+                    busy[r] += tx
+                    arrived[x] = start + tx + lat
+                    if waiting[x] >= 0:
+                        ready.append(waiting[x])
+                        waiting[x] = -1
+                else:
+                    at = arrived[x]
+                    if at is None:
+                        waiting[x] = r
+                        break
+                    if at > t:
+                        t = at
+                i += 1
+            ptr[r], clock[r] = i, t
+        if any(ptr[r] < len(self.progs[r]) for r in range(P)):
+            raise Deadlock({r: ptr[r] for r in range(P) if ptr[r] < len(self.progs[r])})
+        for ix, t in enumerate(egress):
+            clock[egress_rank[ix]] = max(clock[egress_rank[ix]], t)
+        return PipelineSim(max(clock), clock, busy)
+
+
+def chain_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink, n_chunks: int) -> list[float]:
+    """When each member of a central-PS group is done (jaxpipe.dp.sync.CentralPS.average_emulated):
+    a pipelined chain reduce n-1 -> ... -> 0 in `n_chunks` pieces, then a chain broadcast back;
+    member i may start at `ready[i]`; `hop(a, b)` is the link from member a to member b. A member
+    receives the pieces in order and forwards each at once (its sends do not block it, they queue on
+    its link), and waits for its last send to be delivered before the next phase."""
+    n = len(ready)
+    if n <= 1:
+        return list(ready)
+    piece = grad_bytes / n_chunks
+    k = np.arange(n_chunks, dtype=np.float64)
+    t = [float(x) for x in ready]
+
+    def forward(me: int, src_arrivals: np.ndarray | None, dst: int | None) -> np.ndarray | None:
+        # Receives in order: the c-th piece is in hand at the running maximum of the arrivals.
+        have = np.full(n_chunks, t[me]) if src_arrivals is None else np.maximum.accumulate(
+            np.maximum(src_arrivals, t[me]))
+        t[me] = float(have[-1])
+        if dst is None:
+            return None
+        link = hop(me, dst)
+        tx = link.transfer_s(piece)
+        # free_c = tx + max(have_c, free_{c-1}) = (c+1)·tx + max_{j<=c}(have_j - j·tx)
+        free = np.maximum.accumulate(have - k * tx) + (k + 1) * tx
+        due = free + link.delay_s + link.per_message_s
+        t[me] = max(t[me], float(due[-1]))
+        return due
+
+    arrivals = None
+    for me in range(n - 1, -1, -1):  # reduce towards member 0
+        arrivals = forward(me, arrivals, me - 1 if me > 0 else None)
+    for me in range(n):  # broadcast back
+        arrivals = forward(me, arrivals, me + 1 if me < n - 1 else None)
+    return t
+
+
+def ring_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink) -> list[float]:
+    """When each member of a ring reduce-scatter + all-gather is done (jaxpipe.dp.sync's emulated
+    sharded PS / allreduce): 2·(n-1) steps, in each every member sends one 1/n segment to its right
+    neighbour and waits for the one from its left; each phase ends when its own sends are delivered."""
+    n = len(ready)
+    if n <= 1:
+        return list(ready)
+    links = [hop(i, (i + 1) % n) for i in range(n)]
+    tx = [link.transfer_s(grad_bytes / n) for link in links]
+    lat = [link.delay_s + link.per_message_s for link in links]
+    t, free = list(ready), [0.0] * n
+    for _phase in range(2):
+        last_due = [0.0] * n
+        for _step in range(n - 1):
+            due = [0.0] * n
+            for i in range(n):
+                start = max(t[i], free[i])
+                free[i] = start + tx[i]
+                due[i] = last_due[i] = free[i] + lat[i]
+            t = [max(t[i], due[(i - 1) % n]) for i in range(n)]
+        t = [max(t[i], last_due[i]) for i in range(n)]
+    return t
+
+
+def dp_average_ends(mode: str, grad_bytes: float, ready: Sequence[float], hop: PairLink,
+                    n_chunks: int | None = None) -> list[float]:
+    """Per member, when the DP average of `mode` is done (see `dp_sync_s` for one link everywhere)."""
+    if mode == "central_ps":
+        n = n_chunks or transfer_chunks(grad_bytes)
+        return chain_average_ends(grad_bytes, ready, hop, n)
+    return ring_average_ends(grad_bytes, ready, hop)
+
+
+def exchange_s(nbytes: float, a_to_b: Link, b_to_a: Link) -> float:
+    """Both ends send at once and each waits for the other's bytes and for its own to be delivered
+    (the tied-embedding exchange, full duplex)."""
+    return max(lnk.transfer_s(nbytes) + lnk.delay_s + lnk.per_message_s for lnk in (a_to_b, b_to_a))
+
+
+@dataclass
+class LayoutPrediction(Prediction):
+    pipeline_per_replica: list[float] = field(default_factory=list)
+    sync_per_stage: list[float] = field(default_factory=list)  # DP (and tied) end minus pipeline end, worst replica
+
+
+def _pair_link(links: dict[tuple[int, int], Link], a: int, b: int) -> tuple[Link, bool]:
+    return links[(a, b)], True
+
+
+def predict_layout(
+    schedule: Schedule | CompiledSchedule,
+    grid: Sequence[Sequence[int]],
+    times: Sequence[Sequence[StageTime]],
+    msg_bytes: float,
+    pair: PairLink,
+    *,
+    dp_mode: str = "central_ps",
+    grad_bytes: Sequence[float] | None = None,
+    grad_chunks: Sequence[int] | None = None,
+    tied_bytes: float = 0.0,
+    optimizer_s: float = 0.0,
+    cache: dict | None = None,
+) -> LayoutPrediction:
+    """The iteration of D replicas placed on hosts: `grid[s][r]` is the host (world rank) of pipeline
+    rank s of replica r, `times[r]` replica r's per-chunk times (its hosts' speeds), `pair(a, b)` the
+    link between hosts a and b (every pair its own); `grad_bytes`/`grad_chunks` per pipeline rank.
+    Each replica's pipeline is simulated on its own links; the tied exchange runs per replica once both
+    its ends are done; each stage's DP average starts per member when that member is done; then the
+    gradient-norm allreduce along each pipeline (2·log2(P) of its longest delay) and the update.
+    `cache` (a dict kept across calls) reuses simulations of identical replicas."""
+    compiled = schedule if isinstance(schedule, CompiledSchedule) else CompiledSchedule(schedule)
+    sched = compiled.schedule
+    P, D = sched.n_ranks, len(grid[0])
+    grads = list(grad_bytes or [0.0] * P)
+    ends_of = (sched.rank_of(0), sched.rank_of(sched.n_chunks - 1))
+    memo = cache if cache is not None else {}
+    sims, ideals, computes = [], [], []
+    for r in range(D):
+        hosts = tuple(grid[s][r] for s in range(P))
+        links = {(a, b): pair(hosts[a], hosts[b]) for a, b in compiled.peers}
+        rt = tuple(times[r])
+        key = ("sim", id(compiled), msg_bytes, rt, tuple(sorted(links.items())))
+        if key not in memo:
+            memo[key] = compiled.simulate(rt, msg_bytes, partial(_pair_link, links))
+        if ("ideal", id(compiled), rt) not in memo:
+            memo[("ideal", id(compiled), rt)] = (compiled.simulate(rt, msg_bytes, Link()), compiled.compute_s(rt))
+        sims.append(memo[key])
+        ideal, comp = memo[("ideal", id(compiled), rt)]
+        ideals.append(ideal)
+        computes.append(comp)
+    done = [[sims[r].stage_end[s] for r in range(D)] for s in range(P)]
+    tied = [0.0] * D
+    if ends_of[0] != ends_of[1] and tied_bytes:
+        for r in range(D):
+            a, b = grid[ends_of[0]][r], grid[ends_of[1]][r]
+            tied[r] = exchange_s(tied_bytes, pair(a, b), pair(b, a))
+            at = max(done[ends_of[0]][r], done[ends_of[1]][r]) + tied[r]
+            done[ends_of[0]][r] = done[ends_of[1]][r] = at
+    finish = []
+    for s in range(P):
+        hop = lambda i, j, s=s: pair(grid[s][i], grid[s][j])  # noqa: E731
+        ends = dp_average_ends(dp_mode, grads[s], done[s], hop, grad_chunks[s] if grad_chunks else None) \
+            if D > 1 else done[s]
+        finish.append(ends)
+    bits = max(0, (P - 1).bit_length())
+    ckey = ("control", tuple(map(tuple, grid)))
+    if ckey not in memo:
+        memo[ckey] = max((2 * bits * max(pair(grid[s][r], grid[q][r]).delay_s for q in range(P) if q != s)
+                          for s in range(P) for r in range(D)), default=0.0) if P > 1 else 0.0
+    control = memo[ckey]
+    last = max(max(f) for f in finish)
+    iteration = last + control + optimizer_s
+    compute = max(max(c) for c in computes)
+    makespan = max(sim.makespan for sim in sims)
+    ideal = max(i.makespan for i in ideals)
+    comps = {
+        "compute": compute,
+        "pipeline bubble": max(0.0, ideal - compute),
+        "link": max(max(sim.link_busy) for sim in sims),
+        "synchronisation": max(0.0, iteration - optimizer_s - makespan),
+    }
+    bound = max(comps, key=comps.get)  # type: ignore[arg-type]
+    worst = max(range(D), key=lambda r: sims[r].makespan)
+    slow_dp = max(range(P), key=lambda s: max(finish[s]) - max(sims[r].stage_end[s] for r in range(D)))
+    why = {
+        "compute": f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s",
+        "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to {compute:.3f} s "
+                           f"of compute ({sched.name}, M = {sched.n_microbatches})",
+        "link": f"replica {worst}'s pipeline takes {sims[worst].makespan:.3f} s; its busiest link carries "
+                f"{max(sims[worst].link_busy):.3f} s of messages",
+        "synchronisation": f"after the pipelines, {comps['synchronisation']:.3f} s of gradient exchange (tied "
+                           f"embedding up to {max(tied):.3f} s, DP {dp_mode} over {D} replicas; slowest: stage "
+                           f"{slow_dp})",
+    }[bound]
+    bubble = (ideal - compute) / compute if compute else 0.0
+    return LayoutPrediction(
+        iteration, makespan, ideal, iteration - makespan - optimizer_s - control, comps, bound, f"{bound}-bound: {why}",
+        bubble, pipeline_per_replica=[sim.makespan for sim in sims],
+        sync_per_stage=[max(finish[s]) - max(sims[r].stage_end[s] for r in range(D)) for s in range(P)])

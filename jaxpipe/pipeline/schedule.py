@@ -293,7 +293,7 @@ class ZeroBubbleH1(Schedule):
         return list(_zb_h1_orders(self.n_ranks, self.n_microbatches)[rank])
 
 
-@cache
+@cache  # every rank's order comes out of one greedy run: run it once, not once per rank
 def _zb_h1_orders(P: int, M: int) -> tuple[tuple[Action, ...], ...]:
     clock, orders = [0] * P, [[] for _ in range(P)]  # type: list[int], list[list[Action]]
     act = {(0, m): 0 for m in range(M)}  # (rank, micro-batch) -> when its input activation is there

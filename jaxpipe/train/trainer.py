@@ -37,7 +37,7 @@ from jaxpipe import __version__
 from jaxpipe.comm.message import Kind
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.tied import LocalTiedSum, TiedExchange, make_tied_exchange
-from jaxpipe.comm.topology import Topology
+from jaxpipe.comm.topology import Topology, read_placement
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config, effective_warmup, resolve_world
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
@@ -212,7 +212,8 @@ def describe(run: Run) -> str:
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
-        f"{run.net.describe() if run.net is not None else 'network emulation off'}{_warmup_note(cfg)} | "
+        f"{run.net.describe() if run.net is not None else 'network emulation off'}{_warmup_note(cfg)}"
+        + (f" | placement {p.placement}" if p.placement else "") + " | "
         + describe_traffic(cfg, run.lowered, run.executor.spec, run.n_samples,
                            2 * tied_wire_bytes(cfg) if run.tied is not None else 0)
     )
@@ -243,8 +244,12 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     last = schedule.n_chunks - 1
     ACTIVITY.configure(comm.Get_rank(), None, p.pp, 0, cfg.runtime.comm_timeout_s, cfg.runtime.first_step_timeout_s)
     start_watchdog()
+    # parallel.placement: which rank runs which (stage, replica), checked on every rank together.
+    layout = _agreed(comm, "the placement file", lambda: read_placement(p.placement or "", p.pp, p.replicas)) \
+        if p.placement else None
     with ACTIVITY.waiting("set-up (splitting the communicators)", long=True):
-        topo = Topology.create(comm, p.pp, p.replicas, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)))
+        topo = Topology.create(comm, p.pp, p.replicas, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)),
+                               layout=layout)
     ACTIVITY.locate(topo.stage, topo.replica)
     _agreed(comm, "loading the fault injection", lambda: faults.load(topo.rank, topo.stage, topo.replica))
     k = cfg.runtime.devices_per_process
@@ -266,6 +271,9 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     # A checkpoint directory this job cannot write fails here, on every rank, not at the first save.
     if (ckpt_dir := cfg.train.checkpoint_dir) and cfg.train.checkpoint_every:
         _agreed(comm, "the checkpoint directory check", lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
+    # Emulated links are keyed by world rank (network.matrix: a cluster file, checked on every rank).
+    net = _agreed(comm, "the network emulation", lambda: NetworkEmulator.from_config(cfg.network, topo.rank,
+                                                                                      comm.Get_size()))
 
     lowered = schedule.lowered()
     check(lowered)
@@ -274,7 +282,6 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     params = init_params(cfg, topo, partition, programs, last)
     optimizer = Optimizer(cfg.train)
     opt_state = programs[chunks[0]].place_params(optimizer.init(params))  # committed, as the update returns it
-    net = NetworkEmulator.from_config(cfg.network, topo.rank)
     place_trees = lambda trees: {c: programs[c].place_params(t) for c, t in trees.items()}  # noqa: E731
     dp_rank_of = lambda i: topo.world_rank_of(topo.stage, i)  # noqa: E731
     tied_peer = topo.world_rank_of(topo.tied_stages[1] if 0 in chunks else topo.tied_stages[0])
@@ -393,7 +400,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     with ACTIVITY.waiting("the exchange of gradient norms along the pipeline"):
         parts = np.array(topo.pipe.allgather(local))  # [stage, (sq norm, loss)]
     if run.net is not None:  # A small allreduce over emulated links: ~2·log2(P) one-way delays.
-        time.sleep(run.net.collective_latency(p.pp))
+        time.sleep(run.net.collective_latency(p.pp, [topo.world_rank_of(s) for s in range(p.pp)]))
     sq_total, pipe_loss = (float(v) for v in parts.sum(axis=0))
     finite = math.isfinite(sq_total) and math.isfinite(pipe_loss)
     norm = math.sqrt(sq_total) if finite else float("nan")
