@@ -376,7 +376,7 @@ def test_damaged_checkpoints_are_refused_and_resume_auto_falls_back(tmp_path):
     state2 = root / "step_00000002" / checkpoint.STATE_FILE
     state2.write_text(state2.read_text().replace('"seed": 0', '"seed": 1'))
     log: list[str] = []
-    found = find_checkpoint(cfg, "auto", checkpoint.OneProcess(), names, log.append)
+    found = find_checkpoint(cfg, "auto", checkpoint.OneProcess(), lambda _state: names, log.append)
     assert found is not None and found[0] == root / "step_00000001"
     step = root / "step_{:08d}"
     assert log == [
@@ -392,13 +392,13 @@ def test_damaged_checkpoints_are_refused_and_resume_auto_falls_back(tmp_path):
             f"checkpoint '{step.as_posix().format(4)}' is damaged or incomplete: item 'layer_2' does not match its "
             f"checksum in state.json (same size: its bytes changed) (found by rank 0): resume from another checkpoint "
             f"(--resume auto takes the newest intact one)")):
-        find_checkpoint(cfg, str(root / "step_00000004"), checkpoint.OneProcess(), names)
+        find_checkpoint(cfg, str(root / "step_00000004"), checkpoint.OneProcess(), lambda _state: names)
     with pytest.raises(ConfigError, match="is damaged or incomplete: item 'layer_2' does not match its checksum"):
         checkpoint.load_model(root / "step_00000004")
     _flip_a_byte(root / "step_00000001" / "embed")
     with pytest.raises(ConfigError, match=re.escape(f"--resume auto: none of the 4 checkpoint(s) in '{root}' is "
                                                     f"intact (newest: checkpoint '{step.as_posix().format(4)}'")):
-        find_checkpoint(cfg, "auto", checkpoint.OneProcess(), names)
+        find_checkpoint(cfg, "auto", checkpoint.OneProcess(), lambda _state: names)
 
 
 SAVE_CHILD = """
