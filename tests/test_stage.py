@@ -33,9 +33,9 @@ def _run(split: bool):
 def test_packed_residuals_change_nothing(monkeypatch):
     """The split backward carries both packed trees (F -> I and I -> W); the full backward's packing is
     pinned by the unrolled layouts of tests/test_mpi.py, which equal the single process."""
+    plain, n_plain = _run(split=True)  # the default: residuals cross as arrays
+    monkeypatch.setattr(stage_module._Packer, "MIN_LEAVES", 16)  # pack trees of 16 leaves or more
     packed, n_packed = _run(split=True)
-    monkeypatch.setattr(stage_module._Packer, "MIN_LEAVES", 10**9)  # pack nothing
-    plain, n_plain = _run(split=True)
     assert n_packed <= 8 < n_plain, (n_packed, n_plain)  # a few buffers instead of dozens of arrays
     for a, b in zip(packed, plain, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -491,13 +491,48 @@ def cmd_dispatch(args: argparse.Namespace) -> None:
                                  "packed": packed, "arrays": n_saved, "forward_host_s": results[packed][0],
                                  "backward_host_s": results[packed][1], "task_pair_s": results[packed][2],
                                  "label": args.label})
-    stage_module._Packer.MIN_LEAVES = 16
+    stage_module._Packer.MIN_LEAVES = 10**9  # the default
+
+
+def cmd_dp_codec(args: argparse.Namespace) -> None:
+    """Device time of the data-parallel gradient codecs (jaxpipe.dp.quant) on a stage's whole gradient:
+    a replica's encode with error feedback, and the server's decode + float32 mean of `--replicas`
+    messages. On a GPU this is the part of the DP step the links do not see."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpipe.dp import quant
+
+    rows = int(-(-int(args.params) // quant.CHUNK))
+    x = jax.random.normal(jax.random.PRNGKey(0), (rows, quant.CHUNK), jnp.float32) * 1e-3
+    residue = jnp.zeros_like(x)
+    for codec in args.codecs:
+        wire, res = quant.encode_ef(x, residue, codec)
+        wires = jnp.stack([wire] * args.replicas)
+        jax.block_until_ready(quant.mean_of(wires, codec, args.replicas))  # compile
+        enc, dec = [], []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            wire, res = jax.block_until_ready(quant.encode_ef(x, res, codec))
+            t1 = time.perf_counter()
+            jax.block_until_ready(quant.mean_of(wires, codec, args.replicas))
+            t2 = time.perf_counter()
+            enc.append(t1 - t0)
+            dec.append(t2 - t1)
+        e, d = float(np.median(enc)), float(np.median(dec))
+        print(f"[{args.label}] {jax.devices()[0].device_kind}: {codec} on {rows * quant.CHUNK / 1e6:.0f}M elements "
+              f"({wire.nbytes / 2**20:.1f} MiB on the wire): encode with error feedback {e * 1e3:.2f} ms, "
+              f"decode + mean of {args.replicas} {d * 1e3:.2f} ms", flush=True)
+        _append_json(args.json, {"mode": "dp-codec", "codec": codec, "elements": rows * quant.CHUNK,
+                                 "wire_bytes": int(wire.nbytes), "encode_s": e, "decode_mean_s": d,
+                                 "replicas": args.replicas, "device": jax.devices()[0].device_kind,
+                                 "label": args.label})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("pipeline", "single", "transport", "dp-sync", "dispatch", "codec"):
+    for name in ("pipeline", "single", "transport", "dp-sync", "dispatch", "codec", "dp-codec"):
         p = sub.add_parser(name)
         p.add_argument("--config")
         p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -514,6 +549,13 @@ def main() -> None:
             p.add_argument("--reps", type=int, default=20)
         if name == "dispatch":
             p.add_argument("--layers", type=int, default=7, help="layers in the stage (GPT-3 XL's middle stage: 7)")
+            p.add_argument("--reps", type=int, default=20)
+        if name == "dp-codec":
+            p.add_argument("--params", type=float, default=204e6,
+                           help="float32 gradient elements of the stage (the original's stage 0: 204e6)")
+            p.add_argument("--replicas", type=int, default=4, help="messages the server decodes and sums")
+            p.add_argument("--codecs", nargs="+", default=["bfloat16", "int8", "int4"])
+            p.add_argument("--reps", type=int, default=10)
         if name == "codec":
             p.add_argument("--codecs", default=",".join(CODEC_ROWS))
             p.add_argument("--reps", type=int, default=20)
@@ -532,7 +574,7 @@ def main() -> None:
             p.add_argument("--rate-gbit", type=float, default=0.0, help="0: unlimited")
     args = parser.parse_args()
     {"pipeline": cmd_pipeline, "single": cmd_single, "transport": cmd_transport,
-     "dp-sync": cmd_dp_sync, "dispatch": cmd_dispatch, "codec": cmd_codec}[args.cmd](args)
+     "dp-sync": cmd_dp_sync, "dispatch": cmd_dispatch, "codec": cmd_codec, "dp-codec": cmd_dp_codec}[args.cmd](args)
 
 
 if __name__ == "__main__":

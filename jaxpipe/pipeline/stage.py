@@ -44,9 +44,14 @@ class _Packer:
     XL stage: the host, not the GPU, paced the pipeline at micro-batch 1 and 2). Packed inside the
     producing program and sliced back inside the consuming one, they cross as a handful of arrays. The
     layout is fixed when the producer is traced (always before the consumer: a backward follows its
-    forward); trees of few leaves (scanned blocks) pass as they are."""
+    forward); trees of few leaves (scanned blocks) pass as they are.
 
-    MIN_LEAVES = 16
+    Off by default (MIN_LEAVES = 10**9): measured on one H200 (7-layer GPT-3 XL stage, BENCHMARKS.md),
+    packing halves the forward's host dispatch (3.3 -> 1.5 ms) but the copies into and out of the
+    buffers cost more device time than that (forward + backward 13.7 -> 20.0 ms at micro-batch 1), and
+    the device, not the host, paces the task. Set MIN_LEAVES (e.g. 16) where the host is the bottleneck."""
+
+    MIN_LEAVES = 10**9
 
     def __init__(self) -> None:
         self._layout: Any = None
