@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "trace":
             _cmd_trace(args)
             return
-        if args.dry_run:
+        if args.command == "train" and args.dry_run:
             _cmd_dry_run(args)
             return
         from mpi4py import MPI

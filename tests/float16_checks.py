@@ -57,10 +57,10 @@ def assert_codec_accepts_float16(codec: Codec, rel: float, shape: tuple[int, ...
     finite, inf and NaN still non-finite, and every element within `rel` × its row's largest magnitude
     (row-scaled codecs quantise relative to the row; an element-wise codec meets the bound per element)."""
     spec = ArraySpec(shape, "float16")
-    wire = codec.wire_spec(spec)
     x = float16_messages(shape)
     for kind in Kind:
         key = MsgKey(3, 1, kind, 0)
+        wire = codec.wire_spec(spec, key)  # the receiver posts it before the message arrives
         enc = codec.encode(jnp.asarray(x), key)
         assert (tuple(enc.shape), jnp.dtype(enc.dtype).name) == (tuple(wire.shape), wire.dtype), \
             f"{codec.describe()}: encoded {enc.dtype}{list(enc.shape)}, wire_spec says {wire}"
@@ -74,6 +74,7 @@ def assert_codec_accepts_float16(codec: Codec, rel: float, shape: tuple[int, ...
         assert (np.abs(dec32 - x32) <= bound).all(), f"{codec.describe()}: error {worst:.3g} x its bound"
         bad = x.copy()
         bad[0, 0, 0], bad[1, 5, 7] = np.inf, np.nan  # an overflowed gradient, an invalid value
+        codec.wire_spec(spec, key)
         out = np.asarray(codec.decode(codec.encode(jnp.asarray(bad), key), spec, key))
         assert not np.isfinite(out[0, 0]).all() and not np.isfinite(out[1, 5]).all(), \
             f"{codec.describe()}: an inf or NaN in a float16 message came back finite (the step would not be skipped)"

@@ -55,6 +55,8 @@ def test_plan_with_codecs_and_measured_codec_times():
             "--set", "parallel.tied_grad_dtype=int8", "--stage-ms", "5.1,9.6;6.0,11.3;6.2,11.4;12.1,0",
             "--codec-ms", "0.101,0.102,0.094,0.098")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("predicted iteration 3.155 s (compute 1.152 s | pipeline bubble 0.033 s | "
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("parameters: 1,315,723,264 (1,315.7M); per stage: ")
+    assert lines[1].startswith("predicted iteration 3.155 s (compute 1.152 s | pipeline bubble 0.033 s | "
                                "link 2.152 s | synchronisation 0.874 s)")
-    assert "2.0 MiB per message" in r.stdout.splitlines()[1]
+    assert "2.0 MiB per message" in lines[2]

@@ -273,6 +273,14 @@ def _decode_delta(wire: jax.Array, copy: jax.Array, fmt: quant.Format, shape: tu
     return quant.saturate(copy.astype(jnp.float32) + _decode(wire, fmt, shape, "float32"), dtype)
 
 
+@jax.jit
+def _finite_or(new: jax.Array, old: jax.Array) -> jax.Array:
+    """The copy to keep: `new` where finite, else `old`. A non-finite activation (a float16 overflow,
+    a step the loss scaler skips) must not become a sample's copy: every later delta against it would
+    be non-finite too. Both ends apply it to the same values, so their copies stay identical."""
+    return jnp.where(jnp.isfinite(new), new, old.astype(new.dtype))
+
+
 class Delta(Codec):
     """AQ-SGD's activation compression: a sample's activation travels as the `inner`-coded
     difference to the copy both ends hold of what that sample's last visit delivered; the receiver
@@ -325,13 +333,13 @@ class Delta(Codec):
         ids, delta = self._plan(key)
         self._plans.pop(key)
         store, shape, dtype = self.stores[key.chunk], tuple(x.shape), jnp.dtype(x.dtype).name
+        copy = self.place(store.get(ids)) if delta else jnp.zeros(shape, dtype)
         if delta:
-            copy = self.place(store.get(ids))
             wire = _encode_delta(x, copy, self.inner.fmt)
-            store.put(ids, _decode_delta(wire, copy, self.inner.fmt, shape, dtype))
+            store.put(ids, _finite_or(_decode_delta(wire, copy, self.inner.fmt, shape, dtype), copy))
         else:
             wire = self.first.encode(x, key)
-            store.put(ids, _decode(wire, self.first.fmt, shape, dtype))
+            store.put(ids, _finite_or(_decode(wire, self.first.fmt, shape, dtype), copy))
         return wire
 
     def decode(self, wire: jax.Array, spec: ArraySpec, key: MsgKey) -> jax.Array:
@@ -339,11 +347,12 @@ class Delta(Codec):
             return self.first.decode(wire, spec, key)
         ids, delta = self._plans.pop(key)
         store = self.stores[key.chunk]
+        copy = self.place(store.get(ids)) if delta else jnp.zeros(tuple(spec.shape), spec.dtype)
         if delta:
-            out = _decode_delta(wire, self.place(store.get(ids)), self.inner.fmt, tuple(spec.shape), spec.dtype)
+            out = _decode_delta(wire, copy, self.inner.fmt, tuple(spec.shape), spec.dtype)
         else:
             out = self.first.decode(wire, spec, key)
-        store.put(ids, out)
+        store.put(ids, _finite_or(out, copy))
         return out
 
     def flush(self) -> None:

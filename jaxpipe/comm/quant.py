@@ -52,6 +52,9 @@ def row_bytes(d: int, fmt: Format) -> int:
 def _scale(x: jax.Array, fmt: Format) -> jax.Array:
     """Per-row scale (float32 holding a bfloat16 value), [..., 1]."""
     absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    # A row with a NaN or an infinity gets a NaN scale. Not left to `max`: XLA's CPU reductions may
+    # return a row's largest finite value instead of its NaN.
+    absmax = jnp.where(jnp.isfinite(x).all(axis=-1, keepdims=True), absmax, jnp.nan)
     return (absmax / _QMAX[fmt]).astype(jnp.bfloat16).astype(jnp.float32)
 
 

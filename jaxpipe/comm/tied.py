@@ -64,7 +64,10 @@ class ErrorFeedback:
 def _ef_encode(g: jax.Array, residue: jax.Array) -> tuple[jax.Array, jax.Array]:
     target = g.astype(jnp.float32) + residue
     wire = quant.encode_rows(target, "int8")
-    return wire, target - quant.decode_rows(wire, "int8")
+    # An overflowed (float16) or NaN gradient must not become the residue: every later step would be
+    # non-finite too. Such rows keep their residue (the step is skipped everywhere anyway).
+    left = target - quant.decode_rows(wire, "int8")
+    return wire, jnp.where(jnp.isfinite(left), left, residue)
 
 
 class TiedExchange:

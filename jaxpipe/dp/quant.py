@@ -47,7 +47,9 @@ def _scale(y: jax.Array, levels: float) -> jax.Array:
     # Multiplications by reciprocals, never divisions: XLA may turn a division into one on some shapes
     # and not others, and a reference must be able to repeat the arithmetic bit for bit.
     amax = jnp.max(jnp.abs(y), axis=1)
-    return jnp.where(jnp.isfinite(amax), amax * jnp.float32(1.0 / levels), jnp.float32(jnp.nan))
+    # Non-finite rows by their elements, not by `max`: XLA's CPU reductions may skip a NaN.
+    ok = jnp.isfinite(y).all(axis=1)
+    return jnp.where(ok, amax * jnp.float32(1.0 / levels), jnp.float32(jnp.nan))
 
 
 def _to_bytes(x: jax.Array) -> jax.Array:

@@ -602,10 +602,13 @@ def chain_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink,
     return t
 
 
-def ring_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink) -> list[float]:
-    """When each member of a ring reduce-scatter + all-gather is done (jaxpipe.dp.sync's emulated
-    sharded PS / allreduce): 2·(n-1) steps, in each every member sends one 1/n segment to its right
-    neighbour and waits for the one from its left; each phase ends when its own sends are delivered."""
+def ring_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink,
+                      direct_gather: bool = False) -> list[float]:
+    """When each member of a ring reduce-scatter + all-gather is done (jaxpipe.dp.collectives'
+    emulated allreduce): 2·(n-1) steps, in each every member sends one 1/n segment to its right
+    neighbour and waits for the one from its left; each phase ends when its own sends are delivered.
+    `direct_gather` (the sharded PS): after the ring reduce-scatter each member sends its averaged
+    segment straight to every other member, one after the other on its own egress."""
     n = len(ready)
     if n <= 1:
         return list(ready)
@@ -613,7 +616,17 @@ def ring_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink) 
     tx = [link.transfer_s(grad_bytes / n) for link in links]
     lat = [link.delay_s + link.per_message_s for link in links]
     t, free = list(ready), [0.0] * n
-    for _phase in range(2):
+    for phase in range(2):
+        if phase == 1 and direct_gather:
+            ends = list(t)
+            for i in range(n):
+                clock = max(t[i], free[i])
+                for j in ((i + d) % n for d in range(1, n)):
+                    link = hop(i, j)
+                    clock += link.transfer_s(grad_bytes / n)
+                    due = clock + link.delay_s + link.per_message_s
+                    ends[j], ends[i] = max(ends[j], due), max(ends[i], due)
+            return ends
         last_due = [0.0] * n
         for _step in range(n - 1):
             due = [0.0] * n
@@ -632,7 +645,7 @@ def dp_average_ends(mode: str, grad_bytes: float, ready: Sequence[float], hop: P
     if mode == "central_ps":
         n = n_chunks or transfer_chunks(grad_bytes)
         return chain_average_ends(grad_bytes, ready, hop, n)
-    return ring_average_ends(grad_bytes, ready, hop)
+    return ring_average_ends(grad_bytes, ready, hop, direct_gather=mode == "sharded_ps")
 
 
 def exchange_s(nbytes: float, a_to_b: Link, b_to_a: Link) -> float:

@@ -212,10 +212,11 @@ def describe(run: Run) -> str:
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
         f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
-        f"{run.net.describe() if run.net is not None else 'network emulation off'}{_warmup_note(cfg)}"
+        f"{run.net.describe() if run.net is not None else 'network emulation off'}"
         + (f" | placement {p.placement}" if p.placement else "") + " | "
         + describe_traffic(cfg, run.lowered, run.executor.spec, run.n_samples,
                            2 * tied_wire_bytes(cfg) if run.tied is not None else 0)
+        + _warmup_note(cfg)
     )
 
 
