@@ -125,7 +125,7 @@ def scale_events(scales: list[float], skipped: list[int]) -> set[str]:
 
 def f16_dot_is_float32_rounded(n: int = 64) -> bool:
     """XLA's CPU backend runs a float16 product as a float32 product of the float16 values, rounded to
-    float16 (what the README says CPU float16 does)."""
+    float16 (what docs/gpus.md says CPU float16 does)."""
     a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, 4 * n)).astype(jnp.float16) for i in (0, 1))
     f16 = jax.jit(lambda a, b: a @ b.T)(a, b)
     f32 = (a.astype(jnp.float32) @ b.astype(jnp.float32).T).astype(jnp.float16)

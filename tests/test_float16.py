@@ -355,16 +355,16 @@ def test_diloco_trains_float16(tmp_path_factory, exchange):
             np.testing.assert_allclose(c, replicas[0][k], rtol=0, atol=param_atol, err_msg=k)
 
 
-# ---- what the README says ------------------------------------------------------------------------------
+# ---- what the docs say --------------------------------------------------------------------------------
 
 
 @pytest.mark.mpi
-def test_readme_float16_lines_are_what_the_code_does(tmp_path_factory):
-    """The README's float16 section: its defaults are the config's, CPU float16 products are float32
+def test_docs_float16_lines_are_what_the_code_does(tmp_path_factory):
+    """docs/gpus.md's float16 section: its defaults are the config's, CPU float16 products are float32
     products rounded to float16 as it says, and its example skip lines have the form the overflow run logs."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### float16"):]
-    section = section[:section.index("\n## ")]
+    text = (REPO / "docs" / "gpus.md").read_text()
+    section = text[text.index("\n## float16\n"):]
+    section = section.split("\n## ", 2)[1]  # up to the next section, or the end of the page
     prose = " ".join(section.split())
     defaults = TrainConfig()
     assert f"`train.loss_scale_init`, {defaults.loss_scale_init:g}" in prose
