@@ -15,6 +15,25 @@ from jaxpipe.model.layout import flatten_per_layer, init_stage_params
 from jaxpipe.train.optimizer import make_adamw
 
 
+def _scaled_step(model: StageModel, tx: optax.GradientTransformation):
+    """One AdamW step on the whole model: the gradient of the loss times `scale`, divided by it (float16's
+    loss scaling; scale 1 otherwise); returns (parameters, optimizer state, loss, gradient norm)."""
+
+    @jax.jit
+    def step_fn(params, opt_state, inputs, targets, scale):
+        def scaled_loss(p):
+            loss = next_token_loss(model.apply({"params": p}, inputs), targets)
+            return loss * scale, loss
+
+        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        norm = optax.tree.norm(grads)
+        updates, new_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, loss, norm
+
+    return step_fn
+
+
 def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dict | None = None
                     ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
     """`skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
@@ -37,17 +56,7 @@ def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dic
     dynamic = t.loss_scaling == "dynamic" or (t.loss_scaling == "auto" and compute_dtype(m) == jnp.float16)
     scale, good = (float(t.loss_scale_init) if dynamic else 1.0), 0
 
-    @jax.jit
-    def step_fn(params, opt_state, inputs, targets, scale):
-        def scaled_loss(p):
-            loss = next_token_loss(model.apply({"params": p}, inputs), targets)
-            return loss * scale, loss
-
-        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
-        grads = jax.tree.map(lambda g: g / scale, grads)
-        norm = optax.tree.norm(grads)
-        updates, new_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_state, loss, norm
+    step_fn = _scaled_step(model, tx)
 
     losses, norms, skipped, scales = [], [], [], []
     for step in range(t.steps):
@@ -127,17 +136,7 @@ def reference_diloco(cfg: Config, stage_layers: list[range], skip: dict[int, fro
     skipped: list[list[int]] = [[] for _ in range(D)]
     scales: list[list[float]] = [[] for _ in range(D)]
 
-    @jax.jit
-    def step_fn(params, opt_state, inputs, targets, scale):
-        def scaled_loss(q):
-            loss = next_token_loss(model.apply({"params": q}, inputs), targets)
-            return loss * scale, loss
-
-        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
-        grads = jax.tree.map(lambda g: g / scale, grads)
-        norm = optax.tree.norm(grads)
-        updates, new_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_state, loss, norm
+    step_fn = _scaled_step(model, tx)
 
     losses, norms = [], []
     for step in range(cfg.train.steps):

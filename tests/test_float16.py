@@ -116,11 +116,11 @@ FLOAT16_RUNS: dict[str, tuple[list[str], float, float, float, bool]] = {
     "grad_int4": (["parallel.grad_codec=int4"], 1.5e-4, 1.0, 4e-2, True),
     # Pipeline codecs (issue 12) in float16 compute, against the uncompressed float16 reference; bounds
     # ~4x the measured errors (losses / norms / parameters): int4 3.3e-4 / 1.9e-2 / 2.3e-2, bfloat16
-    # activations + float8 gradients 4.4e-5 / 7.2e-3 / 1.6e-2, float8 + bfloat16 5.8e-5 / 9.8e-4 / 7.0e-3.
-    # int8 with the tied embedding in int8: first run at 1e-3 / 5e-2 / 5e-2 (not measured before the
-    # session ended: the error feedback's NaN residue bug it found was fixed first).
+    # activations + float8 gradients 4.4e-5 / 7.2e-3 / 1.6e-2, float8 + bfloat16 5.8e-5 / 9.8e-4 / 7.0e-3,
+    # int8 with the tied embedding in int8 4.2e-5 / 8.3e-4 / 4.6e-3 (this run found that an overflowed
+    # float16 gradient became the tied error feedback's residue and made every later step non-finite).
     "act_int8_tied_int8": (["parallel.act_codec=int8", "parallel.act_grad_codec=int8",
-                            "parallel.tied_grad_dtype=int8"], 1e-3, 5e-2, 5e-2, True),
+                            "parallel.tied_grad_dtype=int8"], 2e-4, 4e-3, 2e-2, True),
     "act_int4": (["parallel.act_codec=int4", "parallel.act_grad_codec=int4"], 1.5e-3, 8e-2, 8e-2, True),
     "act_bf16_grad_float8": (["parallel.act_codec=bfloat16", "parallel.act_grad_codec=float8"], 2e-4, 3e-2, 6e-2,
                              True),

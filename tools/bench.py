@@ -100,6 +100,26 @@ def stage_ceiling(run, state, reps: int = 2) -> float:
     return float(np.median(times))
 
 
+def transport_one_way_s(run) -> float:
+    """The real transport's time per message (no emulation): a ping-pong of one activation between
+    stages 0 and 1 of replica 0, median of 5 after a warm-up; 0 on other ranks and at PP = 1."""
+    topo, program = run.topo, next(iter(run.programs.values()))
+    if run.cfg.parallel.pp < 2 or topo.replica != 0 or topo.stage not in (0, 1):
+        return 0.0
+    buf = np.zeros(program.act_spec.nbytes, np.uint8)
+    peer, samples = 1 - topo.stage, []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        if topo.stage == 0:
+            topo.pipe.Send(buf, dest=peer)
+            topo.pipe.Recv(buf, source=peer)
+        else:
+            topo.pipe.Recv(buf, source=peer)
+            topo.pipe.Send(buf, dest=peer)
+        samples.append((time.perf_counter() - t0) / 2)
+    return float(np.median(samples[1:]))
+
+
 def stage_times(run, state, reps: int = 1) -> dict:
     """Per chunk of this rank, {chunk: StageTime}: the median seconds of each computation per
     micro-batch, each waited for on its own (the last chunk's fused L counts as forward + backward;

@@ -113,28 +113,15 @@ def worker(args: argparse.Namespace) -> None:
 
     from jaxpipe.config import load_config
     from jaxpipe.train.trainer import train
-    from tools.bench import stage_times
+    from tools.bench import stage_times, transport_one_way_s
 
     comm = MPI.COMM_WORLD
     out: dict = {"runs": []}
 
     def probe(run, state):
-        topo, program = run.topo, next(iter(run.programs.values()))
         times = {c: [t.fwd, t.bwd, t.input_frac] for c, t in stage_times(run, state).items()}
-        one_way = 0.0
-        if topo.replica == 0 and topo.stage in (0, 1):  # the real transport's time per message
-            buf = np.zeros(program.act_spec.nbytes, np.uint8)
-            peer, samples = 1 - topo.stage, []
-            for _ in range(6):
-                t0 = time.perf_counter()
-                if topo.stage == 0:
-                    topo.pipe.Send(buf, dest=peer)
-                    topo.pipe.Recv(buf, source=peer)
-                else:
-                    topo.pipe.Recv(buf, source=peer)
-                    topo.pipe.Send(buf, dest=peer)
-                samples.append((time.perf_counter() - t0) / 2)
-            one_way = float(np.median(samples[1:]))
+        one_way = transport_one_way_s(run)  # the real transport's time per message
+        topo = run.topo
         return times, one_way, topo.stage, topo.replica
 
     for i, overrides in enumerate(json.loads(args.runs)):

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
     from jaxpipe.config import load_config
     from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
-    from tools.bench import stage_times
+    from tools.bench import stage_times, transport_one_way_s
     from tools.timeline import message_latencies, step_mark
 
     comm = MPI.COMM_WORLD
@@ -115,24 +114,9 @@ def worker(args: argparse.Namespace) -> None:
     codecs = json.loads(args.codecs) if args.codecs else None  # [[name, overrides], ...]
 
     def probe(run, state):
-        topo, program = run.topo, next(iter(run.programs.values()))
+        program = next(iter(run.programs.values()))
         times = {c: [t.fwd, t.bwd, t.input_frac] for c, t in stage_times(run, state).items()}
-        # The real transport's time per message (no emulation): ping between stages 0 and 1.
-        one_way = 0.0
-        if cfg.parallel.pp > 1 and topo.replica == 0 and topo.stage in (0, 1):
-            buf = np.zeros(program.act_spec.nbytes, np.uint8)
-            peer = 1 - topo.stage
-            samples = []
-            for _ in range(6):
-                t0 = time.perf_counter()
-                if topo.stage == 0:
-                    topo.pipe.Send(buf, dest=peer)
-                    topo.pipe.Recv(buf, source=peer)
-                else:
-                    topo.pipe.Recv(buf, source=peer)
-                    topo.pipe.Send(buf, dest=peer)
-                samples.append((time.perf_counter() - t0) / 2)
-            one_way = float(np.median(samples[1:]))
+        one_way = transport_one_way_s(run)  # the real transport's time per message (no emulation)
         codec_s = None
         if codecs:  # each codec's encode/decode per message on this rank's device (tools/bench.py codec)
             from tools.bench import codec_times
