@@ -624,8 +624,8 @@ def ring_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink,
                 for j in ((i + d) % n for d in range(1, n)):
                     link = hop(i, j)
                     clock += link.transfer_s(grad_bytes / n)
-                    due = clock + link.delay_s + link.per_message_s
-                    ends[j], ends[i] = max(ends[j], due), max(ends[i], due)
+                    arrive = clock + link.delay_s + link.per_message_s
+                    ends[j], ends[i] = max(ends[j], arrive), max(ends[i], arrive)
             return ends
         last_due = [0.0] * n
         for _step in range(n - 1):
