@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from jaxpipe.comm.cluster import load_cluster
 from jaxpipe.config import NetworkConfig
@@ -121,11 +122,21 @@ class NetworkEmulator:
         self.send_at(due, put_on_wire)
         return due
 
-    def drain(self) -> None:
-        """Waits until every scheduled send has been put on the wire."""
+    def drain(self, poll: Callable[[], Any] | None = None) -> None:
+        """Waits until every scheduled send has been put on the wire. `poll`, if given, runs about every
+        millisecond meanwhile: Open MPI moves a large message's data only inside MPI calls of the
+        sender, so a sender that waits here must keep calling MPI (e.g. `MPI.Request.Testall`)."""
         with self._cv:
             while self._pending and self._error is None:
-                self._cv.wait(0.1)
+                if poll is None:
+                    self._cv.wait(0.1)
+                    continue
+                self._cv.release()
+                try:
+                    poll()
+                finally:
+                    self._cv.acquire()
+                self._cv.wait(0.001)
             if self._error is not None:
                 raise self._error
 

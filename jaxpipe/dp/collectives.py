@@ -210,7 +210,7 @@ class _P2P:
     def wait(self, recvs: list[Any] | None = None) -> None:
         if recvs:
             MPI.Request.Waitall(recvs)
-        self.net.drain()
+        self.net.drain(poll=lambda: MPI.Request.Testall(list(self.reqs)))  # keeps Open MPI's sends moving
         MPI.Request.Waitall(self.reqs)
         self.reqs, self.bufs = [], []
 
