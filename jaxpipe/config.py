@@ -376,19 +376,25 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def read_yaml(path: str | Path, where: str) -> Any:
+    """A YAML file's contents; a missing or malformed file is a ConfigError that starts with `where`
+    (the key or flag that named it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{where}: no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 world_size: int | None = None) -> Config:
     """`world_size` (the launched ranks) resolves `parallel.dp=auto`; without it `auto` stays and the
     checks that need the replica count wait for `resolve_world`."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+        tree = read_yaml(path, f"--config {path}") or {}
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

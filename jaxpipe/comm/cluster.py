@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jaxpipe.config import read_yaml
 from jaxpipe.errors import ConfigError
 
 Matrix = tuple[tuple[float, ...], ...]
@@ -182,13 +183,7 @@ def _is_number(x: Any) -> bool:
 
 def load_cluster(path: str | Path, where: str | None = None) -> Cluster:
     where = where or f"cluster file {path}"
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{where}: no such file")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    tree = read_yaml(path, where)
     return cluster_from_dict(tree, where)
 
 

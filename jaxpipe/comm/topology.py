@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from mpi4py import MPI
 
+from jaxpipe.config import read_yaml
 from jaxpipe.errors import ConfigError
 
 
@@ -119,13 +120,7 @@ PLACEMENT_KEYS = ("pp", "dp", "layout", "hosts", "settings", "predicted_s", "lau
 def read_placement(path: str | Path, pp: int, dp: int) -> tuple[tuple[int, int], ...]:
     """The (stage, replica) of every world rank, checked against the configured PP × DP."""
     where = f"parallel.placement {path}"
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{where}: no such file")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    tree = read_yaml(path, where)
     if not isinstance(tree, dict) or "layout" not in tree:
         raise ConfigError(f"{where}: expected a mapping with 'layout': one [stage, replica] per world rank")
     unknown = sorted(set(tree) - set(PLACEMENT_KEYS))
