@@ -33,6 +33,16 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "175b": dict(n_layer=96, d_model=12288, n_head=96),
 }
 _GPT3_DEFAULTS = dict(seq_len=2048, vocab_size=50257)
+# LLaMA-family shapes of released models (their config.json), so `plan` and the cost model see real
+# sizes. seq_len is the training length (the models' RoPE takes longer contexts; no parameter depends on it).
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    "tinyllama-1.1b": dict(n_layer=22, d_model=2048, n_head=32, n_kv_head=4, d_ff=5632, vocab_size=32000,
+                           seq_len=2048, rope_theta=10000.0, tie_embeddings=False),
+    "llama-3.2-1b": dict(n_layer=16, d_model=2048, n_head=32, n_kv_head=8, d_ff=8192, vocab_size=128256,
+                         seq_len=2048, rope_theta=500000.0, tie_embeddings=True, rope_scaling="llama3"),
+    "llama-3.2-3b": dict(n_layer=28, d_model=3072, n_head=24, n_kv_head=8, d_ff=8192, vocab_size=128256,
+                         seq_len=2048, rope_theta=500000.0, tie_embeddings=True, rope_scaling="llama3"),
+}
 
 
 @dataclass
@@ -53,7 +63,33 @@ class ModelConfig:
     # matmul outputs and recompute the cheap element-wise parts ("dots").
     remat: Literal["none", "block", "dots"] = "none"
     init_std: float = 0.02
+    # The LayerNorm's epsilon (gpt3), or the RMSNorm's (llama).
     ln_eps: float = 1e-5
+    # -- Architecture: gpt3 (LayerNorm, GELU MLP, learned positions, biases) or llama (RMSNorm, SwiGLU
+    # MLP, rotary positions, grouped-query attention, no biases); see jaxpipe.model.llama.
+    arch: Literal["gpt3", "llama"] = "gpt3"
+    # Key/value heads (grouped-query attention; llama only): 0 = n_head.
+    n_kv_head: int = 0
+    # Hidden width of the MLP: 0 = 4 × d_model (gpt3); llama needs it set.
+    d_ff: int = 0
+    # Input embedding and LM head share one matrix (and the pipeline's first and last stages keep it
+    # equal by the tied-embedding exchange), or are two (no exchange at all).
+    tie_embeddings: bool = True
+    # RoPE (llama): base θ, and Llama 3.1's frequency scaling ("llama3") with its four parameters.
+    rope_theta: float = 10000.0
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
 
 
 @dataclass
@@ -154,6 +190,10 @@ class TrainConfig:
     # A checkpoint that cannot be written (disk full, write access lost): end the run (exit status 4), or
     # log it and train on. Either way nothing half-written is committed.
     on_save_error: Literal["stop", "warn"] = "stop"
+    # Fine-tuning: start from this checkpoint's weights (e.g. one `jaxpipe import-hf` wrote) with a fresh
+    # optimizer and step 0. The run adopts the checkpoint's model section; model keys set otherwise are
+    # refused (jaxpipe.train.finetune). Unlike --resume, nothing but the parameters is read.
+    init_from: str | None = None
 
 
 @dataclass
@@ -325,8 +365,13 @@ def _section_from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 def _apply_model_preset(model: dict[str, Any]) -> dict[str, Any]:
     preset = model.get("preset", "tiny")
+    if preset == "hf":  # a model section `jaxpipe import-hf` wrote: every key is there
+        return model
+    if preset in LLAMA_PRESETS:
+        return {"arch": "llama", **LLAMA_PRESETS[preset], **model}
     if preset not in MODEL_PRESETS:
-        raise ConfigError(f"model.preset: {preset!r} is not one of {', '.join(MODEL_PRESETS)}")
+        raise ConfigError(f"model.preset: {preset!r} is not one of {', '.join([*MODEL_PRESETS, *LLAMA_PRESETS])} "
+                          f"(or hf: a model imported by `jaxpipe import-hf`)")
     base = dict(MODEL_PRESETS[preset])
     if preset != "tiny":
         base = {**_GPT3_DEFAULTS, **base}
@@ -423,6 +468,7 @@ def validate(cfg: Config) -> None:
                           f"default 65536 keeps scaling exact), got {t.loss_scale_init}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    _validate_arch(m)
     if p.pp * p.virtual_stages > m.n_layer:
         what = (f"parallel.pp × parallel.virtual_stages ({p.pp} × {p.virtual_stages})" if p.virtual_stages > 1
                 else f"parallel.pp ({p.pp})")
@@ -495,6 +541,35 @@ def validate(cfg: Config) -> None:
     if t.checkpoint_every and not t.checkpoint_dir:
         raise ConfigError("train.checkpoint_every is set but train.checkpoint_dir is not")
     _validate_codecs(cfg)
+
+
+def _validate_arch(m: ModelConfig) -> None:
+    """The architecture keys (model.arch and what only llama reads)."""
+    if m.n_kv_head < 0 or m.d_ff < 0:
+        raise ConfigError(f"model.n_kv_head and model.d_ff must be >= 0 (0 = the default), got {m.n_kv_head} "
+                          f"and {m.d_ff}")
+    if m.arch == "gpt3":
+        llama_only = [f"model.{k}" for k, default in (("n_kv_head", 0), ("rope_scaling", "none"))
+                      if getattr(m, k) != default]
+        if llama_only:
+            raise ConfigError(f"{', '.join(llama_only)} apply to model.arch=llama only (GPT-3 has multi-head attention "
+                              f"and learned positions): set model.arch=llama or leave them at their defaults")
+        return
+    if m.n_head % m.kv_heads:
+        raise ConfigError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head}): "
+                          f"each key/value head serves an equal group of query heads")
+    if not m.d_ff:
+        raise ConfigError("model.arch=llama needs model.d_ff (the SwiGLU MLP's hidden width, e.g. 8192 for "
+                          "Llama-3.2-1B): set it, or use a llama preset")
+    if (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"rotary positions rotate pairs of channels: the head width model.d_model / model.n_head "
+                          f"({m.d_model // m.n_head}) must be even")
+    if m.rope_theta <= 0:
+        raise ConfigError(f"model.rope_theta must be > 0, got {m.rope_theta}")
+    if m.rope_scaling == "llama3" and not (m.rope_factor > 0 and m.rope_high_freq_factor > m.rope_low_freq_factor > 0
+                                           and m.rope_original_max_len > 0):
+        raise ConfigError("model.rope_scaling=llama3 needs model.rope_factor > 0, model.rope_high_freq_factor > "
+                          "model.rope_low_freq_factor > 0 and model.rope_original_max_len > 0")
 
 
 def _validate_codecs(cfg: Config) -> None:

@@ -1,4 +1,7 @@
-"""A checkpoint as a Hugging Face GPT-2 model directory (`jaxpipe export-hf`).
+"""A checkpoint as a Hugging Face GPT-2 or LLaMA model directory (`jaxpipe export-hf`).
+
+The tensor correspondence for both is `jaxpipe.export.hf_map` (shared with `jaxpipe import-hf`, so
+import → export is exact); below, GPT-2's in detail.
 
 jaxpipe's GPT is GPT-2's architecture: pre-LN blocks, tanh-approximated GELU (`gelu_new`),
 learned positions, the LM head tied to the token embedding, attention scaled by 1/sqrt(d_head).
@@ -26,6 +29,7 @@ import numpy as np
 
 from jaxpipe.config import ModelConfig
 from jaxpipe.errors import ConfigError
+from jaxpipe.export import hf_map
 from jaxpipe.train import checkpoint
 
 
@@ -57,33 +61,36 @@ def gpt2_config(model: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     }
 
 
-def gpt2_state_dict(model: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """GPT2LMHeadModel's tensors (the tied `lm_head.weight` is left to `tie_word_embeddings`)."""
-    d = model.d_model
-    out = {"transformer.wte.weight": flat["embed/wte"], "transformer.wpe.weight": flat["embed/wpe"],
-           "transformer.ln_f.weight": flat["head/ln_f/scale"], "transformer.ln_f.bias": flat["head/ln_f/bias"]}
-    for i in range(model.n_layer):
-        src, dst = f"layer_{i}/", f"transformer.h.{i}."
-        out |= {
-            dst + "ln_1.weight": flat[src + "ln_1/scale"], dst + "ln_1.bias": flat[src + "ln_1/bias"],
-            dst + "attn.c_attn.weight": flat[src + "qkv/kernel"].reshape(d, 3 * d),
-            dst + "attn.c_attn.bias": flat[src + "qkv/bias"].reshape(3 * d),
-            dst + "attn.c_proj.weight": flat[src + "proj/kernel"].reshape(d, d),
-            dst + "attn.c_proj.bias": flat[src + "proj/bias"],
-            dst + "ln_2.weight": flat[src + "ln_2/scale"], dst + "ln_2.bias": flat[src + "ln_2/bias"],
-            dst + "mlp.c_fc.weight": flat[src + "fc/kernel"], dst + "mlp.c_fc.bias": flat[src + "fc/bias"],
-            dst + "mlp.c_proj.weight": flat[src + "out/kernel"], dst + "mlp.c_proj.bias": flat[src + "out/bias"],
-        }
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+def hf_state_dict(model: ModelConfig, flat: dict[str, np.ndarray], dtype: str = "float32",
+                  prefix: str = "transformer.") -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel's or LlamaForCausalLM's tensors (jaxpipe.export.hf_map; a tied head is left to
+    `tie_word_embeddings`), in `dtype`."""
+    import ml_dtypes
+
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    out = {}
+    for item in hf_map.item_order(model):
+        for e in hf_map.entries(model, item, prefix):
+            for name, tensor in zip(e.hf, e.to_hf(flat[e.key]), strict=True):
+                out[name] = np.ascontiguousarray(tensor.astype(np_dtype))
+    return out
 
 
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-              log: Callable[[str], None] = print) -> Path:
-    """Writes config.json, model.safetensors and (if the checkpoint or `tokenizer` has one) the tokenizer."""
+              log: Callable[[str], None] = print, dtype: str | None = None) -> Path:
+    """Writes config.json, model.safetensors and (if the checkpoint or `tokenizer` has one) the tokenizer.
+    `dtype` of the tensors: by default the imported model's (`jaxpipe import-hf` records it), else float32."""
     from safetensors.numpy import save_file
 
     ckpt = checkpoint.resolve(ckpt)
+    source = checkpoint.read_state(ckpt).get("source", {})
+    dtype = dtype or source.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     model, flat = checkpoint.load_flat(ckpt)
+    if model.arch == "gpt3" and (not model.tie_embeddings or model.d_ff not in (0, 4 * model.d_model)):
+        raise ConfigError("export-hf writes GPT-2 for model.arch=gpt3, whose head is tied and whose MLP is "
+                          "4 × d_model wide: this checkpoint's model is not (model.tie_embeddings, model.d_ff)")
     tok_path = Path(tokenizer) if tokenizer else ckpt / checkpoint.TOKENIZER_FILE
     eos_id = None
     if tok_path.is_file():
@@ -98,9 +105,24 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
         raise ConfigError(f"--tokenizer: no such file '{tokenizer}'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(gpt2_config(model, eos_id), indent=2) + "\n")
-    save_file(gpt2_state_dict(model, flat), str(out / "model.safetensors"), metadata={"format": "pt"})
-    if tok_path.is_file():
+    if model.arch == "llama":
+        from jaxpipe.export.hf_import import HF_CONFIG_FILE
+
+        imported = json.loads((ckpt / HF_CONFIG_FILE).read_text()) if (ckpt / HF_CONFIG_FILE).is_file() else {}
+        config = hf_map.llama_config(model, dtype, imported.get("bos_token_id", eos_id),
+                                     imported.get("eos_token_id", eos_id))
+        prefix = ""
+    else:
+        config = {**gpt2_config(model, eos_id), "torch_dtype": dtype}
+        prefix = source.get("prefix", "transformer.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(hf_state_dict(model, flat, dtype, prefix), str(out / "model.safetensors"), metadata={"format": "pt"})
+    from jaxpipe.export.hf_import import copy_tokenizer_files
+
+    copy_tokenizer_files(ckpt, out)
+    if tok_path.is_file() and (ckpt / "tokenizer_config.json").is_file():
+        shutil.copyfile(tok_path, out / "tokenizer.json")  # the imported tokenizer with its own settings
+    elif tok_path.is_file():
         shutil.copyfile(tok_path, out / "tokenizer.json")
         special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eos_id is not None else {}
         (out / "tokenizer_config.json").write_text(json.dumps({
@@ -108,6 +130,6 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
             "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special,
         }, indent=2) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    log(f"{out}: GPT-2 ({model.n_layer} layers, d {model.d_model}, vocab {model.vocab_size}) from {ckpt}"
+    log(f"{out}: {'LLaMA' if model.arch == 'llama' else 'GPT-2'} ({model.n_layer} layers, d {model.d_model}, vocab {model.vocab_size}) from {ckpt}"
         + ("" if tok_path.is_file() else " (no tokenizer in the checkpoint: pass --tokenizer)"))
     return out

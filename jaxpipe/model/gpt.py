@@ -51,6 +51,9 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.
     the order of accumulation can differ). Every other case, and float16 on GPU, is JAX's own.
     """
     if q_BxLxNxH.dtype == jnp.float16 and implementation == "xla" and jax.default_backend() == "cpu":
+        group = q_BxLxNxH.shape[2] // k_BxLxNxH.shape[2]  # grouped-query attention: head i reads kv head i // group
+        if group > 1:
+            k_BxLxNxH, v_BxLxNxH = (jnp.repeat(t, group, axis=2) for t in (k_BxLxNxH, v_BxLxNxH))
         return _float32_logits_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH)
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True,
                                         implementation=implementation)
@@ -100,7 +103,7 @@ class Block(nn.Module):
         self.qkv = nn.DenseGeneral((3, n_head, d_head), dtype=dtype, kernel_init=init)
         self.proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dtype, kernel_init=out_init)
         self.ln_2 = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype)
-        self.fc = nn.Dense(4 * cfg.d_model, dtype=dtype, kernel_init=init)
+        self.fc = nn.Dense(cfg.ffn_dim, dtype=dtype, kernel_init=init)
         self.out = nn.Dense(cfg.d_model, dtype=dtype, kernel_init=out_init)
 
     def _op(self, name: str, x: jax.Array) -> jax.Array:
@@ -122,15 +125,35 @@ class Block(nn.Module):
         return None, {name + "_out": getattr(self, name)(inputs[name + "_in"][0]) for name in BLOCK_OPS}
 
 
+def block_type(cfg: ModelConfig) -> type[nn.Module]:
+    """The transformer block of `model.arch` (jaxpipe.model.llama's for llama)."""
+    if cfg.arch == "llama":
+        from jaxpipe.model.llama import LlamaBlock
+
+        return LlamaBlock
+    return Block
+
+
+def final_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm before the LM head: LayerNorm (gpt3) or RMSNorm (llama)."""
+    if cfg.arch == "llama":
+        return nn.RMSNorm(epsilon=cfg.ln_eps, dtype=compute_dtype(cfg))
+    return nn.LayerNorm(epsilon=cfg.ln_eps, dtype=compute_dtype(cfg))
+
+
 def _block_class(cfg: ModelConfig) -> type[nn.Module]:
+    block = block_type(cfg)
     if cfg.remat == "none":
-        return Block
+        return block
     policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
-    return nn.remat(Block, prevent_cse=not cfg.scan_blocks, policy=policy)
+    return nn.remat(block, prevent_cse=not cfg.scan_blocks, policy=policy)
 
 
 class StageModel(nn.Module):
     """Layers [start, start + n_layers) of the GPT, plus embeddings if first and the head if last.
+
+    The head is the tied `wte` (a copy on the last stage) or, with `model.tie_embeddings` off, its
+    own matrix `lm_head` [V, D]; learned positions `wpe` are gpt3's only (llama rotates inside blocks).
 
     Input: int32 tokens [B, L] on the first stage, activations [B, L, D] elsewhere.
     Output: float32 logits [B, L, V] on the last stage, activations [B, L, D] elsewhere.
@@ -144,9 +167,9 @@ class StageModel(nn.Module):
     def setup(self) -> None:
         cfg = self.cfg
         init = nn.initializers.normal(cfg.init_std)
-        if self.first or self.last:
+        if self.first or (self.last and cfg.tie_embeddings):
             self.wte = self.param("wte", init, (cfg.vocab_size, cfg.d_model))
-        if self.first:
+        if self.first and cfg.arch == "gpt3":
             self.wpe = self.param("wpe", init, (cfg.seq_len, cfg.d_model))
         block = _block_class(cfg)
         if self.n_layers and cfg.scan_blocks:
@@ -156,15 +179,20 @@ class StageModel(nn.Module):
         elif self.n_layers:
             self.block_list = [block(cfg, name=f"block_{j}") for j in range(self.n_layers)]
         if self.last:
-            self.ln_f = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=compute_dtype(cfg))
+            self.ln_f = final_norm(cfg)
+            if not cfg.tie_embeddings:
+                self.lm_head = self.param("lm_head", init, (cfg.vocab_size, cfg.d_model))
 
     # The stage's own parametrised ops (embedding, final LayerNorm, LM head), as functions of their input.
     def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
-        x = jnp.take(self.wte, tokens_BxL, axis=0) + self.wpe[: tokens_BxL.shape[1]]
+        x = jnp.take(self.wte, tokens_BxL, axis=0)
+        if self.cfg.arch == "gpt3":
+            x = x + self.wpe[: tokens_BxL.shape[1]]
         return x.astype(compute_dtype(self.cfg))
 
     def _head(self, h_BxLxD: jax.Array) -> jax.Array:
-        logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte.astype(compute_dtype(self.cfg)))
+        w = self.wte if self.cfg.tie_embeddings else self.lm_head
+        logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, w.astype(compute_dtype(self.cfg)))
         return logits_BxLxV.astype(jnp.float32)
 
     def _op(self, name: str, fn: Any, x: jax.Array) -> jax.Array:
@@ -206,8 +234,17 @@ def next_token_loss(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Arra
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
 
 
+def layer_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs of one block per token: 2 × its matmul weights + 4·s·d for attention's two
+    products (gpt3: 24·d² + 4·s·d; llama: 2·(2·d² + 2·d·d_kv + 3·d·f) + 4·s·d)."""
+    d, s = cfg.d_model, cfg.seq_len
+    if cfg.arch == "llama":
+        d_kv = cfg.kv_heads * (d // cfg.n_head)
+        return 2.0 * (2 * d * d + 2 * d * d_kv + 3 * d * cfg.ffn_dim) + 4.0 * s * d
+    return 2.0 * (4 * d * d + 2 * d * cfg.ffn_dim) + 4.0 * s * d
+
+
 def model_flops_per_token(cfg: ModelConfig) -> float:
     """Model FLOPs (forward + backward, no recomputation) per trained token, LM head included:
-    3 × (layers × (24·d² + 4·s·d) + 2·d·V). GPT-3 XL at seq 2048: 9.07 GFLOP per token."""
-    d, s, v = cfg.d_model, cfg.seq_len, cfg.vocab_size
-    return 3.0 * (cfg.n_layer * (24 * d * d + 4 * s * d) + 2 * d * v)
+    3 × (layers × layer_flops_per_token + 2·d·V). GPT-3 XL at seq 2048: 9.07 GFLOP per token."""
+    return 3.0 * (cfg.n_layer * layer_flops_per_token(cfg) + 2 * cfg.d_model * cfg.vocab_size)

@@ -38,6 +38,7 @@ then falls back to the previous one (jaxpipe.train.hooks.find_checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -67,7 +68,8 @@ SCALARS_FILE = "opt_scalars.json"
 EXTRAS_DIR = "extras"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Model fields that fix parameter shapes: a checkpoint loads only into a model that agrees on all.
-SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
+SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size", "arch", "n_kv_head", "d_ff",
+                "tie_embeddings")
 
 
 def step_name(step: int) -> str:
@@ -110,12 +112,15 @@ def read_state(ckpt: str | Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint '{ckpt}': cannot read {STATE_FILE}: {e}") from None
 
 
+MODEL_DEFAULTS = dataclasses.asdict(ModelConfig())
+
+
 def model_config(state: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**state["config"]["model"], **overrides})
 
 
 def check_compatible(state: Mapping[str, Any], model: ModelConfig, ckpt: str | Path) -> None:
-    saved = state["config"]["model"]
+    saved = {**MODEL_DEFAULTS, **state["config"]["model"]}  # (checkpoints from before model.arch)
     diff = [f"model.{k} {saved[k]} (checkpoint) vs {getattr(model, k)}" for k in SHAPE_FIELDS
             if saved[k] != getattr(model, k)]
     if diff:
@@ -501,12 +506,15 @@ def read_items(ckpt: str | Path, names: list[str], verify_first: bool = True, su
 def _assemble(model: ModelConfig, spec: StageSpec, items: Mapping[str, Any], pick: Any) -> Params:
     """A stage-shaped tree from per-layer items; `pick(item)` selects params or one optimizer slot."""
     embed = pick(items["embed"]) if (spec.first or spec.last) else None
+    head = pick(items["head"]) if spec.last else None
+    tied = model.tie_embeddings
     return assemble_stage_params(
         model,
         [pick(items[f"layer_{i}"]) for i in spec.layers],
         embedding=embed if spec.first else None,
-        final_ln=pick(items["head"])["ln_f"] if spec.last else None,
-        wte=embed["wte"] if (embed is not None and spec.last and not spec.first) else None,
+        final_ln=head["ln_f"] if head is not None else None,
+        wte=embed["wte"] if (embed is not None and tied and spec.last and not spec.first) else None,
+        lm_head=head["lm_head"] if (head is not None and not tied) else None,
     )
 
 
@@ -591,3 +599,36 @@ def load_model(ckpt: str | Path, **model_overrides: Any) -> tuple[ModelConfig, P
     tokens = jnp.zeros((1, model.seq_len), jnp.int32)
     template = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens)["params"]
     return model, load_stage(ckpt, model, spec, template)
+
+
+def write_params(out: str | Path, model: ModelConfig, items: Iterable[tuple[str, Params]],
+                 state: Mapping[str, Any], files: Mapping[str, str | Path] | None = None) -> Path:
+    """A parameters-only checkpoint written by one process, item by item as `items` yields them (so a
+    converter holds one layer at a time): `out/` gets the per-layer items ({"params": tree}), the
+    copied `files`, state.json (`state` plus the model section and checksums) and COMMIT, and appears
+    only complete (written as `out.tmp/`, then renamed). Loads like any checkpoint: `load_flat`,
+    `load_stage` at any layout, and `train.init_from` (no optimizer state: it starts fresh there)."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out).absolute()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    checkpointer = ocp.PyTreeCheckpointer()
+    sums: dict[str, Any] = {}
+    for name, tree in items:
+        checkpointer.save(tmp / name, {"params": tree})
+        sums[name] = digest(tmp / name)
+    copied = {}
+    for name, src in (files or {}).items():
+        shutil.copyfile(src, tmp / name)
+        copied[name] = digest(tmp / name)
+    meta = {"format": FORMAT, "step": 0, **state, "config": {"model": dataclasses.asdict(model)},
+            "saved_at": time.time(), "checksums": {"algorithm": "sha256", "items": sums, "files": copied}}
+    text = json.dumps(meta, indent=2) + "\n"
+    _write_durable(tmp / STATE_FILE, text)
+    _write_durable(tmp / COMMIT_FILE, f"0\nsha256 {hashlib.sha256(text.encode()).hexdigest()}\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
