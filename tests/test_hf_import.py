@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import tiny_llama
 
 from jaxpipe.config import ModelConfig
 from jaxpipe.errors import ConfigError
@@ -31,17 +32,7 @@ VOCAB = 96
 
 
 def _llama(path: Path, tied: bool, n_kv: int = 2, dtype: str = "float32", **extra) -> Path:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=SEQ,
-                                   rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied, **extra)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # RMSNorm scales start at 1: make them matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.to(getattr(torch, dtype)).save_pretrained(path)
-    return path
+    return tiny_llama(path, tied, n_kv, dtype, vocab=VOCAB, seq=SEQ, **extra)
 
 
 def _gpt2(path: Path) -> Path:

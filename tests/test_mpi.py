@@ -100,6 +100,32 @@ DP_CASES = {
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
+
+# ---- fine-tuning an imported LLaMA (issue 25): train.init_from, in the same launches --------------
+# (no MODEL keys: the run adopts the checkpoint's model section; an untied head means no tied exchange)
+FINETUNE = {
+    2: {"pp2_llama_untied_finetune": (False, ["parallel.pp=2", "parallel.dp=1"]),
+        "pp2_llama_tied_finetune_1f1b": (True, ["parallel.pp=2", "parallel.dp=1", "parallel.schedule=1f1b"])},
+    4: {"pp2xdp2_llama_untied_finetune": (False, ["parallel.pp=2", "parallel.dp=2"])},
+}
+LLAMA = dict(vocab=128, seq=32, hidden=64, ff=96, layers=4, heads=4, n_kv=2)
+
+
+@cache
+def finetune_checkpoint(root: Path, tied: bool) -> Path:
+    from hf_models import imported_llama
+
+    where = root / f"llama_{'tied' if tied else 'untied'}"
+    where.mkdir(exist_ok=True)
+    return imported_llama(where, tied, **LLAMA)
+
+
+def finetune_sets(root: Path, name: str) -> list[str]:
+    for group in FINETUNE.values():
+        if name in group:
+            tied, extra = group[name]
+            return [*TRAIN, *extra, f"train.init_from={finetune_checkpoint(root, tied)}"]
+    raise KeyError(name)
 ENV = {2: {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 _runs: dict[int, Any] = {}
 
@@ -109,6 +135,7 @@ def group_run(n: int, tmp_root: Path):
     if n not in _runs:
         cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE, "nccl_dp": name in NCCL_DP}
                  for name, extra in {**GROUPS[n], **DP_CASES.get(n, {})}.items()}
+        cases.update({name: {"set": finetune_sets(tmp_root, name)} for name in FINETUNE.get(n, {})})
         out = tmp_root / f"group{n}"
         out.mkdir()
         run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)],
@@ -198,6 +225,53 @@ BAD_INPUT = {
                            "network.matrix tests/data/cluster_bad_shape.yaml: bandwidth_gbit[2] has 3 entries, need 4 "
                            "(one per receiving rank)"),
 }
+
+
+@pytest.mark.parametrize(("n", "layout"), [(n, name) for n, group in FINETUNE.items() for name in group])
+def test_finetuning_equals_single_process(tmp_path_factory, n, layout):
+    """Fine-tuning an imported LLaMA (whose forward equals transformers', tests/test_hf_import.py) at PP=2
+    and PP=2 × DP=2 equals plain optax AdamW on the whole model from the same weights, step by step."""
+    from jaxpipe.train import checkpoint
+    from jaxpipe.train.finetune import load_config as load_finetune
+
+    root = tmp_path_factory.getbasetemp()
+    run, out = group_run(n, root)
+    assert run.returncode == 0, run.stderr[-20000:]
+    cfg = load_finetune(None, finetune_sets(root, layout))
+    ckpt = Path(cfg.train.init_from)
+    init = checkpoint.load_model(ckpt, **{k: getattr(cfg.model, k) for k in ("dtype", "scan_blocks")})[1]
+    ref_losses, ref_norms, ref_params = reference_train(cfg, init=init)
+    case = out / layout
+    result = json.loads((case / "result.json").read_text())
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=2e-6)
+    np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=2e-6)
+    got: dict[str, np.ndarray] = {}
+    for f in sorted(case.glob("rank*.npz")):
+        for k, v in np.load(f).items():
+            if k == "head/wte":
+                np.testing.assert_array_equal(v, np.load(next(case.glob("rank0.npz")))["embed/wte"])
+            elif k in got:
+                np.testing.assert_array_equal(v, got[k], err_msg=f"replicas disagree on {k}")
+            else:
+                got[k] = v
+    assert got.keys() == ref_params.keys()
+    for k, ref in ref_params.items():
+        np.testing.assert_allclose(got[k], ref, rtol=0, atol=2e-6, err_msg=k)
+    rows = [json.loads(line) for line in (case / "metrics.jsonl").read_text().splitlines()]
+    tied = FINETUNE[n][layout][0]
+    assert all((row["tied_bytes"] > 0) == tied for row in rows)  # untied: no tied exchange at all
+    assert cfg.model.arch == "llama" and cfg.model.tie_embeddings == tied
+
+
+def test_init_from_refuses_disagreeing_model_keys_on_every_rank(tmp_path_factory):
+    ckpt = finetune_checkpoint(tmp_path_factory.getbasetemp(), False)
+    run = run_mpi(2, ["-m", "jaxpipe", "train", *sets(["parallel.pp=2", f"train.init_from={ckpt}",
+                                                       "model.n_kv_head=4"])], timeout=120)
+    message = (f"jaxpipe: error: train.init_from={ckpt}: the run adopts the checkpoint's model section, and "
+               f"model.n_kv_head=4 (the checkpoint's is 2) disagrees with it: drop it")
+    assert run.returncode != 0
+    assert run.stderr.count(message) == 2, run.stderr  # once per rank, before anything compiled
+    assert "step " not in run.stdout
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))

@@ -56,7 +56,8 @@ from jaxpipe.runtime.devices import assign_devices, local_mesh
 from jaxpipe.runtime.preempt import PREEMPT
 from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY, start_watchdog
-from jaxpipe.train.checkpoint import check_writable
+from jaxpipe.train.checkpoint import check_writable, load_stage, rank_item_names
+from jaxpipe.train.finetune import check_init_from
 from jaxpipe.train.hooks import RunHooks, find_checkpoint, rank_reads
 from jaxpipe.train.observe import Observe, Observer, peak_memory, throughput
 from jaxpipe.train.optimizer import LossScaler, Optimizer
@@ -170,17 +171,19 @@ def _bcast_tree(tree: Params, comm: Any, root: int) -> Params:
 
 
 def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dict[int, StageProgram],
-                last_chunk: int) -> dict[int, Params]:
-    """DP rank 0 of each stage initialises; the other replicas receive its values (not a shared
-    seed: replicas must start identical even where random number generation differs by host). The
-    last chunk's copy of the tied `wte` starts as the first chunk's."""
+                last_chunk: int, init_from: Path | None = None) -> dict[int, Params]:
+    """DP rank 0 of each stage initialises (or, fine-tuning, reads `init_from`'s weights); the other
+    replicas receive its values (not a shared seed: replicas must start identical even where random
+    number generation differs by host). The last chunk's copy of the tied `wte` starts as the first chunk's."""
     params = {}
     if faults.ARMED:
         faults.at_setup()
     for c, program in programs.items():
         spec = partition.stage(c)
         shapes = program.param_shapes()
-        if topo.dp_comm.Get_rank() == 0:
+        if topo.dp_comm.Get_rank() == 0 and init_from:
+            p = load_stage(init_from, cfg.model, spec, shapes)
+        elif topo.dp_comm.Get_rank() == 0:
             p = init_stage_params(cfg.model, cfg.train.seed, spec.layers, spec.first, spec.last)
         else:
             p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -188,7 +191,7 @@ def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dic
             raise AssertionError("chunk parameter layout does not match the StageModel's")
         with ACTIVITY.waiting("set-up (the parameter broadcast to the replicas)", long=True):
             params[c] = _bcast_tree(p, topo.dp_comm, root=0)
-    if last_chunk > 0:
+    if last_chunk > 0 and cfg.model.tie_embeddings:
         if 0 in params and last_chunk in params:
             params[last_chunk]["wte"] = params[0]["wte"]
         elif topo.tied is not None:
@@ -249,8 +252,9 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     layout = _agreed(comm, "the placement file", lambda: read_placement(p.placement or "", p.pp, p.replicas)) \
         if p.placement else None
     with ACTIVITY.waiting("set-up (splitting the communicators)", long=True):
-        topo = Topology.create(comm, p.pp, p.replicas, tied_stages=(schedule.rank_of(0), schedule.rank_of(last)),
-                               layout=layout)
+        # An untied head (model.tie_embeddings off) has no tied pair: no exchange at all.
+        ends = (schedule.rank_of(0), schedule.rank_of(last if cfg.model.tie_embeddings else 0))
+        topo = Topology.create(comm, p.pp, p.replicas, tied_stages=ends, layout=layout)
     ACTIVITY.locate(topo.stage, topo.replica)
     _agreed(comm, "loading the fault injection", lambda: faults.load(topo.rank, topo.stage, topo.replica))
     k = cfg.runtime.devices_per_process
@@ -269,6 +273,11 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
         reads = rank_reads(cfg, topo.stage, topo.replica, {c: partition.stage(c) for c in chunks})
         resume_from = find_checkpoint(cfg, resume, comm, reads, log if comm.Get_rank() == 0 else None,
                                       [list(r) for r in partition.ranges])
+    # train.init_from (fine-tuning): the items this rank reads are checked on every rank, before anything compiles.
+    init_from = None
+    if (src := cfg.train.init_from) and resume_from is None:
+        names = rank_item_names({c: partition.stage(c) for c in chunks})
+        init_from = _agreed(comm, "the train.init_from checkpoint", lambda: check_init_from(src, names))
     # A checkpoint directory this job cannot write fails here, on every rank, not at the first save.
     if (ckpt_dir := cfg.train.checkpoint_dir) and cfg.train.checkpoint_every:
         _agreed(comm, "the checkpoint directory check", lambda: check_writable(ckpt_dir, "train.checkpoint_dir"))
@@ -280,7 +289,8 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     check(lowered)
     programs = {c: StageProgram(cfg.stage_model(topo.stage), partition.stage(c), cfg.train.micro_batch_size, mesh,
                                 split=schedule.uses(c, SPLIT_BACKWARD)) for c in chunks}
-    params = init_params(cfg, topo, partition, programs, last)
+    # train.init_from (fine-tuning): its weights, unless resuming (the resumed checkpoint has newer ones).
+    params = init_params(cfg, topo, partition, programs, last, init_from)
     optimizer = Optimizer(cfg.train)
     opt_state = programs[chunks[0]].place_params(optimizer.init(params))  # committed, as the update returns it
     place_trees = lambda trees: {c: programs[c].place_params(t) for c, t in trees.items()}  # noqa: E731
@@ -311,7 +321,8 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
                                                            p.tied_grad_dtype, replica=topo.replica))
     else:
         _agreed(comm, what, lambda: None)
-    tied_local = LocalTiedSum(p.tied_grad_dtype, topo.replica) if (0 in chunks and last in chunks and last) else None
+    tied_local = LocalTiedSum(p.tied_grad_dtype, topo.replica) if (
+        0 in chunks and last in chunks and last and cfg.model.tie_embeddings) else None
     stateful = [*codec_state, *(tied.stateful() if tied else []), *(tied_local.stateful() if tied_local else [])]
     run = Run(cfg=cfg, comm=comm, topo=topo, schedule=schedule, lowered=lowered, partition=partition,
               programs=programs, executor=Executor(lowered, topo.stage, programs, transport, p.recv_lookahead),
@@ -346,7 +357,7 @@ def step_batch(run: Run, step: int) -> StepBatch:
 def sum_tied(run: Run, grads: dict[int, Params]) -> dict[int, Params]:
     """Both copies of `wte` get the sum of the two gradients (bit-identical on both ends)."""
     last = run.last_chunk
-    if last == 0:
+    if last == 0 or not run.cfg.model.tie_embeddings:
         return grads
     if run.tied_local is not None:  # Both ends on this rank (V shape).
         g = run.tied_local(grads[0]["wte"], grads[last]["wte"])
@@ -393,7 +404,7 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     # Every stage's gradient sum of squares and the loss go to the whole pipeline. With a DP algorithm
     # that averages every step the gradients, hence the norm, are equal on all replicas, so every rank
     # of the job decides the same about a non-finite step (a non-finite loss makes the gradients so).
-    skip_tied = run.last_chunk > 0
+    skip_tied = run.last_chunk > 0 and run.cfg.model.tie_embeddings
     sq = sum(float(prog.sq_norm(grads[c], skip_tied and c == run.last_chunk)) for c, prog in run.programs.items())
     loss = result.mean_loss
     local = np.array([sq, float(loss) if loss is not None else 0.0])
