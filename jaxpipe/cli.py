@@ -209,8 +209,8 @@ def _elastic(args: argparse.Namespace, job: list[str]) -> Any:
 
 
 def _cmd_partition(args: argparse.Namespace) -> None:
-    from jaxpipe.train.finetune import load_config
     from jaxpipe.pipeline.partition import StageCosts, resolve_partition, stage_cost
+    from jaxpipe.train.finetune import load_config
 
     cfg = load_config(args.config, args.overrides)
     p = cfg.parallel
@@ -225,7 +225,6 @@ def _cmd_partition(args: argparse.Namespace) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from jaxpipe.train.finetune import load_config
     from jaxpipe.pipeline.costmodel import (
         ORIGINAL_SETTINGS,
         CodecTimes,
@@ -236,6 +235,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         plan,
     )
     from jaxpipe.pipeline.schedule import format_grid, format_timeline
+    from jaxpipe.train.finetune import load_config
 
     cfg = load_config(args.config, args.overrides)
     times = None
@@ -278,8 +278,18 @@ def _param_counts(cfg: Any) -> str:
     schedule = config_schedule(cfg)
     counts = stage_param_counts(cfg.model, config_partition(cfg, schedule).ranges)
     per_rank = [sum(counts[c] for c in schedule.chunks_of(r)) for r in range(cfg.parallel.pp)]
-    return (f"parameters: {param_count(cfg.model):,} ({param_count(cfg.model) / 1e6:,.1f}M); per stage: "
-            + ", ".join(f"{n / 1e6:,.1f}M" for n in per_rank))
+    m = cfg.model
+    if not m.tie_embeddings:
+        tied = "untied LM head (its own matrix on the last stage): no tied-embedding exchange at all"
+    elif schedule.rank_of(0) == schedule.rank_of(schedule.n_chunks - 1):
+        tied = "tied embedding: both ends on one rank, summed locally"
+    else:
+        from jaxpipe.pipeline.costmodel import tied_bytes_per_end
+
+        tied = (f"tied embedding: its gradient exchanged between ranks {schedule.rank_of(0)} and "
+                f"{schedule.rank_of(schedule.n_chunks - 1)}, {tied_bytes_per_end(cfg) / 1e6:,.1f} MB each way per step")
+    return (f"parameters: {param_count(m):,} ({param_count(m) / 1e6:,.1f}M); per stage: "
+            + ", ".join(f"{n / 1e6:,.1f}M" for n in per_rank) + f"; {tied}")
 
 
 def _sweep_table(rows: list[tuple[str, Any]]) -> str:
@@ -337,11 +347,11 @@ def _cmd_dry_run(args: argparse.Namespace) -> None:
     """What `train` would run, from the config alone: no MPI, no JAX device, nothing compiled."""
     import yaml
 
-    from jaxpipe.train.finetune import load_config
     from jaxpipe.data.source import make_source
     from jaxpipe.pipeline.costmodel import config_schedule, plan
     from jaxpipe.pipeline.schedule import check, format_timeline
     from jaxpipe.train.checkpoint import check_writable
+    from jaxpipe.train.finetune import load_config
     from jaxpipe.train.hooks import check_resume
 
     cfg = load_config(args.config, args.overrides)
@@ -398,10 +408,10 @@ def _cmd_plan_cluster(args: argparse.Namespace) -> None:
     import json
 
     from jaxpipe.comm.topology import write_placement
-    from jaxpipe.train.finetune import load_config
     from jaxpipe.plan.cluster import resolve_cluster
     from jaxpipe.plan.dtfm import ANCHOR_SIZES
     from jaxpipe.plan.search import format_plan, plan_layout
+    from jaxpipe.train.finetune import load_config
 
     cfg = load_config(args.config, args.overrides)
     cluster = resolve_cluster(args.cluster, args.shuffle_seed)
@@ -518,8 +528,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         from mpi4py import MPI
 
-        from jaxpipe.train.finetune import load_config
         from jaxpipe.errors import agree
+        from jaxpipe.train.finetune import load_config
 
         # On every rank together: a config file missing on one host must not leave the others waiting.
         cfg = agree(MPI.COMM_WORLD, lambda: load_config(args.config, args.overrides))

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from jaxpipe.train.finetune import load_config  # (adopts train.init_from's model)
 from jaxpipe.model.layout import flatten_per_layer
+from jaxpipe.train.finetune import load_config  # (adopts train.init_from's model)
 from jaxpipe.train.trainer import Factories, train
 
 parser = argparse.ArgumentParser()

@@ -35,8 +35,11 @@ def _scaled_step(model: StageModel, tx: optax.GradientTransformation):
 
 
 def reference_train(cfg: Config, skip: frozenset[int] = frozenset(), record: dict | None = None,
-                    init: dict | None = None) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
-    """`init`: the whole model's starting parameters (fine-tuning), else the seed's. `skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
+                    init: dict | None = None
+                    ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
+    """`init`: the whole model's starting parameters (fine-tuning), else the seed's.
+
+    `skip`: steps (0-based) whose update never happens: parameters, Adam moments and the update
     counter (hence the learning-rate schedule) stay as they were; the next step reads its own data.
 
     Dynamic loss scaling (float16, or `train.loss_scaling=dynamic`), as the config describes it: the

@@ -34,7 +34,8 @@ def test_plan_names_the_link_bound():
             "--set", "network.delay_ms=10", "--set", "network.rate_gbit=1", "--sweep")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "parameters: 1,315,723,264 (1,315.7M); per stage: 409.3M, 352.5M, 352.5M, 304.4M"
+    assert lines[0] == ("parameters: 1,315,723,264 (1,315.7M); per stage: 409.3M, 352.5M, 352.5M, 304.4M; tied "
+                        "embedding: its gradient exchanged between ranks 0 and 3, 411.7 MB each way per step")
     assert lines[1].startswith("predicted iteration ")
     assert lines[2].startswith("link-bound: stage 1's link is busy 8.590 s per iteration")
     assert lines[4] == "| network | iteration s | bound | compute s | pipeline bubble s | link s | synchronisation s |"

@@ -130,6 +130,7 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
             "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special,
         }, indent=2) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    log(f"{out}: {'LLaMA' if model.arch == 'llama' else 'GPT-2'} ({model.n_layer} layers, d {model.d_model}, vocab {model.vocab_size}) from {ckpt}"
+    kind = "LLaMA" if model.arch == "llama" else "GPT-2"
+    log(f"{out}: {kind} ({model.n_layer} layers, d {model.d_model}, vocab {model.vocab_size}) from {ckpt}"
         + ("" if tok_path.is_file() else " (no tokenizer in the checkpoint: pass --tokenizer)"))
     return out

@@ -99,7 +99,7 @@ def check_tensors(model: ModelConfig, tensors: _Tensors, prefix: str) -> str:
     """Every tensor the model needs is there with its shape and a float dtype, and nothing else is (a
     bias LLaMA has no place for, a tensor of another architecture), before anything is written.
     Returns their dtype (float32 when they differ), for export to write them back as they came."""
-    wanted = {}
+    wanted: dict[str, tuple[int, ...]] = {}
     for item in hf_map.item_order(model):
         for e in hf_map.entries(model, item, prefix):
             wanted.update(zip(e.hf, e.hf_shapes, strict=True))

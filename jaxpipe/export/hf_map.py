@@ -8,7 +8,7 @@ widens to float32 exactly, and the export narrows back to the source's dtype exa
     embed/wpe [S, d]                          wpe.weight                         -
     layer_i/qkv/kernel [d, 3, n, h]           h.i.attn.c_attn.weight [d, 3d]     -
     layer_i/q/kernel [d, n, h]                -                                  ...q_proj.weight [n·h, d]
-    layer_i/kv/kernel [d, 2, k, h]            -                                  ...k_proj.weight, v_proj.weight [k·h, d]
+    layer_i/kv/kernel [d, 2, k, h]            -                                  ...k_proj, v_proj.weight [k·h, d]
     layer_i/proj/kernel [n, h, d]             h.i.attn.c_proj.weight [d, d]      ...o_proj.weight [d, n·h]
     layer_i/fc, out (kernel, bias)            h.i.mlp.c_fc, c_proj               -
     layer_i/gate_up/kernel [d, 2, f]          -                                  ...gate_proj, up_proj [f, d]
@@ -78,7 +78,8 @@ def entries(model: ModelConfig, item: str, prefix: str = "") -> list[Entry]:
     if model.arch == "gpt3":
         p = prefix
         if item == "embed":
-            return [_same("embed/wte", p + "wte.weight", (v, d)), _same("embed/wpe", p + "wpe.weight", (model.seq_len, d))]
+            return [_same("embed/wte", p + "wte.weight", (v, d)),
+                    _same("embed/wpe", p + "wpe.weight", (model.seq_len, d))]
         if item == "head":
             return [_same("head/ln_f/scale", p + "ln_f.weight", (d,)), _same("head/ln_f/bias", p + "ln_f.bias", (d,))]
         i = int(item.removeprefix("layer_"))
@@ -90,8 +91,10 @@ def entries(model: ModelConfig, item: str, prefix: str = "") -> list[Entry]:
             _reshaped(s + "proj/kernel", t + "attn.c_proj.weight", (d, d), (n, h, d)),
             _same(s + "proj/bias", t + "attn.c_proj.bias", (d,)),
             _same(s + "ln_2/scale", t + "ln_2.weight", (d,)), _same(s + "ln_2/bias", t + "ln_2.bias", (d,)),
-            _same(s + "fc/kernel", t + "mlp.c_fc.weight", (d, f)), _same(s + "fc/bias", t + "mlp.c_fc.bias", (f,)),
-            _same(s + "out/kernel", t + "mlp.c_proj.weight", (f, d)), _same(s + "out/bias", t + "mlp.c_proj.bias", (d,)),
+            _same(s + "fc/kernel", t + "mlp.c_fc.weight", (d, f)),
+            _same(s + "fc/bias", t + "mlp.c_fc.bias", (f,)),
+            _same(s + "out/kernel", t + "mlp.c_proj.weight", (f, d)),
+            _same(s + "out/bias", t + "mlp.c_proj.bias", (d,)),
         ]
     k = model.kv_heads
     if item == "embed":
@@ -156,7 +159,8 @@ def model_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         n_inner = _get(cfg, "n_inner")
         return ModelConfig(preset="hf", arch="gpt3", n_layer=_get(cfg, "n_layer", required=True), d_model=d,
                            n_head=_get(cfg, "n_head", required=True), seq_len=_get(cfg, "n_positions", required=True),
-                           vocab_size=_get(cfg, "vocab_size", required=True), d_ff=0 if n_inner in (None, 4 * d) else n_inner,
+                           vocab_size=_get(cfg, "vocab_size", required=True),
+                           d_ff=0 if n_inner in (None, 4 * d) else n_inner,
                            ln_eps=float(_get(cfg, "layer_norm_epsilon", 1e-5)),
                            init_std=float(_get(cfg, "initializer_range", 0.02)), tie_embeddings=True)
     if kind != "llama":

@@ -43,7 +43,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         np.float32)
     if cfg.rope_scaling == "none":
         return inv
-    factor, lo, hi, old = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_len
     wavelen = 2 * math.pi / inv
     scaled = np.where(wavelen > old / lo, inv / factor, inv)
     smooth = (old / wavelen - lo) / (hi - lo)

@@ -422,7 +422,10 @@ def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float
 
 
 def tied_bytes_per_end(cfg: Config) -> float:
+    """0 with an untied head (model.tie_embeddings off): there is no tied exchange at all."""
     m = cfg.model
+    if not m.tie_embeddings:
+        return 0.0
     per_row = {"float32": 4 * m.d_model, "bfloat16": 2 * m.d_model, "int8": m.d_model + 2}[cfg.parallel.tied_grad_dtype]
     return float(per_row * m.vocab_size)
 
@@ -454,7 +457,8 @@ def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link
     return predict(schedule, times, msg, link, dp=p.replicas, dp_mode=p.dp_mode, grad_bytes=grads, tied_bytes=tied,
                    optimizer_s=optimizer_s, grad_chunks=chunks, links=links, grad_codec=p.grad_codec,
                    diloco_inner_steps=p.diloco_inner_steps, diloco_exchange=p.diloco_exchange,
-                   wte_bytes=4.0 * m.vocab_size * m.d_model * cfg.network.size_scale, grad_msg_bytes=grad_msg)
+                   wte_bytes=4.0 * m.vocab_size * m.d_model * cfg.network.size_scale if m.tie_embeddings else 0.0,
+                   grad_msg_bytes=grad_msg)
 
 
 def compute_dtype_name(cfg: Config, platform: str = "gpu") -> str:

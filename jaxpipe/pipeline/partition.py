@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from jaxpipe.config import ModelConfig
 from jaxpipe.errors import ConfigError
+from jaxpipe.model.gpt import layer_flops_per_token
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class StageCosts:
         """
         d, s, v = cfg.d_model, cfg.seq_len, cfg.vocab_size
         tokens = micro_batch_size * s
-        layer = 3 * tokens * (24 * d * d + 4 * s * d) / flops_per_s
+        layer = 3 * tokens * layer_flops_per_token(cfg) / flops_per_s
         # The head's matmuls, plus the float32 logits (and their gradient) written and read by the
         # softmax cross-entropy, ~6 passes over tokens × V × 4 bytes: on H100 that traffic alone is
         # about half a GPT-3 XL layer, and the measured head is ~2.8 layers, not the 1.75 FLOPs say.
