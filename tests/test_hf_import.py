@@ -5,6 +5,7 @@ checkpoint loads into any pipeline partition, and every refusal names its field 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -244,3 +245,56 @@ def test_model_config_of_import(tmp_path: Path) -> None:
     assert (model.arch, model.n_kv_head, model.d_ff, model.tie_embeddings, model.rope_theta, model.seq_len) == (
         "llama", 2, 48, False, 50000.0, SEQ)
     assert isinstance(model, ModelConfig)
+
+
+# ---- train.init_from: the run adopts the checkpoint's model section ---------------------------------
+
+
+def test_init_from_adopts_the_model_and_refuses_disagreeing_keys(tmp_path: Path) -> None:
+    from jaxpipe.train.finetune import load_config
+
+    ckpt = import_hf(_llama(tmp_path / "hf", tied=False), tmp_path / "ckpt", log=lambda s: None)
+    saved = checkpoint.model_config(checkpoint.read_state(ckpt))
+    cfg = load_config(None, [f"train.init_from={ckpt}", "parallel.pp=1", "model.dtype=bfloat16",
+                             "model.seq_len=8", "model.scan_blocks=false"])
+    # adopted, with the keys that fix no parameter kept (and a shorter RoPE length)
+    assert cfg.model == dataclasses.replace(saved, dtype="bfloat16", seq_len=8, scan_blocks=False)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"train.init_from={ckpt}: the run adopts the checkpoint's model section, and model.n_layer=4 (the "
+            f"checkpoint's is 3); model.tie_embeddings=True (the checkpoint's is False) disagree with it: drop "
+            f"them (only model.dtype, attention, scan_blocks, remat and a shorter seq_len may differ)")):
+        load_config(None, [f"train.init_from={ckpt}", "model.n_layer=4", "model.tie_embeddings=true"])
+    with pytest.raises(ConfigError, match=re.escape("model.seq_len=32 (the checkpoint's is 16)")):
+        load_config(None, [f"train.init_from={ckpt}", "model.seq_len=32", "parallel.pp=1"])
+    with pytest.raises(ConfigError, match=re.escape("model.d_model=2048 (the checkpoint's is 32)")):  # via a preset
+        load_config(None, [f"train.init_from={ckpt}", "model.preset=llama-3.2-1b", "parallel.pp=1"])
+    with pytest.raises(ConfigError, match=re.escape("no checkpoint at")):
+        load_config(None, [f"train.init_from={tmp_path / 'nothing'}"])
+
+
+def test_init_from_refuses_data_of_another_tokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxpipe.data.prepare import prepare_data
+    from jaxpipe.train.finetune import load_config
+
+    hf_dir = _llama(tmp_path / "hf", tied=False)
+    for name, words in (("hf", 90), ("other", 80)):
+        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        (tmp_path / name).mkdir(exist_ok=True)
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+    ckpt = import_hf(hf_dir, tmp_path / "ckpt", log=lambda s: None)
+    assert (ckpt / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    (tmp_path / "text.txt").write_text("w1 w2 w3 " * 200)
+    ok = prepare_data([tmp_path / "text.txt"], tmp_path / "data", tokenizer_path=ckpt / "tokenizer.json",
+                      log=lambda s: None)
+    assert ok["vocab_size"] == 90
+    load_config(None, [f"train.init_from={ckpt}", "data.source=tokens", f"data.path={tmp_path / 'data'}",
+                       "parallel.pp=1"])
+    prepare_data([tmp_path / "text.txt"], tmp_path / "data2", tokenizer_path=tmp_path / "other" / "tokenizer.json",
+                 log=lambda s: None)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.path '{tmp_path / 'data2'}' was tokenised with another tokenizer than train.init_from's")):
+        load_config(None, [f"train.init_from={ckpt}", "data.source=tokens", f"data.path={tmp_path / 'data2'}",
+                           "parallel.pp=1"])
