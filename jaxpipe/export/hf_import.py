@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -72,27 +71,34 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
 
 
 class _Tensors:
-    """Lazily opened safetensors files; `get` reads one tensor (a copy of the memory-mapped bytes)."""
+    """Tensors by name, each read from its file on demand: a file is mapped only while one of its
+    tensors is read (a handle kept open would leave every page read so far mapped, and counted in the
+    process's resident memory, until the end)."""
 
-    def __init__(self, files: dict[str, Path], stack: ExitStack):
-        self.files, self.stack = files, stack
-        self.open: dict[Path, Any] = {}
-
-    def _handle(self, path: Path) -> Any:
+    def __init__(self, files: dict[str, Path]):
         from safetensors import safe_open
 
-        if path not in self.open:
-            self.open[path] = self.stack.enter_context(safe_open(str(path), framework="numpy"))
-        return self.open[path]
+        self.files = files
+        self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for path in sorted(set(files.values())):
+            with safe_open(str(path), framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    sl = f.get_slice(name)
+                    self.meta[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        if name not in self.meta:
+            raise ConfigError(f"tensor '{name}': the index places it in '{self.files[name]}', which does not hold it")
+        return self.meta[name][0]
 
     def dtype(self, name: str) -> str:
-        return str(self._handle(self.files[name]).get_slice(name).get_dtype())
+        return self.meta[name][1]
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(self.files[name]).get_tensor(name)
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="numpy") as f:
+            return f.get_tensor(name)
 
 
 def check_tensors(model: ModelConfig, tensors: _Tensors, prefix: str) -> str:
@@ -165,13 +171,11 @@ def import_hf(hf_dir: str | Path, out: str | Path, log: Callable[[str], None] = 
     for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (hf_dir / extra).is_file():
             files[extra] = hf_dir / extra
-    with ExitStack() as stack:
-        tensors = _Tensors(weight_files(hf_dir), stack)
-        prefix = hf_map.gpt2_prefix(set(tensors.files)) if model.arch == "gpt3" else ""
-        dtype = check_tensors(model, tensors, prefix)
-        source = {"hf_dir": str(hf_dir.absolute()), "model_type": hf_cfg["model_type"], "prefix": prefix,
-                  "dtype": dtype}
-        out = checkpoint.write_params(out, model, _items(model, tensors, prefix), {"source": source}, files)
+    tensors = _Tensors(weight_files(hf_dir))
+    prefix = hf_map.gpt2_prefix(set(tensors.files)) if model.arch == "gpt3" else ""
+    dtype = check_tensors(model, tensors, prefix)
+    source = {"hf_dir": str(hf_dir.absolute()), "model_type": hf_cfg["model_type"], "prefix": prefix, "dtype": dtype}
+    out = checkpoint.write_params(out, model, _items(model, tensors, prefix), {"source": source}, files)
     log(f"{out}: {model.arch} ({model.n_layer} layers, d {model.d_model}, heads {model.n_head}"
         f"{f'/{model.kv_heads} kv' if model.arch == 'llama' else ''}, vocab {model.vocab_size}, "
         f"{'tied' if model.tie_embeddings else 'untied'} head, {source['dtype']}) from {hf_dir}"
