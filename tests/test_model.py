@@ -174,3 +174,16 @@ def test_float16_model_trains_on_cpu_close_to_float32():
             b = b[key.key]
         err = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
         assert err < 1e-2, (jax.tree_util.keystr(path), err)  # measured: up to 1.8e-3
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [("bfloat16", 3e-2), ("float16", 5e-3)])
+def test_llama_half_precision_is_close_to_float32(dtype, bound):
+    """LLaMA blocks in bfloat16 and float16 compute (grouped-query attention through CPU float16's own
+    attention path), against float32 from the same parameters: the logits within the dtype's rounding."""
+    f32, half = small("model.dtype=float32", arch="llama_untied"), small(f"model.dtype={dtype}", arch="llama_untied")
+    params = init_stage_params(f32, 0, range(4), True, True)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 64)
+    a = np.asarray(StageModel(f32, 4, True, True).apply({"params": params}, tokens))
+    b = np.asarray(StageModel(half, 4, True, True).apply({"params": params}, tokens))
+    assert b.dtype == np.float32 and np.isfinite(b).all()
+    assert np.abs(a - b).max() / np.abs(a).max() < bound
