@@ -148,10 +148,11 @@ def stage_times(run, state, reps: int = 1) -> dict:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
+    import jax
     from mpi4py import MPI
 
     from jaxpipe.model.gpt import model_flops_per_token
-    from jaxpipe.pipeline.costmodel import bubble_fraction, config_schedule
+    from jaxpipe.pipeline.costmodel import bubble_fraction, config_schedule, plan
     from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
 
@@ -188,7 +189,12 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         "partition": res.partition.counts, "scan_blocks": cfg.model.scan_blocks, "remat": remat,
         "iter_s": measured, "skipped_iters": args.skip, "iter_times": res.iter_times, "tokens_per_s": tokens / measured,
         "tflops_per_device": tflops, "mfu": tflops / H100_BF16_DENSE_TFLOPS, "stage_ceiling_s": per_stage,
-        "bound_s": bound, "bubble": bubble, "efficiency": bound / measured, "peak_mem_gib": [
+        "bound_s": bound, "bubble": bubble, "efficiency": bound / measured,
+        # The cost model's iteration from these chunk times (links, codecs' roofline times, DP, tied exchange).
+        "chunk_times": [[chunk_times[c].fwd, chunk_times[c].bwd] for c in sorted(chunk_times)],
+        "predicted_s": plan(cfg, [chunk_times[c] for c in sorted(chunk_times)],
+                            platform=jax.default_backend()).iteration_s,
+        "peak_mem_gib": [
             (x / 2**30 if x is not None else None) for x in res.peak_memory],
         "label": args.label,
     }
@@ -199,6 +205,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
           f"MFU {tflops / H100_BF16_DENSE_TFLOPS:.1%}")
     print(f"  stage ceilings (s per iteration): {' '.join(f'{c:.3f}' for c in per_stage)} | bound {bound:.3f} s | "
           f"efficiency {bound / measured:.3f}")
+    print(f"  predicted (cost model, these chunk times) {row['predicted_s']:.3f} s | measured / predicted "
+          f"{measured / row['predicted_s']:.2f}")
     print(f"  peak memory per stage (GiB): {row['peak_mem_gib']}", flush=True)
     _append_json(args.json, row)
 
