@@ -65,8 +65,13 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type[T]:
         self._load()
         if name not in self._classes:
-            raise ConfigError(f"{self.key}: {name!r} is not one of {', '.join(self._classes)}")
+            raise ConfigError(f"{self.key}: {name!r} is not one of {', '.join(map(repr, self._classes))}")
         return self._classes[name]
+
+    def chosen(self, cfg: Config) -> str:
+        """The name `cfg` gives this registry's key (`section.name`)."""
+        section, key = self.key.split(".")
+        return getattr(getattr(cfg, section), key)
 
     def validate(self, name: str, cfg: Config) -> None:
         """The chosen class's own rules (`validate_config`), after checking that it exists."""

@@ -19,7 +19,6 @@ simulation) and synchronisation (tied embedding + DP + control after the pipelin
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +31,7 @@ from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
-from jaxpipe.pipeline.schedule import Action, Deadlock, Lowered, Op, Schedule, lower, make_schedule, walk
+from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, lower, make_schedule, walk
 
 CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
 CODEC_ROW_BYTES = {"none": 4 * CODEC_CHUNK, "bfloat16": 2 * CODEC_CHUNK, "int8": CODEC_CHUNK + 4,
@@ -94,41 +93,44 @@ class PipelineSim:
     makespan: float
     stage_end: list[float]  # per rank
     link_busy: list[float]  # seconds each rank's egress carried data
-    starts: list[list[tuple[float, Action]]] = field(default_factory=list)  # per rank: (start, compute action)
 
 
 def simulate_pipeline(schedule: Schedule | Lowered, times: Sequence[StageTime],
                       msg_bytes: float | Callable[[Action], float], links: Links) -> PipelineSim:
-    """`times` per chunk; `msg_bytes` per message (a number, or a function of the send action)."""
+    """`times` per chunk; `msg_bytes` per message (a number, or a function of the send action).
+    The lowered schedule runs through `schedule.walk`, the validator's engine; what a computation
+    lasts and a message takes is looked up once per chunk and per (sender, receiver, kind)."""
     lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
     s = lowered.schedule
     if len(times) != s.n_chunks:
         raise ValueError(f"{len(times)} chunk times for {s.n_chunks} chunks")
-    P = s.n_ranks
     link_of = _link_fn(links)
     nbytes = msg_bytes if callable(msg_bytes) else (lambda a: float(msg_bytes))
+    dur = [{op: t.of(op) for op in Op if not op.is_comm} for t in times]
     egress: dict[tuple[int, int | None], float] = {}
-    busy = [0.0] * P
-    starts: list[list[tuple[float, Action]]] = [[] for _ in range(P)]
+    wire: dict[tuple[int, int, Op], tuple[float, float, tuple[int, int | None]]] = {}
+    busy = [0.0] * s.n_ranks
 
     def compute(r: int, a: Action, start: float) -> float:
-        starts[r].append((start, a))
-        return start + times[a.chunk].of(a.op)
+        return start + dur[a.chunk][a.op]
 
     def send(r: int, a: Action, ready: float) -> float:
         assert a.peer is not None
-        link, own = link_of(r, a.peer)
-        key = (r, a.peer if own else None)
+        how = wire.get((r, a.peer, a.op))
+        if how is None:
+            link, own = link_of(r, a.peer)
+            how = wire[(r, a.peer, a.op)] = (link.transfer_s(nbytes(a)), link.delay_s + link.per_message_s,
+                                             (r, a.peer if own else None))
+        tx, lat, key = how
         start = max(ready, egress.get(key, 0.0))
-        tx = link.transfer_s(nbytes(a))
         egress[key] = start + tx
         busy[r] += tx
-        return start + tx + link.delay_s + link.per_message_s
+        return start + tx + lat
 
     ends = walk(lowered, compute, send)
     for (r, _), t in egress.items():
         ends[r] = max(ends[r], t)
-    return PipelineSim(max(ends), ends, busy, starts)
+    return PipelineSim(max(ends), ends, busy)
 
 
 def rank_compute_s(lowered: Lowered, times: Sequence[StageTime]) -> list[float]:
@@ -476,98 +478,14 @@ def format_prediction(pred: Prediction) -> str:
 #
 # A placement puts each (pipeline rank, replica) on its own host, so every replica's pipeline runs over
 # its own links at its own hosts' speeds, the tied exchange crosses each replica's own pair, and each
-# stage's DP group averages over the links between its members. `predict_layout` simulates all of it;
-# `CompiledSchedule` is the same simulation as `simulate_pipeline` (checked equal in the tests) on flat
-# integer lists, fast enough to run once per replica for every layout a search keeps.
+# stage's DP group averages over the links between its members. `predict_layout` simulates all of it; each
+# `Lowered` schedule is simulated once per distinct replica (its links and speeds) by `simulate_pipeline`.
 
-_OPS = (Op.F, Op.B, Op.I, Op.W, Op.L, Op.LI, Op.E, Op.EL)
-_OP_INDEX = {op: i for i, op in enumerate(_OPS)}
 PairLink = Callable[[int, int], Link]  # (src, dst) -> the link between them, each pair its own
 
 
-class CompiledSchedule:
-    """A lowered schedule as per-rank lists of (kind, a, b): compute (0, chunk·8 + op, 0), send
-    (1, message id, peer), receive (2, message id, 0)."""
-
-    def __init__(self, schedule: Schedule | Lowered):
-        lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
-        self.lowered, self.schedule = lowered, lowered.schedule
-        ids: dict[tuple[int, tuple], int] = {}
-        self.progs: list[list[tuple[int, int, int]]] = []
-        for r, actions in enumerate(lowered.ranks):
-            prog = []
-            for a in actions:
-                if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
-                    key = (a.peer, a.message())
-                    prog.append((1, ids.setdefault(key, len(ids)), int(a.peer)))  # type: ignore[arg-type]
-                elif a.op in (Op.RECV_ACT, Op.RECV_GRAD):
-                    prog.append((2, ids.setdefault((r, a.message()), len(ids)), 0))
-                else:
-                    prog.append((0, a.chunk * len(_OPS) + _OP_INDEX[a.op], 0))
-            self.progs.append(prog)
-        self.n_messages = len(ids)
-        self.peers = sorted({(r, p) for r, prog in enumerate(self.progs) for k, _, p in prog if k == 1})
-
-    def compute_s(self, times: Sequence[StageTime]) -> list[float]:
-        """`rank_compute_s`: each rank's computation time per step."""
-        dur = [t.of(op) for t in times for op in _OPS]
-        return [sum(dur[x] for k, x, _ in prog if k == 0) for prog in self.progs]
-
-    def simulate(self, times: Sequence[StageTime], msg_bytes: float, links: Links) -> PipelineSim:
-        """`simulate_pipeline`'s result (without the per-action start times)."""
-        if len(times) != self.schedule.n_chunks:
-            raise ValueError(f"{len(times)} chunk times for {self.schedule.n_chunks} chunks")
-        dur = [t.of(op) for t in times for op in _OPS]
-        link_of = _link_fn(links)
-        P = len(self.progs)
-        egress_ix: dict[tuple[int, int | None], int] = {}
-        send_info: dict[tuple[int, int], tuple[float, float, int]] = {}
-        for r, p in self.peers:
-            link, own = link_of(r, p)
-            ix = egress_ix.setdefault((r, p if own else None), len(egress_ix))
-            send_info[(r, p)] = (link.transfer_s(msg_bytes), link.delay_s + link.per_message_s, ix)
-        egress = [0.0] * len(egress_ix)
-        egress_rank = [r for (r, _), _ in sorted(egress_ix.items(), key=lambda kv: kv[1])]
-        busy = [0.0] * P
-        arrived: list[float | None] = [None] * self.n_messages
-        waiting = [-1] * self.n_messages
-        clock, ptr = [0.0] * P, [0] * P
-        ready = deque(range(P))
-        while ready:
-            r = ready.popleft()
-            prog, i, t = self.progs[r], ptr[r], clock[r]
-            end = len(prog)
-            while i < end:
-                kind, x, y = prog[i]
-                if kind == 0:
-                    t += dur[x]
-                elif kind == 1:
-                    tx, lat, ix = send_info[(r, y)]
-                    start = t if t > egress[ix] else egress[ix]
-                    egress[ix] = start + tx
-                    busy[r] += tx
-                    arrived[x] = start + tx + lat
-                    if waiting[x] >= 0:
-                        ready.append(waiting[x])
-                        waiting[x] = -1
-                else:
-                    at = arrived[x]
-                    if at is None:
-                        waiting[x] = r
-                        break
-                    if at > t:
-                        t = at
-                i += 1
-            ptr[r], clock[r] = i, t
-        if any(ptr[r] < len(self.progs[r]) for r in range(P)):
-            raise Deadlock({r: ptr[r] for r in range(P) if ptr[r] < len(self.progs[r])})
-        for ix, t in enumerate(egress):
-            clock[egress_rank[ix]] = max(clock[egress_rank[ix]], t)
-        return PipelineSim(max(clock), clock, busy)
-
-
 def chain_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink, n_chunks: int) -> list[float]:
-    """When each member of a central-PS group is done (jaxpipe.dp.sync.CentralPS.average_emulated):
+    """When each member of a central-PS group is done (jaxpipe.dp.collectives.Emulated's reduce_sum + bcast):
     a pipelined chain reduce n-1 -> ... -> 0 in `n_chunks` pieces, then a chain broadcast back;
     member i may start at `ready[i]`; `hop(a, b)` is the link from member a to member b. A member
     receives the pieces in order and forwards each at once (its sends do not block it, they queue on
@@ -665,7 +583,7 @@ def _pair_link(links: dict[tuple[int, int], Link], a: int, b: int) -> tuple[Link
 
 
 def predict_layout(
-    schedule: Schedule | CompiledSchedule,
+    schedule: Schedule | Lowered,
     grid: Sequence[Sequence[int]],
     times: Sequence[Sequence[StageTime]],
     msg_bytes: float,
@@ -685,8 +603,9 @@ def predict_layout(
     its ends are done; each stage's DP average starts per member when that member is done; then the
     gradient-norm allreduce along each pipeline (2·log2(P) of its longest delay) and the update.
     `cache` (a dict kept across calls) reuses simulations of identical replicas."""
-    compiled = schedule if isinstance(schedule, CompiledSchedule) else CompiledSchedule(schedule)
-    sched = compiled.schedule
+    lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
+    sched = lowered.schedule
+    directed = sorted({(a, b) for a, b in lowered.links} | {(b, a) for a, b in lowered.links})
     P, D = sched.n_ranks, len(grid[0])
     grads = list(grad_bytes or [0.0] * P)
     ends_of = (sched.rank_of(0), sched.rank_of(sched.n_chunks - 1))
@@ -694,15 +613,16 @@ def predict_layout(
     sims, ideals, computes = [], [], []
     for r in range(D):
         hosts = tuple(grid[s][r] for s in range(P))
-        links = {(a, b): pair(hosts[a], hosts[b]) for a, b in compiled.peers}
+        links = {(a, b): pair(hosts[a], hosts[b]) for a, b in directed}
         rt = tuple(times[r])
-        key = ("sim", id(compiled), msg_bytes, rt, tuple(sorted(links.items())))
+        key = ("sim", id(lowered), msg_bytes, rt, tuple(links.items()))
         if key not in memo:
-            memo[key] = compiled.simulate(rt, msg_bytes, partial(_pair_link, links))
-        if ("ideal", id(compiled), rt) not in memo:
-            memo[("ideal", id(compiled), rt)] = (compiled.simulate(rt, msg_bytes, Link()), compiled.compute_s(rt))
+            memo[key] = simulate_pipeline(lowered, rt, msg_bytes, partial(_pair_link, links))
+        if ("ideal", id(lowered), rt) not in memo:
+            memo[("ideal", id(lowered), rt)] = (simulate_pipeline(lowered, rt, msg_bytes, Link()),
+                                                rank_compute_s(lowered, rt))
         sims.append(memo[key])
-        ideal, comp = memo[("ideal", id(compiled), rt)]
+        ideal, comp = memo[("ideal", id(lowered), rt)]
         ideals.append(ideal)
         computes.append(comp)
     done = [[sims[r].stage_end[s] for r in range(D)] for s in range(P)]
