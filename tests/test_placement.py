@@ -4,7 +4,6 @@ and the search against brute force."""
 
 import itertools
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ from jaxpipe.comm.topology import read_placement, write_placement
 from jaxpipe.config import NetworkConfig, load_config
 from jaxpipe.errors import ConfigError
 from jaxpipe.pipeline.costmodel import (
-    CompiledSchedule,
     Link,
     StageTime,
     chain_average_ends,
@@ -28,7 +26,6 @@ from jaxpipe.pipeline.costmodel import (
     plan,
     predict_layout,
     ring_average_ends,
-    simulate_pipeline,
 )
 from jaxpipe.pipeline.schedule import make_schedule
 from jaxpipe.plan import dtfm
@@ -166,21 +163,6 @@ def test_bottleneck_matching_and_open_path_by_brute_force():
 
 
 # ---- jaxpipe's model of a layout ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("name", "v", "warm"), [("gpipe", 1, 0), ("1f1b", 1, 2), ("zb_h1", 1, 0),
-                                                 ("interleaved_1f1b", 2, 0)])
-def test_compiled_simulation_equals_the_cost_model(name, v, warm):
-    rng = random.Random(3)
-    sched = make_schedule(name, 4, 8, warm, v)
-    times = [StageTime(rng.random(), rng.random(), rng.random()) for _ in range(sched.n_chunks)]
-    links = {(a, b): (Link(rng.random() / 10, rng.uniform(100, 1000), rng.random() / 100), rng.random() < 0.5)
-             for a in range(4) for b in range(4)}
-    ref = simulate_pipeline(sched, times, 13.0, lambda a, b: links[(a, b)])
-    got = CompiledSchedule(sched).simulate(times, 13.0, lambda a, b: links[(a, b)])
-    assert got.makespan == pytest.approx(ref.makespan, rel=1e-12)
-    assert got.stage_end == pytest.approx(ref.stage_end, rel=1e-12)
-    assert got.link_busy == pytest.approx(ref.link_busy, rel=1e-12)
 
 
 def test_chain_and_ring_by_hand():
