@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from jaxpipe.runtime.launch import mpiexec_command
+from jaxpipe.runtime import launch
+from jaxpipe.runtime.launch import Finished, mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,24 +27,10 @@ def test_env() -> dict[str, str]:
     return env
 
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_mpi(n: int, args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> Run:
+def run_mpi(n: int, args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> Finished:
     """`mpiexec -n N python ARGS...`; the whole process group is killed on timeout."""
-    cmd = [*mpiexec(), "-n", str(n), sys.executable, *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**test_env(), **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        return launch.run_mpi(n, args, timeout, cwd=REPO, env={**test_env(), **(env or {})})
+    except subprocess.TimeoutExpired as e:
         raise AssertionError(f"mpiexec -n {n} {' '.join(args)} did not finish in {timeout} s (hang?)\n"
-                             f"stdout:\n{out}\nstderr:\n{err}") from None
-    return Run(proc.returncode, out, err)
+                             f"stdout:\n{e.output}\nstderr:\n{e.stderr}") from None

@@ -140,24 +140,17 @@ def worker(args: argparse.Namespace) -> None:
 
 def _mpirun(n: int, args: list[str], timeout: float) -> None:
     import os
-    import signal
     import subprocess
 
-    from jaxpipe.runtime.launch import mpiexec_command
+    from jaxpipe.runtime.launch import run_mpi
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
-    cmd = [*mpiexec_command(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "worker", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    if rc:
-        raise subprocess.CalledProcessError(rc, cmd)
+    args = [str(Path(__file__).resolve()), "worker", *args]
+    done = run_mpi(n, args, timeout, cwd=REPO, env=env, output="inherit")
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, ["mpiexec", "-n", str(n), *args])
 
 
 def main() -> None:

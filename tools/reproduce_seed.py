@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -166,26 +165,16 @@ def worker(args: argparse.Namespace) -> None:
 # ---- driver ------------------------------------------------------------------------------------------
 
 def _mpirun(n: int, args: list[str], timeout: float) -> None:
-    from jaxpipe.runtime.launch import mpiexec_command
+    from jaxpipe.runtime.launch import run_mpi
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PYTHONUNBUFFERED": "1"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
-    cmd = [*mpiexec_command(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "worker", *args]
-    # A session of its own, so that a timeout ends every rank (they hold GPUs), not only mpiexec.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    if rc:
-        raise subprocess.CalledProcessError(rc, cmd)
+    args = [str(Path(__file__).resolve()), "worker", *args]
+    # On a timeout every rank ends (they hold GPUs), SIGTERM first so that they can let go of them.
+    done = run_mpi(n, args, timeout, cwd=REPO, env=env, output="discard", grace_s=10)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, ["mpiexec", "-n", str(n), *args])
 
 
 def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
