@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tool_loader import load_tool
 
 from jaxpipe.comm.cluster import Cluster, cluster_from_dict, load_cluster, uniform_cluster
 from jaxpipe.comm.netem import NetworkEmulator
@@ -133,8 +134,7 @@ def test_placement_for_another_shape_is_refused():
 
 # ---- DT-FM's cost model against the anchors ----------------------------------------------------------
 
-GA = [3.44, 49.50, 16.09, 34.80, 49.22]  # DT-FM's scheduler on its own scenarios (the issue's anchors)
-SHUFFLED_LAUNCH = [19.80, 49.50, 39.83, 56.10, 94.99]  # jaxpipe's launch order on a shuffled rank list
+ANCHORS = load_tool("dtfm_original")  # GA, SHUFFLED_LAUNCH: DT-FM's scheduler on its own scenarios
 
 
 @pytest.mark.parametrize("i", range(5))
@@ -142,9 +142,10 @@ def test_dtfm_cost_model_reproduces_the_anchors(i):
     """DT-FM's cost of the listed order is its GA result; of jaxpipe's launch order on the ranks
     shuffled with seed 7, DT-FM's own evaluation of those DP groups (it picks order and matching)."""
     listed = dtfm_scenario(DTFM_CASES[i])
-    assert dtfm.layout_cost(listed, launch_grid(8, 8), dtfm.ANCHOR_SIZES).total == pytest.approx(GA[i], abs=0.006)
+    listed_cost = dtfm.layout_cost(listed, launch_grid(8, 8), dtfm.ANCHOR_SIZES).total
+    assert listed_cost == pytest.approx(ANCHORS.GA[i], abs=0.006)
     cost, grid = dtfm.partition_cost(listed.shuffled(7), launch_grid(8, 8), dtfm.ANCHOR_SIZES)
-    assert cost.total == pytest.approx(SHUFFLED_LAUNCH[i], abs=0.006)
+    assert cost.total == pytest.approx(ANCHORS.SHUFFLED_LAUNCH[i], abs=0.006)
     # The layout that evaluation implies costs exactly that when run as is.
     assert dtfm.layout_cost(listed.shuffled(7), grid, dtfm.ANCHOR_SIZES).total == pytest.approx(cost.total)
 

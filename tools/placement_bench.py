@@ -7,7 +7,8 @@
 for each scenario the predicted iteration (jaxpipe's model, each layout with its best settings) of
 the listed rank order, of jaxpipe's launch order on the ranks shuffled with seed 7 (the anchors'
 shuffle), and of jaxpipe's placement of those shuffled ranks; DT-FM's cost of each
-(`jaxpipe.plan.dtfm`); and jaxpipe's search run on DT-FM's own objective.
+(`jaxpipe.plan.dtfm`); and jaxpipe's search run on DT-FM's own objective, next to DT-FM's own
+result (tools/dtfm_original.py).
 
 The measured run:
 Eight ranks, PP=4 x DP=2, the tiny CPU model with XL-equivalent activation bytes (`network.size_scale`:
@@ -48,6 +49,7 @@ def dtfm_table(args: argparse.Namespace) -> None:
     from jaxpipe.plan.cluster import DTFM_CASES, dtfm_scenario
     from jaxpipe.plan.grid import launch_grid
     from jaxpipe.plan.search import best_for_grid, plan_layout
+    from tools.dtfm_original import GA, SHUFFLED_LAUNCH
 
     cfg = load_config(REPO / "configs" / "dtfm_xl.yaml")
     sizes = dtfm.ANCHOR_SIZES
@@ -100,10 +102,6 @@ def dtfm_table(args: argparse.Namespace) -> None:
               f"{', '.join(discord) or 'none'}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
-
-
-GA = [3.44, 49.50, 16.09, 34.80, 49.22]
-SHUFFLED_LAUNCH = [19.80, 49.50, 39.83, 56.10, 94.99]
 
 
 def worker(args: argparse.Namespace) -> None:

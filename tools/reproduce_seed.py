@@ -30,16 +30,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jaxpipe.pipeline.costmodel import (  # noqa: E402
+from jaxpipe.pipeline.costmodel import ORIGINAL_SETTINGS, Link, StageTime, plan  # noqa: E402
+from tools.dtfm_original import (  # noqa: E402
     ORIGINAL_DP4_FP16,
     ORIGINAL_DP4_FP32,
     ORIGINAL_PP_FP16,
     ORIGINAL_PP_FP32,
-    ORIGINAL_SETTINGS,
-    Link,
-    StageTime,
     original_model,
-    plan,
 )
 
 # The CPU stand-in: messages of the tiny model (128 KiB) charged as GPT-3 XL's 8 MiB bf16
@@ -248,8 +245,7 @@ def _codec_data(tmp: Path, platform: str, cfg) -> list[str]:
 
 
 def print_model_check() -> bool:
-    print("Cost model vs the original's published tables (from its facts; compute fitted to the default "
-          "row of the PP column)")
+    print("Cost model vs the original's published tables (tools/dtfm_original.original_model)")
     ok = 0
     total = 0
     for title, fp16, dp, ref in [("PP fp32", False, 1, ORIGINAL_PP_FP32), ("PP fp16", True, 1, ORIGINAL_PP_FP16),

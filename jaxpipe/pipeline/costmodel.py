@@ -300,7 +300,8 @@ def predict(
                       max(per_step), max(outer) if dp_mode == "diloco" else 0.0)
 
 
-# ---- The original DT-FM GPT-3 XL runs, from their facts only ----------------------------------------
+# ---- The original DT-FM's network settings (`jaxpipe plan --sweep`) ---------------------------------
+# Its published iteration times under them, and the model of those runs, are in tools/dtfm_original.py.
 
 ORIGINAL_SETTINGS = [  # (label, delay_ms, rate_gbit)
     ("default (~0.1 ms, 10 Gbps)", 0.1, 10.0),
@@ -309,38 +310,6 @@ ORIGINAL_SETTINGS = [  # (label, delay_ms, rate_gbit)
     ("10 ms, 1 Gbps", 10.0, 1.0),
     ("50 ms, 1 Gbps", 50.0, 1.0),
 ]
-ORIGINAL_PP_FP32 = [15.16, 15.49, 16.80, 22.90, 29.08]
-ORIGINAL_PP_FP16 = [4.56, 5.32, 7.16, 12.24, 12.96]
-ORIGINAL_DP4_FP32 = [16.17, 17.55, 21.99, 33.39, 37.61]
-ORIGINAL_DP4_FP16 = [5.30, 6.28, 10.88, 18.21, 18.68]
-
-
-def original_model(fp16: bool, dp: int) -> list[Prediction]:
-    """Predicts the original's table from its facts alone: 12 stages of 2 GPT-3 XL layers, one 16 MiB
-    (fp32) or 8 MiB (fp16) message per micro-batch and direction, 64 micro-batches, GPipe, central
-    PS over `dp` replicas of the 164 M (stage 0) / 101 M (others) parameters' gradients in the
-    message precision; per-stage compute (backward = 2 ×
-    forward) is fitted to the default row of the pipeline-only column, the only measurement used."""
-    P, M = 12, 64
-    msg = (8 if fp16 else 16) * 2**20
-    elt = 2 if fp16 else 4
-    grads = [164e6 * elt] + [100.7e6 * elt] * (P - 1)
-    target = (ORIGINAL_PP_FP16 if fp16 else ORIGINAL_PP_FP32)[0]
-    d0, r0 = ORIGINAL_SETTINGS[0][1:]
-
-    def total(f: float) -> float:
-        return predict("gpipe", [StageTime(f, 2 * f)] * P, msg, Link.of(d0, r0), n_microbatches=M).iteration_s
-
-    lo, hi = 0.0, target
-    for _ in range(60):  # bisection: the fitted forward time per micro-batch
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
-    f = (lo + hi) / 2
-    return [
-        predict("gpipe", [StageTime(f, 2 * f)] * P, msg, Link.of(d, r),
-                n_microbatches=M, dp=dp, dp_mode="central_ps", grad_bytes=grads)
-        for _, d, r in ORIGINAL_SETTINGS
-    ]
 
 
 # ---- From a jaxpipe config -------------------------------------------------------------------------
