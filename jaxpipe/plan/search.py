@@ -918,16 +918,6 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
     return PlanResult(sub, ranks, best, launch, launch_config, launch_same, stats)
 
 
-def with_settings(cfg: Config, settings: Settings) -> Config:
-    """`cfg` with a plan's settings applied (what `Settings.overrides` says on the command line)."""
-    s = settings
-    chosen: dict[str, Any] = {"pp": s.pp, "dp": s.dp, "schedule": s.schedule.name,
-                              "extra_warmup": s.schedule.extra_warmup, "virtual_stages": s.schedule.virtual_stages,
-                              "dp_mode": s.dp_mode, "tied_grad_dtype": s.tied_dtype, "partition": list(s.partition)}
-    par = dataclasses.replace(cfg.parallel, **chosen)
-    return dataclasses.replace(cfg, parallel=par, train=dataclasses.replace(cfg.train, micro_batch_size=s.micro_batch))
-
-
 def best_for_grid(cluster: Cluster, cfg: Config, grid: Grid, *, search: Sequence[str] = SEARCHABLE,
                   platform: str = "gpu", stage_times: Sequence[StageTime] | None = None, per_message_s: float = 0.0,
                   optimizer_s: float = 0.0) -> Candidate:
