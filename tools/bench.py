@@ -151,7 +151,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.model.gpt import model_flops_per_token
-    from jaxpipe.pipeline.costmodel import bubble_fraction, config_schedule
+    from jaxpipe.pipeline.costmodel import bubble_fraction
+    from jaxpipe.pipeline.schedule import config_schedule
     from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
 

@@ -31,7 +31,7 @@ from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
-from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, lower, make_schedule, walk
+from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, config_schedule, lower, make_schedule, walk
 
 CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
 CODEC_ROW_BYTES = {"none": 4 * CODEC_CHUNK, "bfloat16": 2 * CODEC_CHUNK, "int8": CODEC_CHUNK + 4,
@@ -323,11 +323,6 @@ def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float 
         t = stage_cost(costs, b - a, i == 0, i == partition.n_stages - 1)
         out.append(StageTime(t / 3, 2 * t / 3))
     return out
-
-
-def config_schedule(cfg: Config) -> Schedule:
-    p = cfg.parallel
-    return make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
 
 
 def config_partition(cfg: Config, schedule: Schedule) -> Partition:

@@ -489,6 +489,12 @@ def make_schedule(name: str, n_ranks: int, n_microbatches: int, extra_warmup: in
     return cls.build(n_ranks, n_microbatches, extra_warmup, virtual_stages)
 
 
+def config_schedule(cfg: Config) -> Schedule:
+    """The schedule a (validated) config runs."""
+    cls: type[Schedule] = SCHEDULES.get(cfg.parallel.schedule)
+    return cls.from_config(cfg)
+
+
 # ---- Lowering ---------------------------------------------------------------------------------------
 
 

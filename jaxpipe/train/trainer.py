@@ -49,7 +49,7 @@ from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
 from jaxpipe.model.layout import init_stage_params, param_count
 from jaxpipe.pipeline.executor import Executor, StepBatch
 from jaxpipe.pipeline.partition import Partition, StageSpec, resolve_partition
-from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, check, make_schedule
+from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, check, config_schedule
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
 from jaxpipe.runtime.devices import assign_devices, local_mesh
@@ -241,7 +241,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     Every collective of the set-up runs under the watchdog's deadline."""
     f = factories or Factories()
     p = cfg.parallel
-    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
+    schedule = config_schedule(cfg)
     last = schedule.n_chunks - 1
     ACTIVITY.configure(comm.Get_rank(), None, p.pp, 0, cfg.runtime.comm_timeout_s, cfg.runtime.first_step_timeout_s)
     start_watchdog()
