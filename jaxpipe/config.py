@@ -63,7 +63,7 @@ class ParallelConfig:
     # Replicas, or "auto": as many as the launched ranks allow (N / pp), so a job restarted on fewer hosts
     # (`jaxpipe supervise --elastic`) keeps the global batch with more micro-batches per replica.
     dp: int | Literal["auto"] = 1
-    # One of the registered schedules (jaxpipe.pipeline.schedule): gpipe, 1f1b, interleaved_1f1b, zb_h1.
+    # A registered schedule's name (jaxpipe.registry.SCHEDULES, filled by jaxpipe.pipeline.schedule), e.g. 1f1b.
     schedule: str = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
