@@ -403,9 +403,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg if world_size is None else resolve_world(cfg, world_size)
 
 
-# The keys whose choices are registered classes (jaxpipe.registry): `validate` checks that the value
-# names one and runs that class's `validate_config`; the class, not this module, holds its rules.
-REGISTERED: tuple[Registry[Any], ...] = (SCHEDULES,)
+# The keys whose choices are registered classes (jaxpipe.registry), with the registry each chooses from:
+# `validate` checks that the value names one and runs that class's `validate_config`; the class, not this
+# module, holds its rules.
+REGISTERED: tuple[tuple[str, Registry[Any]], ...] = (("parallel.schedule", SCHEDULES),)
 
 
 def validate(cfg: Config) -> None:
@@ -453,8 +454,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)"
         )
-    for registry in REGISTERED:  # the chosen class's own rules (parallel.extra_warmup for 1f1b, ...)
-        registry.validate(registry.chosen(cfg), cfg)
+    for key, registry in REGISTERED:  # the chosen class's own rules (parallel.extra_warmup for 1f1b, ...)
+        section, name = key.split(".")
+        registry.validate(getattr(getattr(cfg, section), name), cfg, key)
     if p.stage_remat is not None:
         if len(p.stage_remat) != p.pp:
             raise ConfigError(f"parallel.stage_remat has {len(p.stage_remat)} entries, need parallel.pp = {p.pp}")
