@@ -268,36 +268,45 @@ def predict(
     iteration = max(ends) + control + optimizer_s
     per_rank = rank_compute_s(lowered, times)
     compute = max(per_rank)
-    comps = {  # Each term is a length of time the iteration cannot be shorter than.
-        "compute": compute,
-        "pipeline bubble": max(0.0, ideal.makespan - compute),
-        "link": max(sim.link_busy),  # the busiest egress, both directions of traffic
-        "synchronisation": max(0.0, iteration - optimizer_s - sim.makespan),
-    }
-    bound = max(comps, key=comps.get)  # type: ignore[arg-type]
     outer_note = f", one outer step {max(outer):.3f} s every {diloco_inner_steps}" if dp_mode == "diloco" else ""
     slow = max(range(P), key=lambda r: sim.link_busy[r])
     per_phase_compute = M * max(t.fwd for t in times) * schedule.virtual_stages
     rate = link.rate_bps / 1e9
-    why = {
-        "compute": f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s",
-        "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to "
-                           f"{compute:.3f} s of compute (M = {M} micro-batches, {schedule.name})",
-        "link": f"stage {slow}'s link is busy {sim.link_busy[slow]:.3f} s per iteration, more than the "
+    comps, bound, why = _bound(
+        schedule, compute, ideal.makespan, max(sim.link_busy), sim.makespan, iteration, optimizer_s,
+        lambda: f"stage {slow}'s link is busy {sim.link_busy[slow]:.3f} s per iteration, more than the "
                 f"{compute:.3f} s the slowest stage computes: {msg_bytes / 2**20:.1f} MiB per message"
                 f"{f' ({g_msg / 2**20:.1f} MiB per gradient)' if g_msg != msg_bytes else ''} at "
                 f"{rate:.3g} Gbit/s is {link.transfer_s(msg_bytes) * 1e3:.0f} ms, and a "
                 f"forward phase moves {M * schedule.virtual_stages} of them "
                 f"({M * schedule.virtual_stages * link.transfer_s(msg_bytes):.3f} s) against "
                 f"{per_phase_compute:.3f} s of forward compute",
-        "synchronisation": f"after the pipeline, {comps['synchronisation']:.3f} s of gradient exchange "
-                           f"(tied embedding {tied:.3f} s, DP {dp_mode}"
-                           f"{f' + {grad_codec}' if grad_codec != 'none' else ''} over {dp} replicas up to "
-                           f"{max(per_step):.3f} s per step{outer_note})",
-    }[bound]
+        lambda s: f"after the pipeline, {s:.3f} s of gradient exchange (tied embedding {tied:.3f} s, DP {dp_mode}"
+                  f"{f' + {grad_codec}' if grad_codec != 'none' else ''} over {dp} replicas up to "
+                  f"{max(per_step):.3f} s per step{outer_note})")
     return Prediction(iteration, sim.makespan, ideal.makespan, iteration - sim.makespan - optimizer_s - control,
-                      comps, bound, f"{bound}-bound: {why}", (ideal.makespan - compute) / compute if compute else 0.0,
+                      comps, bound, why, (ideal.makespan - compute) / compute if compute else 0.0,
                       max(per_step), max(outer) if dp_mode == "diloco" else 0.0)
+
+
+def _bound(schedule: Schedule, compute: float, ideal_s: float, link_busy: float, makespan: float, iteration: float,
+           optimizer_s: float, why_link: Callable[[], str],
+           why_sync: Callable[[float], str]) -> tuple[dict[str, float], str, str]:
+    """The four lengths of time an iteration cannot be shorter than (the busiest rank's compute, what
+    the schedule's fill and drain add with free links, the busiest egress's traffic, the exchanges
+    between the pipeline's end at `makespan` and the optimizer step), the largest (the bound) and why,
+    in words: the link and synchronisation reasons from the caller, who knows its links and exchanges."""
+    comps = {"compute": compute, "pipeline bubble": max(0.0, ideal_s - compute), "link": link_busy,
+             "synchronisation": max(0.0, iteration - optimizer_s - makespan)}
+    bound = max(comps, key=lambda k: comps[k])
+    if bound == "compute":
+        why = f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s"
+    elif bound == "pipeline bubble":
+        why = (f"filling and draining {schedule.n_ranks} ranks adds {comps[bound]:.3f} s to {compute:.3f} s of "
+               f"compute (M = {schedule.n_microbatches} micro-batches, {schedule.name})")
+    else:
+        why = why_link() if bound == "link" else why_sync(comps[bound])
+    return comps, bound, f"{bound}-bound: {why}"
 
 
 # ---- The original DT-FM's network settings (`jaxpipe plan --sweep`) ---------------------------------
@@ -614,27 +623,16 @@ def predict_layout(
     compute = max(max(c) for c in computes)
     makespan = max(sim.makespan for sim in sims)
     ideal = max(i.makespan for i in ideals)
-    comps = {
-        "compute": compute,
-        "pipeline bubble": max(0.0, ideal - compute),
-        "link": max(max(sim.link_busy) for sim in sims),
-        "synchronisation": max(0.0, iteration - optimizer_s - makespan),
-    }
-    bound = max(comps, key=comps.get)  # type: ignore[arg-type]
     worst = max(range(D), key=lambda r: sims[r].makespan)
     slow_dp = max(range(P), key=lambda s: max(finish[s]) - max(sims[r].stage_end[s] for r in range(D)))
-    why = {
-        "compute": f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s",
-        "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to {compute:.3f} s "
-                           f"of compute ({sched.name}, M = {sched.n_microbatches})",
-        "link": f"replica {worst}'s pipeline takes {sims[worst].makespan:.3f} s; its busiest link carries "
+    comps, bound, why = _bound(
+        sched, compute, ideal, max(max(sim.link_busy) for sim in sims), makespan, iteration, optimizer_s,
+        lambda: f"replica {worst}'s pipeline takes {sims[worst].makespan:.3f} s; its busiest link carries "
                 f"{max(sims[worst].link_busy):.3f} s of messages",
-        "synchronisation": f"after the pipelines, {comps['synchronisation']:.3f} s of gradient exchange (tied "
-                           f"embedding up to {max(tied):.3f} s, DP {dp_mode} over {D} replicas; slowest: stage "
-                           f"{slow_dp})",
-    }[bound]
+        lambda s: f"after the pipelines, {s:.3f} s of gradient exchange (tied embedding up to {max(tied):.3f} s, "
+                  f"DP {dp_mode} over {D} replicas; slowest: stage {slow_dp})")
     bubble = (ideal - compute) / compute if compute else 0.0
     return LayoutPrediction(
-        iteration, makespan, ideal, iteration - makespan - optimizer_s - control, comps, bound, f"{bound}-bound: {why}",
+        iteration, makespan, ideal, iteration - makespan - optimizer_s - control, comps, bound, why,
         bubble, pipeline_per_replica=[sim.makespan for sim in sims],
         sync_per_stage=[max(finish[s]) - max(sims[r].stage_end[s] for r in range(D)) for s in range(P)])
