@@ -17,6 +17,7 @@ from typing import Any
 from mpi4py import MPI
 
 from jaxpipe.errors import ConfigError
+from jaxpipe.runtime.hostcheck import host_gpu_count
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Placement:
     local_rank: int
     local_size: int
     visible: str | None  # what this process set CUDA_VISIBLE_DEVICES to, if it set it
+    listed: str | None = None  # CUDA_VISIBLE_DEVICES as the launcher gave it
+    host_gpus: int = 0  # GPUs the host's driver exposes (jaxpipe.runtime.hostcheck.host_gpu_count)
 
 
 def _backend_initialized() -> bool:
@@ -36,23 +39,20 @@ def _backend_initialized() -> bool:
 
 
 def assign_devices(world: Any, devices_per_process: int) -> Placement:
-    """Restricts this process to its local GPUs; a no-op for the devices a CPU-only run uses."""
+    """Restricts this process to its local GPUs; a no-op on a host without GPUs. Asking for more
+    GPUs than the host has is not refused here but by `jaxpipe.runtime.hostcheck.check_hosts`,
+    once every rank has stated what it found (one message naming the host, its ranks and GPUs)."""
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    host_gpus = host_gpu_count()
     chosen = None
-    if not _backend_initialized():
-        ids = visible.split(",") if visible else [str(i) for i in range(local_size * devices_per_process)]
-        if visible and len(ids) < local_size * devices_per_process:
-            raise ConfigError(
-                f"{local_size} ranks on this host × runtime.devices_per_process={devices_per_process} need "
-                f"{local_size * devices_per_process} GPUs but CUDA_VISIBLE_DEVICES lists {len(ids)}: start fewer "
-                f"ranks per host or lower runtime.devices_per_process"
-            )
+    if not _backend_initialized() and (listed or host_gpus):
+        ids = listed.split(",") if listed else [str(i) for i in range(local_size * devices_per_process)]
         chosen = ",".join(ids[local_rank * devices_per_process : (local_rank + 1) * devices_per_process])
         os.environ["CUDA_VISIBLE_DEVICES"] = chosen
-    return Placement(local_rank, local_size, chosen)
+    return Placement(local_rank, local_size, chosen, listed, host_gpus)
 
 
 def local_devices(devices_per_process: int) -> list[Any]:
