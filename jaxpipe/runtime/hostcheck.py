@@ -172,8 +172,8 @@ def describe_hosts(ranks: Sequence[RankDevices], devices_per_process: int) -> st
     if len(kinds) == 1:
         kind = f"{ranks[0].device_kind}; " if platform != "cpu" else ""
         return f"{platform} x {devices_per_process} per rank ({kind}{n_hosts}{share})"
-    detail = "; ".join(f"{host}: {len(rs)} ranks on " + ", ".join(sorted({f'{r.platform} {r.device_kind}' for r in rs}))
-                       for host, rs in hosts.items())
+    detail = "; ".join(f"{host}: {_ranks([r.rank for r in rs])} on "
+                       + ", ".join(sorted({f"{r.platform} {r.device_kind}" for r in rs})) for host, rs in hosts.items())
     return f"{devices_per_process} device(s) per rank ({detail}{share})"
 
 
