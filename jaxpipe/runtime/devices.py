@@ -5,7 +5,9 @@ Processes on one host find each other with an MPI shared-memory split; local ran
 This must run before JAX initialises its backend, because CUDA reads CUDA_VISIBLE_DEVICES once;
 afterwards each process sees exactly its own GPUs as devices 0..k-1 (and so does CuPy/NCCL).
 With k > 1 the stage is sharded over its devices (`local_mesh`): the micro-batch is split across
-them and the stage's gradients are reduced inside the process by XLA.
+them and the stage's gradients are reduced inside the process by XLA. Whether the host has the
+GPUs this asks for, and whether every rank found its own, is checked by all ranks together once JAX
+has started (`jaxpipe.runtime.hostcheck`).
 """
 
 from __future__ import annotations
