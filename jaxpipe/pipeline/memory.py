@@ -253,7 +253,35 @@ def alternatives(cfg: Config) -> list[tuple[str, Config]]:
     for part in ("even", "balanced"):
         if p.partition != part:
             alt(f"parallel.partition={part}", {"partition": part})
+    if p.virtual_stages == 1 and (counts := memory_partition(cfg)) is not None:
+        alt(f"parallel.partition=[{','.join(map(str, counts))}]", {"partition": counts})
     return out
+
+
+def memory_partition(cfg: Config, platform: str = "gpu") -> list[int] | None:
+    """Layer counts per stage that lower the largest predicted peak: layers moved one at a time from
+    the fullest stage to a neighbour while that helps (None where nothing moves)."""
+    schedule = schedule_of(cfg)
+    counts = list(partition_of(cfg, schedule).counts)
+    start = list(counts)
+
+    def worst(c: list[int]) -> tuple[int, int]:
+        alt = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, partition=c))
+        peaks = [r.peak for r in rank_memory(alt, platform)]
+        return max(peaks), peaks.index(max(peaks))
+
+    best, s = worst(counts)
+    for _ in range(cfg.model.n_layer):
+        tries = []
+        for d in (s - 1, s + 1):
+            if 0 <= d < len(counts) and counts[s] > 1:
+                c = list(counts)
+                c[s], c[d] = c[s] - 1, c[d] + 1
+                tries.append((worst(c), c))
+        if not tries or min(tries)[0][0] >= best:
+            break
+        (best, s), counts = min(tries)
+    return counts if counts != start else None
 
 
 def check_memory(cfg: Config, device_bytes: int | Sequence[int], platform: str = "gpu",
