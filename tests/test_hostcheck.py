@@ -104,7 +104,7 @@ H100_LIMIT = int(0.75 * 80e9)  # the allocator's limit on an 80 GB card at JAX's
 
 
 def test_xl_gpipe_without_remat_is_refused_and_the_suggested_setting_fits():
-    cfg = load_config(XL, ["parallel.pp=2"])  # GPipe, batch 64, micro-batch 1, remat none
+    cfg = load_config(XL, ["parallel.pp=2", "parallel.schedule=gpipe", "model.remat=none"])  # batch 64, mb 1
     verdict = check_memory(cfg, H100_LIMIT)
     assert verdict.level == "refuse"
     head = ("predicted peak memory does not fit in the device's 55.9 GiB (parallel.schedule=gpipe, model.remat=none, "
@@ -113,7 +113,7 @@ def test_xl_gpipe_without_remat_is_refused_and_the_suggested_setting_fits():
     assert "activations of 64 micro-batches" in verdict.message
     assert "settings predicted to fit: parallel.schedule=1f1b (" in verdict.message
     assert verdict.message.endswith("runtime.memory_check=warn runs it anyway")
-    fixed = load_config(XL, ["parallel.pp=2", "parallel.schedule=1f1b"])
+    fixed = load_config(XL, ["parallel.pp=2", "parallel.schedule=1f1b", "model.remat=none"])
     assert check_memory(fixed, H100_LIMIT).level == "ok"
     with pytest.raises(ConfigError, match="^predicted peak memory does not fit"):
         check_device_memory(cfg, [[H100_LIMIT], [H100_LIMIT]])
