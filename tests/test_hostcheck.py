@@ -104,7 +104,8 @@ H100_LIMIT = int(0.75 * 80e9)  # the allocator's limit on an 80 GB card at JAX's
 
 
 def test_xl_gpipe_without_remat_is_refused_and_the_suggested_setting_fits():
-    cfg = load_config(XL, ["parallel.pp=2", "parallel.schedule=gpipe", "model.remat=none"])  # batch 64, mb 1
+    cfg = load_config(XL, ["parallel.pp=2", "parallel.schedule=gpipe", "model.remat=none", "train.global_batch_size=64",
+                           "train.micro_batch_size=1"])
     verdict = check_memory(cfg, H100_LIMIT)
     assert verdict.level == "refuse"
     head = ("predicted peak memory does not fit in the device's 55.9 GiB (parallel.schedule=gpipe, model.remat=none, "
