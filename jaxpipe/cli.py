@@ -265,7 +265,7 @@ def _param_counts(cfg: Any) -> str:
     """The model's parameters, in all and per pipeline rank (its chunks together; the tied `wte`
     counted on both the first and the last chunk's rank, as they hold it)."""
     from jaxpipe.model.layout import param_count, stage_param_counts
-    from jaxpipe.pipeline.costmodel import config_partition
+    from jaxpipe.pipeline.partition import config_partition
     from jaxpipe.pipeline.schedule import config_schedule
 
     schedule = config_schedule(cfg)

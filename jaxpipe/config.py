@@ -202,6 +202,10 @@ class RuntimeConfig:
     # SIGTERM/SIGINT: every rank stops after the current step and commits a checkpoint; a job still running
     # this long after the signal exits without it (spot reclaim and Slurm's KillWait allow 30-120 s).
     preempt_grace_s: float = 120.0
+    # On GPUs, each stage's predicted peak memory (jaxpipe.pipeline.memory) against its device's before
+    # compiling: "refuse" a stage that cannot fit even within the model's measured error (warn where it
+    # may not), "warn" only, or "off".
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from jaxpipe.comm.message import ArraySpec, Kind
 from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
-from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
+from jaxpipe.pipeline.partition import Partition, StageCosts, config_partition, stage_cost
 from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, config_schedule, lower, make_schedule, walk
 
 CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
@@ -332,12 +332,6 @@ def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float 
         t = stage_cost(costs, b - a, i == 0, i == partition.n_stages - 1)
         out.append(StageTime(t / 3, 2 * t / 3))
     return out
-
-
-def config_partition(cfg: Config, schedule: Schedule) -> Partition:
-    p = cfg.parallel
-    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
-    return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)
 
 
 @dataclass(frozen=True)
