@@ -39,3 +39,30 @@ def test_packed_residuals_change_nothing(monkeypatch):
     assert n_packed <= 8 < n_plain, (n_packed, n_plain)  # a few buffers instead of dozens of arrays
     for a, b in zip(packed, plain, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_llama_split_backward_equals_the_full_backward():
+    """zb_h1's split backward (input gradient, then weight gradient from the recorded inputs) on LLaMA
+    blocks and the untied head gives the full backward's gradients: every parametrised op of the block
+    (q, kv, proj, gate_up, down, both RMSNorms) and the stage's head is recorded."""
+    cfg = load_config(None, ["parallel.pp=2", "model.arch=llama", "model.n_layer=4", "model.d_model=32",
+                             "model.n_head=4", "model.n_kv_head=2", "model.d_ff=48", "model.seq_len=16",
+                             "model.vocab_size=64", "model.tie_embeddings=false"])
+    spec = Partition.from_counts([2, 2]).stage(1)  # the last stage: blocks, RMSNorm, untied head, loss
+    out = {}
+    for split in (False, True):
+        prog = StageProgram(cfg.model, spec, micro_batch_size=2, split=split)
+        params = prog.place_params(init_stage_params(cfg.model, 0, spec.layers, False, True))
+        x = jax.random.normal(jax.random.PRNGKey(1), prog.act_spec.shape)
+        targets = jax.random.randint(jax.random.PRNGKey(2), (2, 16), 0, 64)
+        grads = prog.zero_grads(params)
+        scale = np.float32(1.0)
+        if split:
+            g_x, loss, w = prog.forward_input_loss(params, x, targets, scale)
+            grads = prog.backward_weight(grads, params, w)
+        else:
+            grads, g_x, loss = prog.forward_backward_loss(params, grads, x, targets, scale)
+        out[split] = [np.asarray(v) for v in (loss, g_x, *jax.tree.leaves(grads))]
+    assert len(out[True]) == len(out[False])
+    for a, b in zip(out[True], out[False], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
