@@ -11,6 +11,21 @@ from jaxpipe.runtime import launch
 from jaxpipe.runtime.launch import Finished, mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
+TINY_JOB_STEPS = 30
+# The multi-rank tests' one model and training shape (tests that launch share their compiled programs
+# through the persistent cache): small enough to run in seconds, deep enough for uneven 4-stage
+# partitions and 2 chunks per rank.
+MODEL = ["model.n_layer=8", "model.d_model=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=128"]
+# Adam's eps is raised from 1e-8 so that gradients that are zero in exact arithmetic (the attention
+# key bias: softmax ignores a per-row constant) but rounding noise in practice do not become ±lr steps.
+TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3", "train.warmup_steps=1",
+         "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4"]
+
+
+def sets(items: list[str]) -> list[str]:
+    """`--set` before every override, as the command line takes them."""
+    return [a for item in items for a in ("--set", item)]
+  # the steps of the shared default-job launch (tests/conftest.py `tiny_job`)
 
 
 def mpiexec() -> list[str]:

@@ -32,9 +32,8 @@ from float16_checks import (
     load_case,
     scale_events,
 )
-from mpi_util import REPO, run_mpi
+from mpi_util import MODEL, REPO, TRAIN, run_mpi
 from reference import reference_diloco, reference_train
-from test_mpi import MODEL, TRAIN
 
 from jaxpipe.comm.codec import BFloat16, Codec, Delta, DeltaStore, Float8E4M3, Float8E5M2, Identity, Int4, Int8
 from jaxpipe.config import ParallelConfig, TrainConfig, load_config

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import REPO, mpiexec
+from mpi_util import MODEL, REPO, TRAIN, mpiexec, sets
 from mpi_util import test_env as mpi_env
-from test_mpi import MODEL, TRAIN, group_run, reference
-from test_reliability import ENDS_WITHIN_S, faulty_job, sets
+from test_mpi import group_run, reference
+from test_reliability import ENDS_WITHIN_S, faulty_job
 
 from jaxpipe.cli import main
 from jaxpipe.config import load_config
