@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
-from mpi_util import TINY_JOB_STEPS, configure_test_environment, run_mpi
+from mpi_util import TINY_JOB_STEPS, configure_test_environment, launch_once, run_mpi
 
 # Before JAX starts its backend: this process (the single-process references) compiles with the same
 # XLA flags and the same persistent cache as the ranks the tests launch.
@@ -20,8 +20,8 @@ def tiny_job(tmp_path_factory):
     (its last two steps), with TensorBoard and per-step metrics: one launch serves the tests that it
     learns (tests/test_mpi.py) and those of the trace, the picture, TensorBoard and the plain step lines
     (tests/test_observe.py)."""
-    tmp = tmp_path_factory.mktemp("tiny_job")
-    run = run_mpi(4, ["-m", "jaxpipe", "train", "--set", f"train.steps={TINY_JOB_STEPS}", "--trace", str(tmp / "trace"),
-                      "--tensorboard", str(tmp / "tb"), "--metrics-out", str(tmp / "m.jsonl")], timeout=900)
+    run, tmp = launch_once(tmp_path_factory, "tiny_job", lambda tmp: run_mpi(
+        4, ["-m", "jaxpipe", "train", "--set", f"train.steps={TINY_JOB_STEPS}", "--trace", str(tmp / "trace"),
+            "--tensorboard", str(tmp / "tb"), "--metrics-out", str(tmp / "m.jsonl")], timeout=900))
     assert run.returncode == 0, run.stderr[-20000:]
     return tmp, run

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 from jaxpipe.runtime import launch
 from jaxpipe.runtime.launch import Finished, mpiexec_command
@@ -77,3 +80,24 @@ def _merged(extra: dict[str, str] | None) -> dict[str, str]:
     env = {**test_env(), **(extra or {})}
     env["XLA_FLAGS"] = with_test_flags(env.get("XLA_FLAGS"))
     return env
+
+
+def shared_dir(tmp_path_factory: Any) -> Path:
+    """A directory every test process of this pytest run shares: pytest-xdist's workers each get their
+    own base temporary directory, inside one that is common to them."""
+    base = Path(tmp_path_factory.getbasetemp())
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def launch_once(tmp_path_factory: Any, name: str, launch: Callable[[Path], Finished]) -> tuple[Finished, Path]:
+    """`launch(out)` once per pytest run, whichever test (in whichever xdist worker) asks first; the
+    others wait for it and read what it left in `out` (its exit status and output saved beside it)."""
+    root = shared_dir(tmp_path_factory)
+    out, saved = root / name, root / f"{name}.run.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.exists():
+            out.mkdir(exist_ok=True)
+            run = launch(out)
+            saved.write_text(json.dumps({"returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr}))
+    return Finished(**json.loads(saved.read_text())), out

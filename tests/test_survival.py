@@ -114,7 +114,7 @@ def metrics(path: Path) -> dict[int, float]:
 
 def uninterrupted(tmp_path_factory) -> tuple[list[float], dict[str, np.ndarray]]:
     """Losses and final parameters of test_mpi's uninterrupted PP=2 x DP=2 run (3 steps)."""
-    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-5000:]
     case = out / "pp2xdp2_central_ps"
     params: dict[str, np.ndarray] = {}
