@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxpipe.errors import ConfigError
+from jaxpipe.registry import ACT_CODECS, GRAD_CODECS
 
 # name: (n_layer, d_model, n_head). GPT-3 paper, Table 2.1; XL uses 16 heads as in the original
 # system (24 does not divide 2048), 13B uses d_model 5120 (the paper's 5140 is not divisible by 40 heads).
@@ -62,8 +63,10 @@ class ParallelConfig:
     # Replicas, or "auto": as many as the launched ranks allow (N / pp), so a job restarted on fewer hosts
     # (`jaxpipe supervise --elastic`) keeps the global batch with more micro-batches per replica.
     dp: int | Literal["auto"] = 1
-    # gpipe, 1f1b, interleaved_1f1b (needs virtual_stages >= 2), zb_h1 (zero-bubble H1); see jaxpipe.pipeline.schedule.
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
+    # gpipe, gpipe_ring (GPipe with the LM head on the first rank: pp + 1 chunks, no tied-embedding
+    # exchange), 1f1b, interleaved_1f1b (needs virtual_stages >= 2), zb_h1 (zero-bubble H1); see
+    # jaxpipe.pipeline.schedule.
+    schedule: Literal["gpipe", "gpipe_ring", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
     dp_mode: Literal["central_ps", "sharded_ps", "allreduce", "diloco"] = "central_ps"
@@ -86,12 +89,16 @@ class ParallelConfig:
     # per row, with error feedback) quarters them; both ends add the same wire values, so the two
     # copies of `wte` stay identical.
     tied_grad_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
-    # -- Compressed pipeline traffic (jaxpipe.comm.codec) --
+    # -- Compressed pipeline traffic (jaxpipe.comm.codec; the choices: jaxpipe.registry.ACT_CODECS) --
     # Wire format of activations (forward) and of their gradients (backward) between ranks: none (the
-    # compute dtype), bfloat16, float8 (e4m3 forward, e5m2 backward), int8 or int4 (two per byte); the
-    # float8 and integer ones with an absmax scale per token row. Encoded and decoded on the device.
-    act_codec: Literal["none", "bfloat16", "float8", "int8", "int4"] = "none"
-    act_grad_codec: Literal["none", "bfloat16", "float8", "int8", "int4"] = "none"
+    # compute dtype), bfloat16, float8 (e4m3 forward, e5m2 backward), int8, int4 (two per byte, a scale
+    # per act_int4_group values) or int4_row (a scale per token row); float8, int8 and int4_row with an
+    # absmax scale per token row. Encoded and decoded on the device.
+    act_codec: str = "none"
+    act_grad_codec: str = "none"
+    # Values per bfloat16 scale of the int4 codec (an even divisor of model.d_model): 4 + 16/group bits
+    # per value; finer groups keep the loss (BENCHMARKS.md, "int4 within 1 %").
+    act_int4_group: int = 32
     # AQ-SGD's delta mode: an activation travels as the act_codec-coded change since what the same
     # training sample's last visit delivered (both ends keep that copy; a first visit goes in int8).
     act_delta: bool = False
@@ -103,7 +110,7 @@ class ParallelConfig:
     # ---- data parallelism for slow links (jaxpipe.dp) ----
     # Wire format of the DP exchange (gradients; DiLoCo's pseudo-gradients and outer steps), with error
     # feedback: bfloat16, or int8 / int4 with one float32 scale per 1024 elements.
-    grad_codec: Literal["none", "bfloat16", "int8", "int4"] = "none"
+    grad_codec: str = "none"  # one of jaxpipe.registry.GRAD_CODECS
     # dp_mode=diloco: H inner steps per outer step, the outer step's exchange, outer Nesterov SGD,
     # and per-stage staggered outer steps.
     diloco_inner_steps: int = 50
@@ -201,6 +208,10 @@ class RuntimeConfig:
     # SIGTERM/SIGINT: every rank stops after the current step and commits a checkpoint; a job still running
     # this long after the signal exits without it (spot reclaim and Slurm's KillWait allow 30-120 s).
     preempt_grace_s: float = 120.0
+    # A world barrier at the start of every step, as the original timed its iterations (tools/bench.py and
+    # tools/reproduce_seed.py turn it on). Off, a step waits only for what its update needs, and the
+    # step's world sums (loss, stop verdicts) are read one step later.
+    step_barrier: bool = False
 
 
 @dataclass
@@ -229,7 +240,8 @@ class Config:
 
     @property
     def n_chunks(self) -> int:
-        return self.parallel.pp * self.parallel.virtual_stages
+        ring = self.parallel.schedule == "gpipe_ring"  # the head's chunk back on the first rank
+        return self.parallel.pp * self.parallel.virtual_stages + ring
 
     @property
     def num_microbatches(self) -> int:
@@ -423,8 +435,9 @@ def validate(cfg: Config) -> None:
                           f"default 65536 keeps scaling exact), got {t.loss_scale_init}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-    if p.pp * p.virtual_stages > m.n_layer:
+    if cfg.n_chunks > m.n_layer:
         what = (f"parallel.pp × parallel.virtual_stages ({p.pp} × {p.virtual_stages})" if p.virtual_stages > 1
+                else f"parallel.pp + 1 ({p.pp + 1} chunks of gpipe_ring)" if p.schedule == "gpipe_ring"
                 else f"parallel.pp ({p.pp})")
         raise ConfigError(f"{what} is larger than model.n_layer ({m.n_layer}): a stage would be empty")
     replicas_known = isinstance(p.dp, int)  # "auto": the checks below wait for resolve_world
@@ -465,6 +478,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
+    _check_codec_names(p)
     _validate_data_parallel(p)
     # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
     if t.decay_steps and t.warmup_steps >= t.decay_steps:
@@ -497,22 +511,22 @@ def validate(cfg: Config) -> None:
     _validate_codecs(cfg)
 
 
+def _check_codec_names(p: ParallelConfig) -> None:
+    """Each codec key names a registered class (jaxpipe.registry), checked before any rule about it."""
+    for key, value, registry in (("parallel.act_codec", p.act_codec, ACT_CODECS),
+                                 ("parallel.act_grad_codec", p.act_grad_codec, ACT_CODECS),
+                                 ("parallel.grad_codec", p.grad_codec, GRAD_CODECS)):
+        if value not in registry:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, registry.names()))}")
+
+
 def _validate_codecs(cfg: Config) -> None:
-    """Compressed pipeline traffic (jaxpipe.comm.codec): the combinations that cannot work."""
+    """Compressed traffic: the class each codec key names checks its own keys (jaxpipe.comm.codec,
+    jaxpipe.comm.quant)."""
     p = cfg.parallel
-    if "int4" in (p.act_codec, p.act_grad_codec) and cfg.model.d_model % 2:
-        raise ConfigError(f"int4 packs two values per byte: model.d_model ({cfg.model.d_model}) must be even "
-                          f"for parallel.act_codec / parallel.act_grad_codec = int4")
-    if p.act_delta:
-        if p.act_codec not in ("int8", "int4", "float8"):
-            raise ConfigError(f"parallel.act_delta sends the act_codec-coded change of each activation: set "
-                              f"parallel.act_codec to int4, int8 or float8 (got {p.act_codec!r})")
-        if cfg.data.source != "tokens":
-            raise ConfigError("parallel.act_delta keeps a copy per training sample and sends the change since its "
-                              "last visit, but data.source=synthetic never visits a sample twice: use "
-                              "data.source=tokens (or turn parallel.act_delta off)")
-    elif p.act_delta_dir is not None:
-        raise ConfigError("parallel.act_delta_dir is set but parallel.act_delta is off")
+    for value in dict.fromkeys((p.act_codec, p.act_grad_codec)):
+        ACT_CODECS.validate(value, cfg)
+    GRAD_CODECS.validate(p.grad_codec, cfg)
 
 
 # ---- warm-up clipping (a run shorter than its warm-up) -------------------------------------------------

@@ -161,8 +161,9 @@ def test_one_step_run_on_a_terminal_shows_the_progress_line():
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("traced")
-    run = run_mpi(4, ["-m", "jaxpipe", "train", "--set", "train.steps=2", "parallel.pp=4", "--trace",
-                      str(tmp / "trace"), "--tensorboard", str(tmp / "tb"), "--metrics-out", str(tmp / "m.jsonl")],
+    run = run_mpi(4, ["-m", "jaxpipe", "train", "--set", "train.steps=2", "parallel.pp=4",
+                      "runtime.step_barrier=true", "--trace", str(tmp / "trace"), "--tensorboard", str(tmp / "tb"),
+                      "--metrics-out", str(tmp / "m.jsonl")],
                   timeout=600)
     assert run.returncode == 0, run.stderr[-20000:]
     return tmp, run
