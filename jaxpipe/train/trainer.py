@@ -641,17 +641,19 @@ def _train(cfg: Config, comm: Any, metrics_out: str | Path | None, log: Callable
             if TRACE.armed:
                 TRACE.begin_step(step)
             state, metrics, pending = do_step(run, state, step, batch)
-            run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
             # Without the step barrier a step's world sums (loss, stop verdicts) are read after the next
             # step has run, so no rank waits for the whole world between steps; every rank reads them at
-            # the same step, so all learn of a preemption or a non-finite stop together.
+            # the same step, so all learn of a preemption or a non-finite stop together. A step with an
+            # evaluation or a checkpoint (collective anyway), the last and every step under the barrier
+            # are read at once, so the log keeps its order.
             late.append((metrics, pending))
-            if cfg.runtime.step_barrier or len(late) > 1 or step + 1 == cfg.train.steps:
-                preempted = False
-                while late and (cfg.runtime.step_barrier or len(late) > 1 or step + 1 == cfg.train.steps):
-                    preempted |= _conclude_step(run, result, observer, *late.pop(0))
-                if preempted and step + 1 < cfg.train.steps:
-                    run.hooks.stop_preempted(step + 1, state.params, state.opt_state)
+            now = cfg.runtime.step_barrier or step + 1 == cfg.train.steps or run.hooks.acts_after(step + 1)
+            preempted = False
+            while len(late) > (0 if now else 1):
+                preempted |= _conclude_step(run, result, observer, *late.pop(0))
+            run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
+            if preempted and step + 1 < cfg.train.steps:
+                run.hooks.stop_preempted(step + 1, state.params, state.opt_state)
     except BaseException as e:
         # The job is about to be aborted: joining a receiver thread blocked on a dead peer would only
         # delay that. A non-finite stop, a failed save and a preemption happen on every rank at once,
