@@ -360,7 +360,7 @@ def config_schedule(cfg: Config) -> Schedule:
 
 def config_partition(cfg: Config, schedule: Schedule) -> Partition:
     p = cfg.parallel
-    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
+    weights = schedule.chunk_weights(p.stage_weights)
     return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)
 
 

@@ -141,6 +141,17 @@ class Schedule(ABC):
     def chunks_of(self, rank: int) -> list[int]:
         return [c for c in range(self.n_chunks) if self.rank_of(c) == rank]
 
+    def chunk_weights(self, stage_weights: Sequence[float] | None = None) -> list[float] | None:
+        """Speed weight per chunk for the `balanced` partition: its rank's (`parallel.stage_weights`),
+        shared among the rank's chunks where ranks hold unequal numbers of them (gpipe_ring's rank 0
+        holds two), so that ranks, not chunks, come out even. None: all equal."""
+        per_rank = [len(self.chunks_of(r)) for r in range(self.n_ranks)]
+        uneven = len(set(per_rank)) > 1
+        if stage_weights is None and not uneven:
+            return None
+        w = list(stage_weights) if stage_weights is not None else [1.0] * self.n_ranks
+        return [w[r] / (per_rank[r] if uneven else 1) for r in map(self.rank_of, range(self.n_chunks))]
+
     @abstractmethod
     def actions(self, rank: int) -> list[Action]:
         """The compute actions of `rank` for one step, in execution order."""

@@ -258,7 +258,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     k = cfg.runtime.devices_per_process
     _agreed(comm, "the device assignment", lambda: assign_devices(comm, k))  # Before JAX touches a device.
     mesh = _agreed(comm, "the local device mesh", lambda: local_mesh(k)) if k > 1 else None
-    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
+    weights = schedule.chunk_weights(p.stage_weights)
     partition = _agreed(comm, "the partition", lambda: resolve_partition(p.partition, cfg.model, schedule.n_chunks,
                                                                           cfg.train.micro_batch_size, weights))
     chunks = schedule.chunks_of(topo.stage)
