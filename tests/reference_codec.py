@@ -13,7 +13,7 @@ rounded to int8 with its own error-feedback residue before the two are added.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +74,12 @@ def _ef(g, residue):
     return sent, target - sent
 
 
-def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]]) -> tuple[list[float], list[float],
-                                                                                   dict[str, np.ndarray]]:
+def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]],
+                          after_step: Callable[[int, list], None] | None = None
+                          ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
     """(losses, gradient norms, per-layer parameters) as `tests/reference.py` returns them, with the
-    codecs of `cfg.parallel` at the boundaries between `ranges`."""
+    codecs of `cfg.parallel` at the boundaries between `ranges`. `after_step(step, stage_params)` is
+    called after every step (1-based; tools/codec_quality.py evaluates there)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     n = len(ranges)
     mods = [StageModel(m, n_layers=b - a, first=a == 0, last=b == m.n_layer) for a, b in ranges]
@@ -149,6 +151,8 @@ def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]]) -> tup
                     s[(replica[r], windows[r])] = h[r]
         losses.append(float(loss))
         norms.append(float(norm))
+        if after_step is not None:
+            after_step(step + 1, params)
     flat = {}
     for (a, b), sp in zip(ranges, params, strict=True):
         flat.update(flatten_per_layer(m, range(a, b), a == 0, b == m.n_layer, sp))
