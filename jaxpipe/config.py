@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxpipe.errors import ConfigError
-from jaxpipe.registry import ACT_CODECS, GRAD_CODECS
+from jaxpipe.registry import ACT_CODECS, GRAD_CODECS, SCHEDULES, Registry
 
 # name: (n_layer, d_model, n_head). GPT-3 paper, Table 2.1; XL uses 16 heads as in the original
 # system (24 does not divide 2048), 13B uses d_model 5120 (the paper's 5140 is not divisible by 40 heads).
@@ -63,10 +63,9 @@ class ParallelConfig:
     # Replicas, or "auto": as many as the launched ranks allow (N / pp), so a job restarted on fewer hosts
     # (`jaxpipe supervise --elastic`) keeps the global batch with more micro-batches per replica.
     dp: int | Literal["auto"] = 1
-    # gpipe, gpipe_ring (GPipe with the LM head on the first rank: pp + 1 chunks, no tied-embedding
-    # exchange), 1f1b, interleaved_1f1b (needs virtual_stages >= 2), zb_h1 (zero-bubble H1); see
-    # jaxpipe.pipeline.schedule.
-    schedule: Literal["gpipe", "gpipe_ring", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
+    # A registered schedule's name (jaxpipe.registry.SCHEDULES, filled by jaxpipe.pipeline.schedule), e.g.
+    # 1f1b, or gpipe_ring (GPipe with the LM head on the first rank: pp + 1 chunks, no tied-embedding exchange).
+    schedule: str = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
     dp_mode: Literal["central_ps", "sharded_ps", "allreduce", "diloco"] = "central_ps"
@@ -212,6 +211,10 @@ class RuntimeConfig:
     # tools/reproduce_seed.py turn it on). Off, a step waits only for what its update needs, and the
     # step's world sums (loss, stop verdicts) are read one step later.
     step_barrier: bool = False
+    # On GPUs, each stage's predicted peak memory (jaxpipe.pipeline.memory) against its device's before
+    # compiling: "refuse" a stage that cannot fit even within the model's measured error (warn where it
+    # may not), "warn" only, or "off".
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
 
 
 @dataclass
@@ -240,8 +243,9 @@ class Config:
 
     @property
     def n_chunks(self) -> int:
-        ring = self.parallel.schedule == "gpipe_ring"  # the head's chunk back on the first rank
-        return self.parallel.pp * self.parallel.virtual_stages + ring
+        """Model chunks: as the schedule cuts them (pp × virtual_stages; gpipe_ring one more)."""
+        p = self.parallel
+        return int(SCHEDULES.get(p.schedule).chunk_count(p.pp, p.virtual_stages))
 
     @property
     def num_microbatches(self) -> int:
@@ -414,6 +418,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg if world_size is None else resolve_world(cfg, world_size)
 
 
+# The keys whose choices are registered classes (jaxpipe.registry), with the registry each chooses from:
+# `validate` checks that the value names one and runs that class's `validate_config`; the class, not this
+# module, holds its rules.
+REGISTERED: tuple[tuple[str, Registry[Any]], ...] = (
+    ("parallel.schedule", SCHEDULES), ("parallel.act_codec", ACT_CODECS), ("parallel.act_grad_codec", ACT_CODECS),
+    ("parallel.grad_codec", GRAD_CODECS))
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no MPI and no devices: run identically on every rank."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -437,8 +449,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     if cfg.n_chunks > m.n_layer:
         what = (f"parallel.pp × parallel.virtual_stages ({p.pp} × {p.virtual_stages})" if p.virtual_stages > 1
-                else f"parallel.pp + 1 ({p.pp + 1} chunks of gpipe_ring)" if p.schedule == "gpipe_ring"
-                else f"parallel.pp ({p.pp})")
+                else f"parallel.pp ({p.pp})" if cfg.n_chunks == p.pp
+                else f"parallel.schedule={p.schedule}'s {cfg.n_chunks} chunks")
         raise ConfigError(f"{what} is larger than model.n_layer ({m.n_layer}): a stage would be empty")
     replicas_known = isinstance(p.dp, int)  # "auto": the checks below wait for resolve_world
     if isinstance(p.dp, int) and t.global_batch_size % p.dp:
@@ -460,13 +472,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)"
         )
-    if p.extra_warmup < 0:
-        raise ConfigError(f"parallel.extra_warmup must be 0 or more, got {p.extra_warmup}")
-    if p.extra_warmup and p.schedule != "1f1b":
-        raise ConfigError(f"parallel.extra_warmup ({p.extra_warmup}) applies to parallel.schedule=1f1b only "
-                          f"(got {p.schedule}): set it to 0 or use 1f1b")
-    # (Each schedule's own rules, e.g. interleaved_1f1b's, are checked where it is built:
-    # jaxpipe.pipeline.schedule.make_schedule, before anything compiles.)
+    for key, registry in REGISTERED:  # the chosen class's own rules (parallel.extra_warmup for 1f1b, ...)
+        section, name = key.split(".")
+        registry.validate(getattr(getattr(cfg, section), name), cfg, key)
     if p.stage_remat is not None:
         if len(p.stage_remat) != p.pp:
             raise ConfigError(f"parallel.stage_remat has {len(p.stage_remat)} entries, need parallel.pp = {p.pp}")
@@ -478,7 +486,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
-    _check_codec_names(p)
     _validate_data_parallel(p)
     # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
     if t.decay_steps and t.warmup_steps >= t.decay_steps:
@@ -508,25 +515,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 = off)")
     if t.checkpoint_every and not t.checkpoint_dir:
         raise ConfigError("train.checkpoint_every is set but train.checkpoint_dir is not")
-    _validate_codecs(cfg)
-
-
-def _check_codec_names(p: ParallelConfig) -> None:
-    """Each codec key names a registered class (jaxpipe.registry), checked before any rule about it."""
-    for key, value, registry in (("parallel.act_codec", p.act_codec, ACT_CODECS),
-                                 ("parallel.act_grad_codec", p.act_grad_codec, ACT_CODECS),
-                                 ("parallel.grad_codec", p.grad_codec, GRAD_CODECS)):
-        if value not in registry:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, registry.names()))}")
-
-
-def _validate_codecs(cfg: Config) -> None:
-    """Compressed traffic: the class each codec key names checks its own keys (jaxpipe.comm.codec,
-    jaxpipe.comm.quant)."""
-    p = cfg.parallel
-    for value in dict.fromkeys((p.act_codec, p.act_grad_codec)):
-        ACT_CODECS.validate(value, cfg)
-    GRAD_CODECS.validate(p.grad_codec, cfg)
 
 
 # ---- warm-up clipping (a run shorter than its warm-up) -------------------------------------------------
