@@ -214,7 +214,8 @@ def resolve_partition(
             return Partition.even(cfg.n_layer, n_stages)
         raise ConfigError(f"parallel.partition: {spec!r} is not 'balanced', 'even', a list of counts or of ranges")
     if len(spec) != n_stages:
-        raise ConfigError(f"parallel.partition has {len(spec)} stages but parallel.pp is {n_stages}")
+        raise ConfigError(f"parallel.partition has {len(spec)} stages but the schedule cuts {n_stages} chunks "
+                          f"(parallel.pp × parallel.virtual_stages; gpipe_ring: parallel.pp + 1): give one per chunk")
     if all(isinstance(x, int) for x in spec):
         return Partition.from_counts(spec, cfg.n_layer)  # type: ignore[arg-type]
     return Partition.from_ranges(spec, cfg.n_layer)  # type: ignore[arg-type]
