@@ -113,7 +113,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="measured milliseconds per message of the codecs' activation encode, activation decode, "
                            "gradient encode and gradient decode (tools/bench.py codec; default: a roofline estimate)")
     plan.add_argument("--sweep", action="store_true",
-                      help="also predict the original DT-FM's five network settings for this config")
+                      help="also predict the original DT-FM's five network settings for this config, and rank every "
+                           "schedule x pipeline codec for the configured network, priced in loss from the shipped "
+                           "quality table (jaxpipe/plan/quality.yaml)")
+    plan.add_argument("--max-loss-increase", type=float, default=1.0, metavar="PCT",
+                      help="with --sweep: the loss budget, in percent of the validation loss over no compression "
+                           "(default 1.0); the fastest choice within it is marked")
     plan.add_argument("--show-schedule", action="store_true",
                       help="print the configured schedule: each rank's actions placed in time with unit costs "
                            "('.' marks idle time), then its lowered actions with receives and sends")
@@ -263,9 +268,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(_param_counts(cfg))
     print(format_prediction(plan(cfg, times, platform=args.platform, codec_times=codec)))
     if args.sweep:
+        from jaxpipe.plan.sweep import format_sweep, sweep
+
         print(_sweep_table([(label, plan(cfg, times, Link.of(delay, rate), platform=args.platform,
                                                    codec_times=codec))
                             for label, delay, rate in ORIGINAL_SETTINGS]))
+        net = cfg.network
+        where = f"{net.delay_ms:g} ms, {net.rate_gbit:g} Gbit/s" if net.enabled else "unlimited links"
+        print(format_sweep(sweep(cfg, platform=args.platform), args.max_loss_increase, where))
 
 
 def _param_counts(cfg: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxpipe.errors import ConfigError
-from jaxpipe.registry import SCHEDULES, Registry
+from jaxpipe.registry import ACT_CODECS, GRAD_CODECS, SCHEDULES, Registry
 
 # name: (n_layer, d_model, n_head). GPT-3 paper, Table 2.1; XL uses 16 heads as in the original
 # system (24 does not divide 2048), 13B uses d_model 5120 (the paper's 5140 is not divisible by 40 heads).
@@ -99,7 +99,8 @@ class ParallelConfig:
     # Replicas, or "auto": as many as the launched ranks allow (N / pp), so a job restarted on fewer hosts
     # (`jaxpipe supervise --elastic`) keeps the global batch with more micro-batches per replica.
     dp: int | Literal["auto"] = 1
-    # A registered schedule's name (jaxpipe.registry.SCHEDULES, filled by jaxpipe.pipeline.schedule), e.g. 1f1b.
+    # A registered schedule's name (jaxpipe.registry.SCHEDULES, filled by jaxpipe.pipeline.schedule), e.g.
+    # 1f1b, or gpipe_ring (GPipe with the LM head on the first rank: pp + 1 chunks, no tied-embedding exchange).
     schedule: str = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
@@ -123,12 +124,16 @@ class ParallelConfig:
     # per row, with error feedback) quarters them; both ends add the same wire values, so the two
     # copies of `wte` stay identical.
     tied_grad_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
-    # -- Compressed pipeline traffic (jaxpipe.comm.codec) --
+    # -- Compressed pipeline traffic (jaxpipe.comm.codec; the choices: jaxpipe.registry.ACT_CODECS) --
     # Wire format of activations (forward) and of their gradients (backward) between ranks: none (the
-    # compute dtype), bfloat16, float8 (e4m3 forward, e5m2 backward), int8 or int4 (two per byte); the
-    # float8 and integer ones with an absmax scale per token row. Encoded and decoded on the device.
-    act_codec: Literal["none", "bfloat16", "float8", "int8", "int4"] = "none"
-    act_grad_codec: Literal["none", "bfloat16", "float8", "int8", "int4"] = "none"
+    # compute dtype), bfloat16, float8 (e4m3 forward, e5m2 backward), int8, int4 (two per byte, a scale
+    # per act_int4_group values) or int4_row (a scale per token row); float8, int8 and int4_row with an
+    # absmax scale per token row. Encoded and decoded on the device.
+    act_codec: str = "none"
+    act_grad_codec: str = "none"
+    # Values per bfloat16 scale of the int4 codec (an even divisor of model.d_model): 4 + 16/group bits
+    # per value; finer groups keep the loss (BENCHMARKS.md, "int4 within 1 %").
+    act_int4_group: int = 32
     # AQ-SGD's delta mode: an activation travels as the act_codec-coded change since what the same
     # training sample's last visit delivered (both ends keep that copy; a first visit goes in int8).
     act_delta: bool = False
@@ -140,7 +145,7 @@ class ParallelConfig:
     # ---- data parallelism for slow links (jaxpipe.dp) ----
     # Wire format of the DP exchange (gradients; DiLoCo's pseudo-gradients and outer steps), with error
     # feedback: bfloat16, or int8 / int4 with one float32 scale per 1024 elements.
-    grad_codec: Literal["none", "bfloat16", "int8", "int4"] = "none"
+    grad_codec: str = "none"  # one of jaxpipe.registry.GRAD_CODECS
     # dp_mode=diloco: H inner steps per outer step, the outer step's exchange, outer Nesterov SGD,
     # and per-stage staggered outer steps.
     diloco_inner_steps: int = 50
@@ -242,6 +247,10 @@ class RuntimeConfig:
     # SIGTERM/SIGINT: every rank stops after the current step and commits a checkpoint; a job still running
     # this long after the signal exits without it (spot reclaim and Slurm's KillWait allow 30-120 s).
     preempt_grace_s: float = 120.0
+    # A world barrier at the start of every step, as the original timed its iterations (tools/bench.py and
+    # tools/reproduce_seed.py turn it on). Off, a step waits only for what its update needs, and the
+    # step's world sums (loss, stop verdicts) are read one step later.
+    step_barrier: bool = False
     # On GPUs, each stage's predicted peak memory (jaxpipe.pipeline.memory) against its device's before
     # compiling: "refuse" a stage that cannot fit even within the model's measured error (warn where it
     # may not), "warn" only, or "off".
@@ -274,7 +283,9 @@ class Config:
 
     @property
     def n_chunks(self) -> int:
-        return self.parallel.pp * self.parallel.virtual_stages
+        """Model chunks: as the schedule cuts them (pp × virtual_stages; gpipe_ring one more)."""
+        p = self.parallel
+        return int(SCHEDULES.get(p.schedule).chunk_count(p.pp, p.virtual_stages))
 
     @property
     def num_microbatches(self) -> int:
@@ -461,7 +472,9 @@ def load_tree(path: str | Path | None = None, overrides: list[str] | None = None
 # The keys whose choices are registered classes (jaxpipe.registry), with the registry each chooses from:
 # `validate` checks that the value names one and runs that class's `validate_config`; the class, not this
 # module, holds its rules.
-REGISTERED: tuple[tuple[str, Registry[Any]], ...] = (("parallel.schedule", SCHEDULES),)
+REGISTERED: tuple[tuple[str, Registry[Any]], ...] = (
+    ("parallel.schedule", SCHEDULES), ("parallel.act_codec", ACT_CODECS), ("parallel.act_grad_codec", ACT_CODECS),
+    ("parallel.grad_codec", GRAD_CODECS))
 
 
 def validate(cfg: Config) -> None:
@@ -486,9 +499,10 @@ def validate(cfg: Config) -> None:
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     _validate_arch(m)
-    if p.pp * p.virtual_stages > m.n_layer:
+    if cfg.n_chunks > m.n_layer:
         what = (f"parallel.pp × parallel.virtual_stages ({p.pp} × {p.virtual_stages})" if p.virtual_stages > 1
-                else f"parallel.pp ({p.pp})")
+                else f"parallel.pp ({p.pp})" if cfg.n_chunks == p.pp
+                else f"parallel.schedule={p.schedule}'s {cfg.n_chunks} chunks")
         raise ConfigError(f"{what} is larger than model.n_layer ({m.n_layer}): a stage would be empty")
     replicas_known = isinstance(p.dp, int)  # "auto": the checks below wait for resolve_world
     if isinstance(p.dp, int) and t.global_batch_size % p.dp:
@@ -553,7 +567,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0 (0 = off)")
     if t.checkpoint_every and not t.checkpoint_dir:
         raise ConfigError("train.checkpoint_every is set but train.checkpoint_dir is not")
-    _validate_codecs(cfg)
 
 
 def _validate_arch(m: ModelConfig) -> None:
@@ -583,24 +596,6 @@ def _validate_arch(m: ModelConfig) -> None:
                                            and m.rope_original_max_len > 0):
         raise ConfigError("model.rope_scaling=llama3 needs model.rope_factor > 0, model.rope_high_freq_factor > "
                           "model.rope_low_freq_factor > 0 and model.rope_original_max_len > 0")
-
-
-def _validate_codecs(cfg: Config) -> None:
-    """Compressed pipeline traffic (jaxpipe.comm.codec): the combinations that cannot work."""
-    p = cfg.parallel
-    if "int4" in (p.act_codec, p.act_grad_codec) and cfg.model.d_model % 2:
-        raise ConfigError(f"int4 packs two values per byte: model.d_model ({cfg.model.d_model}) must be even "
-                          f"for parallel.act_codec / parallel.act_grad_codec = int4")
-    if p.act_delta:
-        if p.act_codec not in ("int8", "int4", "float8"):
-            raise ConfigError(f"parallel.act_delta sends the act_codec-coded change of each activation: set "
-                              f"parallel.act_codec to int4, int8 or float8 (got {p.act_codec!r})")
-        if cfg.data.source != "tokens":
-            raise ConfigError("parallel.act_delta keeps a copy per training sample and sends the change since its "
-                              "last visit, but data.source=synthetic never visits a sample twice: use "
-                              "data.source=tokens (or turn parallel.act_delta off)")
-    elif p.act_delta_dir is not None:
-        raise ConfigError("parallel.act_delta_dir is set but parallel.act_delta is off")
 
 
 # ---- warm-up clipping (a run shorter than its warm-up) -------------------------------------------------

@@ -13,7 +13,7 @@ rounded to int8 with its own error-feedback residue before the two are added.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +30,21 @@ from jaxpipe.train.optimizer import make_adamw
 F32 = jnp.float32
 
 
-def roundtrip(name: str, backward: bool):
-    """x -> what the far end decodes, for codec `name` (parallel.act_codec / act_grad_codec)."""
+def _format(name: str, backward: bool, group: int) -> tuple[str, int]:
+    """(quant format, values per scale; 0 = per row) of codec `name`."""
+    return {"int8": ("int8", 0), "int4": ("int4", group), "int4_row": ("int4", 0),
+            "float8": ("float8_e5m2" if backward else "float8_e4m3", 0)}[name]
+
+
+def roundtrip(name: str, backward: bool, group: int = 32):
+    """x -> what the far end decodes, for codec `name` (parallel.act_codec / act_grad_codec; int4's
+    scale per `group` values of a row, parallel.act_int4_group)."""
     if name == "none":
         return lambda x: x
     if name == "bfloat16":
         return lambda x: x.astype(jnp.bfloat16).astype(x.dtype)
-    fmt = {"int8": "int8", "int4": "int4", "float8": "float8_e5m2" if backward else "float8_e4m3"}[name]
-    return lambda x: quant.roundtrip(x, fmt)
+    fmt, g = _format(name, backward, group)
+    return lambda x: quant.roundtrip(x, fmt, g)
 
 
 def _boundary(act_rt, grad_rt, delta_fmt):
@@ -45,8 +52,9 @@ def _boundary(act_rt, grad_rt, delta_fmt):
     def f(x, copy, first):
         if delta_fmt is None:
             return act_rt(x)
+        fmt, g = delta_fmt
         absolute = quant.roundtrip(x, "int8")
-        change = quant.decode_rows(quant.encode_rows(x.astype(F32) - copy.astype(F32), delta_fmt), delta_fmt)
+        change = quant.decode_rows(quant.encode_rows(x.astype(F32) - copy.astype(F32), fmt, g), fmt, F32, g)
         delta = quant.saturate(copy.astype(F32) + change, x.dtype)
         return jnp.where(first[:, None, None], absolute, delta)
 
@@ -66,16 +74,19 @@ def _ef(g, residue):
     return sent, target - sent
 
 
-def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]]) -> tuple[list[float], list[float],
-                                                                                   dict[str, np.ndarray]]:
+def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]],
+                          after_step: Callable[[int, list], None] | None = None
+                          ) -> tuple[list[float], list[float], dict[str, np.ndarray]]:
     """(losses, gradient norms, per-layer parameters) as `tests/reference.py` returns them, with the
-    codecs of `cfg.parallel` at the boundaries between `ranges`."""
+    codecs of `cfg.parallel` at the boundaries between `ranges`. `after_step(step, stage_params)` is
+    called after every step (1-based; tools/codec_quality.py evaluates there)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     n = len(ranges)
     mods = [StageModel(m, n_layers=b - a, first=a == 0, last=b == m.n_layer) for a, b in ranges]
     params = [init_stage_params(m, t.seed, range(a, b), a == 0, b == m.n_layer) for a, b in ranges]
-    delta_fmt = {"int8": "int8", "int4": "int4", "float8": "float8_e4m3"}[p.act_codec] if p.act_delta else None
-    boundary = _boundary(roundtrip(p.act_codec, False), roundtrip(p.act_grad_codec, True), delta_fmt)
+    g = p.act_int4_group
+    delta_fmt = _format(p.act_codec, False, g) if p.act_delta else None
+    boundary = _boundary(roundtrip(p.act_codec, False, g), roundtrip(p.act_grad_codec, True, g), delta_fmt)
     int8_tied = p.tied_grad_dtype == "int8"
     bf16_tied = p.tied_grad_dtype == "bfloat16"
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), make_adamw(t))
@@ -140,6 +151,8 @@ def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]]) -> tup
                     s[(replica[r], windows[r])] = h[r]
         losses.append(float(loss))
         norms.append(float(norm))
+        if after_step is not None:
+            after_step(step + 1, params)
     flat = {}
     for (a, b), sp in zip(ranges, params, strict=True):
         flat.update(flatten_per_layer(m, range(a, b), a == 0, b == m.n_layer, sp))

@@ -15,6 +15,7 @@ from jaxpipe.comm.codec import (
     Float8E4M3,
     Float8E5M2,
     Int4,
+    Int4Row,
     Int8,
     make_codec,
     quant_wire_spec,
@@ -25,6 +26,7 @@ from jaxpipe.comm.tied import LocalTiedSum
 from jaxpipe.comm.transport.base import ThreadedTransport
 from jaxpipe.config import load_config
 from jaxpipe.errors import ConfigError, TransportError
+from jaxpipe.registry import ACT_CODECS
 
 QMAX = {"int8": 127, "int4": 7, "float8_e4m3": 448, "float8_e5m2": 57344}
 
@@ -87,14 +89,18 @@ def test_wire_specs_are_one_uint8_array_split_by_sample():
     spec = ArraySpec((2, 32, 64), "float32")
     assert quant_wire_spec(spec, "int8") == ArraySpec((2, 32 * 66), "uint8")
     assert quant_wire_spec(spec, "int4") == ArraySpec((2, 32 * 34), "uint8")
-    sizes = {n: wire_nbytes(n, Kind.ACT, spec) for n in ("none", "bfloat16", "float8", "int8", "int4")}
-    assert sizes == {"none": 16384, "bfloat16": 8192, "float8": 4224, "int8": 4224, "int4": 2176}
-    # GPT-3 XL at micro-batch 1: 8 MiB in bfloat16, a hair over 4 and 2 MiB in int8 and int4.
+    assert quant_wire_spec(spec, "int4", 32) == ArraySpec((2, 32 * 2 * 18), "uint8")  # 2 groups of 16 + 2 bytes
+    sizes = {n: wire_nbytes(n, Kind.ACT, spec) for n in ACT_CODECS.names()}
+    assert sizes == {"none": 16384, "bfloat16": 8192, "float8": 4224, "int8": 4224, "int4": 2304, "int4_row": 2176}
+    # GPT-3 XL at micro-batch 1: 8 MiB in bfloat16, a hair over 4 and 2 MiB in int8 and int4_row; int4's
+    # scale per 32 values costs 4.5 bits per value.
     xl = ArraySpec((1, 2048, 2048), "bfloat16")
-    assert wire_nbytes("int8", Kind.ACT, xl) == 2048 * 2050 and wire_nbytes("int4", Kind.GRAD, xl) == 2048 * 1026
+    assert wire_nbytes("int8", Kind.ACT, xl) == 2048 * 2050 and wire_nbytes("int4_row", Kind.GRAD, xl) == 2048 * 1026
+    assert wire_nbytes("int4", Kind.GRAD, xl) == 2048 * 64 * 18
+    assert make_codec("int4", Kind.ACT).bytes_per_element(xl) == 0.5625
 
 
-@pytest.mark.parametrize("codec", [Int8(), Int4(), Float8E4M3(), Float8E5M2(), BFloat16()])
+@pytest.mark.parametrize("codec", [Int8(), Int4(), Int4(64), Int4Row(), Float8E4M3(), Float8E5M2(), BFloat16()])
 def test_codec_decode_of_encode_is_the_quantiser_round_trip(codec):
     x = rows(2, (2, 8, 64))
     spec = ArraySpec(tuple(x.shape), "float32")
@@ -102,8 +108,36 @@ def test_codec_decode_of_encode_is_the_quantiser_round_trip(codec):
     wire = codec.encode(x, key)
     assert wire.shape == codec.wire_spec(spec, key).shape
     got = codec.decode(wire, spec, key)
-    want = x.astype(jnp.bfloat16).astype(jnp.float32) if codec.name == "bfloat16" else quant.roundtrip(x, codec.fmt)
+    want = x.astype(jnp.bfloat16).astype(jnp.float32) if codec.name == "bfloat16" else codec.roundtrip(x)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if isinstance(codec, Int4):  # the groups' scales: each group of `group` values is a row of its own
+        per_group = quant.roundtrip(x.reshape(2, 8, 64 // codec.group, codec.group), "int4").reshape(x.shape)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(per_group))
+
+
+def test_int4_groups_wire_layout_and_outlier():
+    """Each group's values (low nibble first), then its bfloat16 scale; an outlier coarsens only its group."""
+    x = jnp.concatenate([jnp.full((1, 4), 0.5), jnp.array([[70.0, 1.0, -1.0, 0.0]])], axis=1)
+    w = np.asarray(quant.encode_rows(x, "int4", 4))
+    assert w.shape == (1, 2 * (2 + 2))
+    s0 = np.asarray(jnp.asarray(w[0, 2:4]).view(jnp.bfloat16).astype(jnp.float32))[0]
+    assert s0 == np.float32(np.asarray(jnp.float32(0.5 / 7).astype(jnp.bfloat16).astype(jnp.float32)))
+    assert w[0, 0] == (7 + 8) | ((7 + 8) << 4)  # 0.5 / s0 = 7 in both nibbles
+    y = np.asarray(quant.roundtrip(x, "int4", 4))
+    np.testing.assert_allclose(y[0, :4], 0.5, rtol=1e-2)  # the per-row scale (70 / 7 = 10) would zero these
+    assert np.all(np.asarray(quant.roundtrip(x, "int4"))[0, :4] == 0)
+
+
+def test_every_registered_codec_round_trips_and_names_its_class():
+    x = rows(5, (2, 8, 64))
+    spec = ArraySpec(tuple(x.shape), "float32")
+    for name in ACT_CODECS.names():
+        for kind in (Kind.ACT, Kind.GRAD):
+            codec = make_codec(name, kind)
+            assert codec.name == name
+            key = MsgKey(0, 0, kind)
+            y = codec.decode(codec.encode(x, key), spec, key)
+            assert y.shape == x.shape and float(jnp.max(jnp.abs(y - x))) < 0.1 * float(jnp.max(jnp.abs(x))), name
 
 
 def test_float8_is_e4m3_forward_and_e5m2_backward():
@@ -122,7 +156,7 @@ def test_non_finite_rows_stay_non_finite_and_zero_rows_zero():
 
 def test_float16_compute_saturates_instead_of_overflowing():
     x = jnp.array([[65504.0, -65504.0, 1.0, 3.0]], jnp.float16)
-    for codec in (Int8(), Int4(), Float8E4M3(), Float8E5M2(), BFloat16()):
+    for codec in (Int8(), Int4(4), Int4Row(), Float8E4M3(), Float8E5M2(), BFloat16()):
         spec = ArraySpec((1, 4), "float16")
         y = codec.decode(codec.encode(x, MsgKey(0, 0, Kind.ACT)), spec, MsgKey(0, 0, Kind.ACT))
         assert y.dtype == jnp.float16 and bool(jnp.isfinite(y).all()), codec.name
@@ -133,7 +167,7 @@ def test_float16_compute_saturates_instead_of_overflowing():
 def delta_pair(windows, n_samples=8):
     """A sender and a receiver of boundary chunk 1 with stores of their own; `windows[step][mb]`."""
     ids = lambda key: np.asarray(windows[key.step][key.microbatch])  # noqa: E731
-    make = lambda name: Delta(Int4(), ids, {1: DeltaStore(name, n_samples, (4, 8), "float32", save=True)})  # noqa: E731
+    make = lambda name: Delta(Int4(4), ids, {1: DeltaStore(name, n_samples, (4, 8), "float32", save=True)})  # noqa: E731
     return make("send"), make("recv")
 
 
@@ -159,7 +193,7 @@ def test_delta_first_visits_go_in_int8_then_deltas_keep_both_copies_identical():
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.roundtrip(x, "int8")))
             else:  # the copy plus the int4 round trip of the change
                 assert float(jnp.max(jnp.abs(got - x))) < float(jnp.max(jnp.abs(x - quant.roundtrip(x, "int4"))))
-    full, small = quant_wire_spec(spec, "int8").nbytes, quant_wire_spec(spec, "int4").nbytes
+    full, small = quant_wire_spec(spec, "int8").nbytes, quant_wire_spec(spec, "int4", 4).nbytes
     assert sizes == [full, full, small, full, small, small]
 
 
@@ -202,7 +236,7 @@ class _Checks(ThreadedTransport):
 
 
 def test_codec_mismatch_names_both_ranks():
-    t = _Checks(1, lambda s: 10 + s, codecs={Kind.ACT: Int4()})
+    t = _Checks(1, lambda s: 10 + s, codecs={Kind.ACT: Int4(4)})
     key = MsgKey(3, 1, Kind.ACT)
     spec = t.codecs[Kind.ACT].wire_spec(ArraySpec((2, 3, 4), "float32"), key)
     with pytest.raises(TransportError) as e:
@@ -221,7 +255,7 @@ def test_a_wire_the_transport_cannot_carry_is_refused_before_compiling():
         name = "nccl-like"
         wire_dtypes = frozenset({"float32", "bfloat16", "uint8"})
 
-    NoFloat8(0, lambda s: s, codecs={Kind.ACT: Int4(), Kind.GRAD: Float8E5M2()}).check_codecs(
+    NoFloat8(0, lambda s: s, codecs={Kind.ACT: Int4(4), Kind.GRAD: Float8E5M2()}).check_codecs(
         ArraySpec((2, 3, 4), "float32"))
     with pytest.raises(ConfigError, match="parallel.act_codec=float8 sends float8_e4m3fn arrays, which the "
                                           "nccl-like transport cannot carry"):
@@ -239,6 +273,9 @@ def test_a_wire_the_transport_cannot_carry_is_refused_before_compiling():
      "data.source=synthetic never visits a sample twice"),
     (["parallel.act_codec=int4", "model.d_model=129", "model.n_head=3"],
      "int4 packs two values per byte: model.d_model (129) must be even"),
+    (["parallel.act_grad_codec=int4", "model.d_model=96", "model.n_head=3", "parallel.act_int4_group=64"],
+     "parallel.act_int4_group (64) must be an even number of values that divides model.d_model (96)"),
+    (["parallel.grad_codec=int2"], "parallel.grad_codec: 'int2' is not one of 'none', 'bfloat16', 'int8', 'int4'"),
     (["parallel.act_delta_dir=/tmp/x"], "parallel.act_delta_dir is set but parallel.act_delta is off"),
     (["parallel.act_grad_codec=int2"], "parallel.act_grad_codec: 'int2' is not one of 'none', 'bfloat16'"),
 ])

@@ -76,3 +76,22 @@ def test_bad_values_name_the_key(override, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="--config nope.yaml: no such file"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # gpipe_ring cuts pp + 1 chunks (issue 24): one more than the layers allow is refused before compiling.
+    (["parallel.schedule=gpipe_ring", "model.n_layer=4", "parallel.pp=4"],
+     "parallel.schedule=gpipe_ring's 5 chunks is larger than model.n_layer (4): a stage would be empty"),
+    (["parallel.schedule=gpipe_ring", "parallel.virtual_stages=2"],
+     "parallel.virtual_stages=2 needs a schedule over several chunks per rank (interleaved_1f1b); gpipe_ring runs"),
+    (["parallel.schedule=gpipe_ring", "parallel.partition=[2,2]", "parallel.pp=2"],
+     "parallel.partition has 2 stages but the schedule cuts 3 chunks"),
+])
+def test_gpipe_ring_settings_refused_before_compiling(overrides, message):
+    from jaxpipe.pipeline.partition import config_partition
+    from jaxpipe.pipeline.schedule import config_schedule
+
+    with pytest.raises(ConfigError) as e:
+        cfg = load_config(None, overrides)
+        config_partition(cfg, config_schedule(cfg))
+    assert message in str(e.value)

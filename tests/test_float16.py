@@ -35,9 +35,21 @@ from float16_checks import (
 from mpi_util import MODEL, REPO, TRAIN, launch_once, run_mpi
 from reference import reference_diloco, reference_train
 
-from jaxpipe.comm.codec import BFloat16, Codec, Delta, DeltaStore, Float8E4M3, Float8E5M2, Identity, Int4, Int8
+from jaxpipe.comm.codec import (
+    BFloat16,
+    Codec,
+    Delta,
+    DeltaStore,
+    Float8E4M3,
+    Float8E5M2,
+    Identity,
+    Int4,
+    Int4Row,
+    Int8,
+)
 from jaxpipe.config import ParallelConfig, TrainConfig, load_config
 from jaxpipe.errors import ConfigError
+from jaxpipe.registry import ACT_CODECS, GRAD_CODECS
 from jaxpipe.runtime import faults
 from jaxpipe.train import checkpoint
 
@@ -87,6 +99,7 @@ FLOAT16_CODECS: dict[str, tuple[Callable[[], Codec], float]] = {
     "BFloat16": (BFloat16, 2.0**-8),
     "Int8": (Int8, 0.5 / 127 * 1.01),
     "Int4": (Int4, 0.5 / 7 * 1.01),
+    "Int4Row": (Int4Row, 0.5 / 7 * 1.01),
     "Float8E4M3": (Float8E4M3, 2.0**-4 * 1.01),
     "Float8E5M2": (Float8E5M2, 2.0**-3 * 1.01),
     "Delta": (_DeltaEnds, 0.5 / 127 * 1.01),
@@ -128,7 +141,9 @@ FLOAT16_RUNS: dict[str, tuple[list[str], float, float, float, bool]] = {
 }
 # Choices whose float16 handling is checked at the codec level instead (test_codec_accepts_float16):
 # delta mode needs token data, and the multi-rank float16 runs use the synthetic stream.
-FLOAT16_CODEC_LEVEL = {"parallel.act_delta=true": "Delta"}
+FLOAT16_CODEC_LEVEL = {"parallel.act_delta=true": "Delta",
+                       # int4 with a scale per row: int4's float16 run (act_int4) with other scales.
+                       "parallel.act_codec=int4_row": "Int4Row", "parallel.act_grad_codec=int4_row": "Int4Row"}
 FLOAT16_REFUSED: dict[str, str] = {}
 # DiLoCo's replicas decide on their own (replica 1 alone skips step DP_FAULT_STEP), so these runs meet
 # reference_diloco with per-replica loss scales instead: exchange -> bounds (loss, norm, parameter atol).
@@ -147,9 +162,11 @@ def diloco_set(exchange: str) -> list[str]:
 def choices() -> list[str]:
     """Every non-default value of the CHOICE_KEYS this branch has, as an override."""
     hints, defaults, out = typing.get_type_hints(ParallelConfig), ParallelConfig(), []
+    registered = {"act_codec": ACT_CODECS, "act_grad_codec": ACT_CODECS, "grad_codec": GRAD_CODECS}
     for key in CHOICE_KEYS:
         if key in hints:
-            values = (True, False) if hints[key] is bool else typing.get_args(hints[key])
+            values = (True, False) if hints[key] is bool else registered[key].names() if key in registered else \
+                typing.get_args(hints[key])
             out += [f"parallel.{key}={str(v).lower() if isinstance(v, bool) else v}" for v in values
                     if v != getattr(defaults, key)]
     return out

@@ -37,6 +37,11 @@ GROUPS = {
         # Link emulation on: gradients move as a ring over the emulated links instead of MPI_Allreduce.
         "pp1xdp2_allreduce_emulated_net": ["parallel.pp=1", "parallel.dp=2", "parallel.dp_mode=allreduce",
                                            *EMULATED],
+        # The LM head back on rank 0 (issue 24): the tied sum on one rank, no exchange.
+        "pp2_gpipe_ring": ["parallel.pp=2", "parallel.dp=1", "parallel.schedule=gpipe_ring"],
+        # The original's timing method: a world barrier starts every step (every other case runs without
+        # it and reads its world sums a step late): the same losses either way.
+        "pp2_step_barrier": ["parallel.pp=2", "parallel.dp=1", "runtime.step_barrier=true"],
     },
     3: {"pp3_1f1b_unrolled": ["parallel.pp=3", "parallel.dp=1", "parallel.schedule=1f1b",
                               "model.scan_blocks=false", "parallel.partition=[[0,3],[3,5],[5,8]]"]},
@@ -47,6 +52,9 @@ GROUPS = {
         "pp4_interleaved_v2_m4": ["parallel.pp=4", *INTERLEAVED],  # M = PP
         "pp4_interleaved_v2_m8": ["parallel.pp=4", *INTERLEAVED, "train.micro_batch_size=1"],  # M = 2·PP
         "pp4_zb_h1": ["parallel.pp=4", "parallel.schedule=zb_h1", "parallel.partition=even"],
+        "pp4_gpipe_ring": ["parallel.pp=4", "parallel.dp=1", "parallel.schedule=gpipe_ring"],
+        "pp2xdp2_gpipe_ring_sharded_ps": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=gpipe_ring",
+                                          "parallel.dp_mode=sharded_ps"],
         "pp2xdp2_central_ps": ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=central_ps"],
         "pp2xdp2_sharded_ps_1f1b": ["parallel.pp=2", "parallel.dp=2", "parallel.dp_mode=sharded_ps",
                                     "parallel.schedule=1f1b"],

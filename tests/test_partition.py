@@ -72,7 +72,7 @@ def test_resolve_partition_from_config_values():
     assert resolve_partition([3, 5], m, 2).counts == [3, 5]
     assert resolve_partition([[0, 1], [1, 8]], m, 2).counts == [1, 7]
     assert resolve_partition("even", m, 4).counts == [2, 2, 2, 2]
-    with pytest.raises(ConfigError, match="parallel.partition has 2 stages but parallel.pp is 4"):
+    with pytest.raises(ConfigError, match="parallel.partition has 2 stages but the schedule cuts 4 chunks"):
         resolve_partition([4, 4], m, 4)
     with pytest.raises(ConfigError, match="'lopsided' is not 'balanced', 'even'"):
         resolve_partition("lopsided", m, 4)

@@ -175,7 +175,7 @@ def test_checker_marks_a_send_out_of_order():
 
 
 def test_each_schedule_checks_its_own_settings():
-    assert set(SCHEDULES.names()) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1"}
+    assert set(SCHEDULES.names()) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "gpipe_ring"}
     with pytest.raises(ConfigError, match=r"interleaved_1f1b needs at least parallel.pp = 4 micro-batches per "
                                           r"replica, got 3"):
         make_schedule("interleaved_1f1b", 4, 3, virtual_stages=2)

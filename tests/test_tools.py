@@ -39,7 +39,10 @@ def test_plan_names_the_link_bound():
     assert lines[1].startswith("predicted iteration ")
     assert lines[2].startswith("link-bound: stage 1's link is busy 8.590 s per iteration")
     assert lines[4] == "| network | iteration s | bound | compute s | pipeline bubble s | link s | synchronisation s |"
-    assert len(lines) == 4 + 2 + 5 and lines[-1].startswith("| 50 ms, 1 Gbps | 12.551 | link | 0.462 |")
+    assert lines[4 + 2 + 4].startswith("| 50 ms, 1 Gbps | 12.551 | link | 0.462 |")
+    # Then schedule x codec for the configured network, priced from the quality table (issue 24).
+    assert lines[4 + 2 + 5].startswith("schedule x pipeline codec at 10 ms, 1 Gbit/s")
+    assert lines[-1].startswith("fastest within +1 %: gpipe_ring with ")
 
 
 def test_model_check_against_the_original():
@@ -49,10 +52,11 @@ def test_model_check_against_the_original():
 
 
 def test_plan_with_codecs_and_measured_codec_times():
-    """GPT-3 XL PP=4 at 10 ms / 1 Gbit/s with int4 both ways and the tied gradient in int8, from the
-    4 x H200 stage times and the H200's measured int4 encode/decode (BENCHMARKS.md)."""
+    """GPT-3 XL PP=4 at 10 ms / 1 Gbit/s with int4 (a scale per row) both ways and the tied gradient in int8,
+    from the 4 x H200 stage times and the H200's measured int4 encode/decode (BENCHMARKS.md)."""
     r = run(sys.executable, "-m", "jaxpipe", "plan", "--config", "configs/gpt3_xl.yaml", "--set", "network.delay_ms=10",
-            "--set", "network.rate_gbit=1", "--set", "parallel.act_codec=int4", "--set", "parallel.act_grad_codec=int4",
+            "--set", "network.rate_gbit=1", "--set", "parallel.act_codec=int4_row",
+            "--set", "parallel.act_grad_codec=int4_row",
             "--set", "parallel.tied_grad_dtype=int8", "--stage-ms", "5.1,9.6;6.0,11.3;6.2,11.4;12.1,0",
             "--codec-ms", "0.101,0.102,0.094,0.098")
     assert r.returncode == 0, r.stderr

@@ -37,7 +37,8 @@ def _append_json(path: str | None, row: dict) -> None:
 def _config(args: argparse.Namespace):
     from jaxpipe.config import load_config
 
-    return load_config(args.config, [*args.overrides, f"train.steps={args.iters}"])
+    # The original's timing method: a world barrier starts every step (a user's --set may turn it off).
+    return load_config(args.config, ["runtime.step_barrier=true", *args.overrides, f"train.steps={args.iters}"])
 
 
 class _MessagesAlreadyThere:

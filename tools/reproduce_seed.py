@@ -127,7 +127,8 @@ def worker(args: argparse.Namespace) -> None:
     for i, (setting, codec, extra) in enumerate(runs):
         net = [] if setting is None else [f"network.delay_ms={setting[0]}", f"network.rate_gbit={setting[1]}"]
         iters = 2 * args.iters if setting is None else args.iters  # the calibration: more iterations
-        cfg = load_config(args.config, [*args.overrides, *extra, *net, f"train.steps={iters}"])
+        cfg = load_config(args.config, ["runtime.step_barrier=true", *args.overrides, *extra, *net,
+                                        f"train.steps={iters}"])  # the original's timing: a barrier per step
         TRACE.enable()  # each run's last step: message latency, the DP part
         res = train(cfg, log=lambda s: None, probe=probe if i == 0 else None)
         events = comm.gather(TRACE.stop(), root=0)

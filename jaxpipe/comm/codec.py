@@ -11,11 +11,16 @@ instead of decoding garbage.
 `key` (the message's step, micro-batch, kind and chunk) is passed to both ends so that a stateful
 codec can keep per-sample state (`Delta`).
 
-The quantising codecs (`float8`, `int8`, `int4`; `jaxpipe.comm.quant`) scale every token row (the
-last axis) by its absmax and put one uint8 array on the wire, shaped [samples, bytes per sample]
-(each row's values, then its bfloat16 scale): a dtype every transport carries (host-staged MPI,
-CUDA-aware MPI and NCCL alike), split along the batch like the activation when a stage spans
-several devices. `float8` is e4m3 for activations (precision) and e5m2 for their gradients (range).
+The quantising codecs (`float8`, `int8`, `int4`, `int4_row`; `jaxpipe.comm.quant`) scale every token
+row (the last axis) by its absmax, `int4` every group of `parallel.act_int4_group` values of it, and
+put one uint8 array on the wire, shaped [samples, bytes per sample] (each row's or group's values, then
+its bfloat16 scale): a dtype every transport carries (host-staged MPI, CUDA-aware MPI and NCCL alike),
+split along the batch like the activation when a stage spans several devices. `float8` is e4m3 for
+activations (precision) and e5m2 for their gradients (range).
+
+The classes fill `jaxpipe.registry.ACT_CODECS` (the values of `parallel.act_codec` and
+`parallel.act_grad_codec`), each checking its own keys (`validate_config`) before anything compiles;
+`bytes_per_element` is what the cost model, the planner and the step's counters all read.
 Codecs apply to messages between ranks; where two consecutive chunks share a rank the value is
 passed on as it is (nothing crosses a link).
 """
@@ -28,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +41,13 @@ import numpy as np
 
 from jaxpipe.comm import quant
 from jaxpipe.comm.message import ArraySpec, Kind, MsgKey
+from jaxpipe.errors import ConfigError
+from jaxpipe.registry import ACT_CODECS
 
-NAMES = ("none", "bfloat16", "float8", "int8", "int4")
+if TYPE_CHECKING:
+    from jaxpipe.config import Config
+
+INT4_GROUP = 32  # parallel.act_int4_group's default: values per scale (BENCHMARKS.md, "int4 within 1 %")
 
 
 class Codec(ABC):
@@ -45,6 +55,22 @@ class Codec(ABC):
 
     name: ClassVar[str]
     code: ClassVar[int]  # in the message header; unique per class
+    delta_capable: ClassVar[bool] = False  # can carry parallel.act_delta's changes
+
+    @classmethod
+    def make(cls, kind: Kind, cfg: Config | None = None) -> Codec:
+        """The instance for messages of `kind` under `cfg` (None: the defaults)."""
+        return cls()
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """The activation codec also carries the delta mode's rules (`Delta.validate_config`)."""
+        if cfg.parallel.act_codec == cls.name:
+            Delta.validate_config(cfg)
+
+    def bytes_per_element(self, spec: ArraySpec) -> float:
+        """Wire bytes per value of a message of `spec` (no header)."""
+        return self.wire_spec(spec).nbytes / max(1, int(np.prod(spec.shape)))
 
     @abstractmethod
     def wire_spec(self, spec: ArraySpec, key: MsgKey | None = None) -> ArraySpec:
@@ -66,6 +92,7 @@ class Codec(ABC):
         return self.name
 
 
+@ACT_CODECS.register
 class Identity(Codec):
     """`none`: the message travels as the stage computed it (the compute dtype)."""
 
@@ -91,6 +118,7 @@ def _widen(x: jax.Array, dtype: str) -> jax.Array:
     return quant.saturate(x.astype(jnp.float32), dtype)
 
 
+@ACT_CODECS.register
 class BFloat16(Codec):
     """Rounded to bfloat16 on the wire, widened back to the compute dtype on arrival (what `none`
     sends on GPU, where the compute dtype is bfloat16: then both are the same bytes). Into float16
@@ -115,49 +143,104 @@ def _layout(shape: Sequence[int]) -> tuple[int, int]:
     return (int(shape[0]) if len(shape) >= 2 else 1), int(shape[-1])
 
 
-def quant_wire_spec(spec: ArraySpec, fmt: quant.Format) -> ArraySpec:
+def quant_wire_spec(spec: ArraySpec, fmt: quant.Format, group: int = 0) -> ArraySpec:
     b, d = _layout(spec.shape)
     rows = int(np.prod(spec.shape)) // d
-    return ArraySpec((b, rows // b * quant.row_bytes(d, fmt)), "uint8")
+    return ArraySpec((b, rows // b * quant.row_bytes(d, fmt, group)), "uint8")
 
 
-@partial(jax.jit, static_argnums=1)
-def _encode(x: jax.Array, fmt: quant.Format) -> jax.Array:
+@partial(jax.jit, static_argnums=(1, 2))
+def _encode(x: jax.Array, fmt: quant.Format, group: int = 0) -> jax.Array:
     b, d = _layout(x.shape)
-    return quant.encode_rows(x.reshape(b, -1, d), fmt).reshape(b, -1)
+    return quant.encode_rows(x.reshape(b, -1, d), fmt, group).reshape(b, -1)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _decode(wire: jax.Array, fmt: quant.Format, shape: tuple[int, ...], dtype: str) -> jax.Array:
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _decode(wire: jax.Array, fmt: quant.Format, shape: tuple[int, ...], dtype: str, group: int = 0) -> jax.Array:
     b, d = _layout(shape)
-    return quant.decode_rows(wire.reshape(b, -1, quant.row_bytes(d, fmt)), fmt, dtype).reshape(shape)
+    return quant.decode_rows(wire.reshape(b, -1, quant.row_bytes(d, fmt, group)), fmt, dtype, group).reshape(shape)
 
 
 class RowQuant(Codec):
-    """Absmax per token row in `fmt` (see jaxpipe.comm.quant); decoded into the compute dtype."""
+    """Absmax per token row (or per `group` values of it) in `fmt` (see jaxpipe.comm.quant); decoded
+    into the compute dtype."""
 
     fmt: ClassVar[quant.Format]
+    delta_capable = True
+    group: int = 0
 
     def wire_spec(self, spec: ArraySpec, key: MsgKey | None = None) -> ArraySpec:
-        return quant_wire_spec(spec, self.fmt)
+        return quant_wire_spec(spec, self.fmt, self.group)
 
     def encode(self, x: jax.Array, key: MsgKey) -> jax.Array:
-        return _encode(x, self.fmt)
+        return _encode(x, self.fmt, self.group)
 
     def decode(self, wire: jax.Array, spec: ArraySpec, key: MsgKey) -> jax.Array:
-        return _decode(wire, self.fmt, tuple(spec.shape), spec.dtype)
+        return _decode(wire, self.fmt, tuple(spec.shape), spec.dtype, self.group)
+
+    def roundtrip(self, x: jax.Array) -> jax.Array:
+        """What the far end decodes for `x` (references repeat the codec's arithmetic with it)."""
+        return quant.roundtrip(x, self.fmt, self.group)
 
 
+@ACT_CODECS.register
 class Int8(RowQuant):
     name, code, fmt = "int8", 2, "int8"
 
 
-class Int4(RowQuant):
-    name, code, fmt = "int4", 3, "int4"
+class _Int4Rows(RowQuant):
+    fmt = "int4"
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        if cfg.model.d_model % 2:
+            raise ConfigError(f"int4 packs two values per byte: model.d_model ({cfg.model.d_model}) must be even "
+                              f"for parallel.act_codec / parallel.act_grad_codec = int4")
+        super().validate_config(cfg)
 
 
+@ACT_CODECS.register
+class Int4(_Int4Rows):
+    """int4 with a bfloat16 scale per group of `group` values of a row (`parallel.act_int4_group`):
+    4 + 16 / group bits per value (4.5 at 32). Chosen over the per-row scale by the demo-corpus runs
+    (BENCHMARKS.md): with one scale per token row, one large feature sets the step of all of them."""
+
+    name, code = "int4", 6
+
+    def __init__(self, group: int = INT4_GROUP):
+        self.group = group
+
+    @classmethod
+    def make(cls, kind: Kind, cfg: Config | None = None) -> Codec:
+        return cls(cfg.parallel.act_int4_group if cfg is not None else INT4_GROUP)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        super().validate_config(cfg)
+        g, d = cfg.parallel.act_int4_group, cfg.model.d_model
+        if g < 2 or g % 2 or d % g:
+            raise ConfigError(f"parallel.act_int4_group ({g}) must be an even number of values that divides "
+                              f"model.d_model ({d}), e.g. 32 or 64; parallel.act_codec=int4_row keeps one scale "
+                              f"per row")
+
+
+
+@ACT_CODECS.register
+class Int4Row(_Int4Rows):
+    """int4 with one scale per token row (the format before groups): 4 + 16 / d_model bits per value."""
+
+    name, code = "int4_row", 3
+
+
+@ACT_CODECS.register
 class Float8E4M3(RowQuant):
+    """`float8`: e4m3 for activations; its gradients get `Float8E5M2` (`make`)."""
+
     name, code, fmt = "float8", 4, "float8_e4m3"
+
+    @classmethod
+    def make(cls, kind: Kind, cfg: Config | None = None) -> Codec:
+        return Float8E4M3() if kind == Kind.ACT else Float8E5M2()
 
     def describe(self) -> str:
         return "float8 (e4m3)"
@@ -262,15 +345,15 @@ class DeltaStore:
         return None
 
 
-@partial(jax.jit, static_argnums=2)
-def _encode_delta(x: jax.Array, copy: jax.Array, fmt: quant.Format) -> jax.Array:
-    return _encode(x.astype(jnp.float32) - copy.astype(jnp.float32), fmt)
+@partial(jax.jit, static_argnums=(2, 3))
+def _encode_delta(x: jax.Array, copy: jax.Array, fmt: quant.Format, group: int = 0) -> jax.Array:
+    return _encode(x.astype(jnp.float32) - copy.astype(jnp.float32), fmt, group)
 
 
-@partial(jax.jit, static_argnums=(2, 3, 4))
+@partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _decode_delta(wire: jax.Array, copy: jax.Array, fmt: quant.Format, shape: tuple[int, ...],
-                  dtype: str) -> jax.Array:
-    return quant.saturate(copy.astype(jnp.float32) + _decode(wire, fmt, shape, "float32"), dtype)
+                  dtype: str, group: int = 0) -> jax.Array:
+    return quant.saturate(copy.astype(jnp.float32) + _decode(wire, fmt, shape, "float32", group), dtype)
 
 
 @jax.jit
@@ -302,6 +385,21 @@ class Delta(Codec):
     name = "delta"
     code = 0x10
 
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """`parallel.act_delta` and `parallel.act_delta_dir`: the combinations that cannot work."""
+        p = cfg.parallel
+        if p.act_delta:
+            if not (p.act_codec in ACT_CODECS and ACT_CODECS.get(p.act_codec).delta_capable):
+                raise ConfigError(f"parallel.act_delta sends the act_codec-coded change of each activation: set "
+                                  f"parallel.act_codec to int4, int8 or float8 (got {p.act_codec!r})")
+            if cfg.data.source != "tokens":
+                raise ConfigError("parallel.act_delta keeps a copy per training sample and sends the change since "
+                                  "its last visit, but data.source=synthetic never visits a sample twice: use "
+                                  "data.source=tokens (or turn parallel.act_delta off)")
+        elif p.act_delta_dir is not None:
+            raise ConfigError("parallel.act_delta_dir is set but parallel.act_delta is off")
+
     def __init__(self, inner: RowQuant, sample_ids: Callable[[MsgKey], np.ndarray],
                  stores: dict[int, DeltaStore], place: Callable[[np.ndarray], jax.Array] = jax.device_put):
         self.inner, self.first = inner, Int8()
@@ -310,7 +408,7 @@ class Delta(Codec):
         self._plans: dict[MsgKey, tuple[np.ndarray, bool]] = {}
 
     def describe(self) -> str:
-        return f"{self.inner.name} deltas (first visits int8)"
+        return f"{self.inner.describe()} deltas (first visits int8)"
 
     def _plan(self, key: MsgKey) -> tuple[np.ndarray, bool]:
         """(sample windows, as deltas?) of a training message; decided once, in message order."""
@@ -335,8 +433,9 @@ class Delta(Codec):
         store, shape, dtype = self.stores[key.chunk], tuple(x.shape), jnp.dtype(x.dtype).name
         copy = self.place(store.get(ids)) if delta else jnp.zeros(shape, dtype)
         if delta:
-            wire = _encode_delta(x, copy, self.inner.fmt)
-            store.put(ids, _finite_or(_decode_delta(wire, copy, self.inner.fmt, shape, dtype), copy))
+            wire = _encode_delta(x, copy, self.inner.fmt, self.inner.group)
+            store.put(ids, _finite_or(_decode_delta(wire, copy, self.inner.fmt, shape, dtype, self.inner.group),
+                                      copy))
         else:
             wire = self.first.encode(x, key)
             store.put(ids, _finite_or(_decode(wire, self.first.fmt, shape, dtype), copy))
@@ -349,7 +448,7 @@ class Delta(Codec):
         store = self.stores[key.chunk]
         copy = self.place(store.get(ids)) if delta else jnp.zeros(tuple(spec.shape), spec.dtype)
         if delta:
-            out = _decode_delta(wire, copy, self.inner.fmt, tuple(spec.shape), spec.dtype)
+            out = _decode_delta(wire, copy, self.inner.fmt, tuple(spec.shape), spec.dtype, self.inner.group)
         else:
             out = self.first.decode(wire, spec, key)
         store.put(ids, _finite_or(out, copy))
@@ -366,17 +465,15 @@ class Delta(Codec):
 
 # ---- construction ------------------------------------------------------------------------------
 
-def make_codec(name: str, kind: Kind) -> Codec:
-    """`parallel.act_codec` (kind ACT) or `parallel.act_grad_codec` (kind GRAD) by name."""
-    if name == "float8":
-        return Float8E4M3() if kind == Kind.ACT else Float8E5M2()
-    classes: dict[str, type[Codec]] = {"none": Identity, "bfloat16": BFloat16, "int8": Int8, "int4": Int4}
-    if name not in classes:
-        raise ValueError(f"unknown codec {name!r} (one of {', '.join(NAMES)})")
-    return classes[name]()
+def make_codec(name: str, kind: Kind, cfg: Config | None = None) -> Codec:
+    """`parallel.act_codec` (kind ACT) or `parallel.act_grad_codec` (kind GRAD) by name, with `cfg`'s
+    settings of it (None: the defaults)."""
+    if name not in ACT_CODECS:
+        raise ValueError(f"unknown codec {name!r} (one of {', '.join(ACT_CODECS.names())})")
+    return ACT_CODECS.get(name).make(kind, cfg)
 
 
-_ALL = (Identity(), BFloat16(), Int8(), Int4(), Float8E4M3(), Float8E5M2())
+_ALL = (Identity(), BFloat16(), Int8(), Int4(), Int4Row(), Float8E4M3(), Float8E5M2())
 
 
 def codec_name(code: int) -> str:
@@ -385,6 +482,6 @@ def codec_name(code: int) -> str:
     return f"{inner} deltas" if code & Delta.code else inner
 
 
-def wire_nbytes(name: str, kind: Kind, spec: ArraySpec) -> int:
+def wire_nbytes(name: str, kind: Kind, spec: ArraySpec, cfg: Config | None = None) -> int:
     """Bytes one message of `spec` takes on the wire with codec `name` (no header)."""
-    return make_codec(name, kind).wire_spec(spec).nbytes
+    return make_codec(name, kind, cfg).wire_spec(spec).nbytes

@@ -23,51 +23,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mpi4py import MPI
 
 from jaxpipe.comm import quant
 from jaxpipe.comm.netem import NetworkEmulator
+from jaxpipe.comm.quant import ErrorFeedback
 from jaxpipe.comm.transport.device import wait_stream
 
 _TAG = 77
 
 
-class ErrorFeedback:
-    """One end's int8 encoder with error feedback: sends g + r, keeps r' = (g + r) - decoded."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name  # of its checkpoint item
-        self.residue: jax.Array | None = None
-        self._restored: np.ndarray | None = None  # from a checkpoint, placed like the first gradient
-
-    def encode(self, g: jax.Array) -> jax.Array:
-        if self.residue is None:
-            self.residue = (jnp.zeros_like(g, jnp.float32) if self._restored is None else
-                            jax.device_put(np.asarray(self._restored, np.float32), g.sharding))
-            self._restored = None
-        wire, self.residue = _ef_encode(g, self.residue)
-        return wire
-
-    def extra_state(self) -> dict[str, np.ndarray]:
-        if self.residue is None:
-            return {} if self._restored is None else {self.name: np.asarray(self._restored)}
-        return {self.name: np.asarray(self.residue)}
-
-    def load_extra_state(self, get: Any) -> str | None:
-        self.residue, self._restored = None, get(self.name)
-        if self._restored is None:
-            return f"{self.name}: not in the checkpoint; the tied-embedding error feedback restarts from zero"
-        return None
+WIRE_DTYPES = ("float32", "bfloat16", "int8")  # parallel.tied_grad_dtype
 
 
-@jax.jit
-def _ef_encode(g: jax.Array, residue: jax.Array) -> tuple[jax.Array, jax.Array]:
-    target = g.astype(jnp.float32) + residue
-    wire = quant.encode_rows(target, "int8")
-    # An overflowed (float16) or NaN gradient must not become the residue: every later step would be
-    # non-finite too. Such rows keep their residue (the step is skipped everywhere anyway).
-    left = target - quant.decode_rows(wire, "int8")
-    return wire, jnp.where(jnp.isfinite(left), left, residue)
+def wire_bytes_per_end(vocab: int, d_model: int, wire_dtype: str) -> int:
+    """Bytes one end sends per step for a [vocab, d_model] gradient in `wire_dtype`: the tied exchange's
+    traffic, stated once (the trainer's counters, the first log line and the cost model read it).
+    Zero traffic where both ends share a rank (`gpipe_ring`, one stage) is the caller's to know."""
+    if wire_dtype == "int8":
+        return vocab * quant.row_bytes(d_model, "int8")
+    return vocab * d_model * (2 if wire_dtype == "bfloat16" else 4)
 
 
 class TiedExchange:
@@ -82,9 +56,7 @@ class TiedExchange:
         self.bytes_sent = 0  # since the last `take_bytes`
 
     def wire_bytes(self, g: jax.Array) -> int:
-        if self.wire_dtype == "int8":
-            return int(g.size // g.shape[-1]) * quant.row_bytes(int(g.shape[-1]), "int8")
-        return int(g.size) * (2 if self.wire_dtype == "bfloat16" else 4)
+        return wire_bytes_per_end(int(g.size // g.shape[-1]), int(g.shape[-1]), self.wire_dtype)
 
     def take_bytes(self) -> int:
         n, self.bytes_sent = self.bytes_sent, 0
@@ -122,6 +94,8 @@ class TiedExchange:
             time.sleep(max(0.0, self.net.reserve(self.peer, nbytes) - self.net.clock()))
 
     def _host_exchange(self, send_buf: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI  # here, so that the cost model can read this module's traffic without MPI
+
         me = self.comm.Get_rank()
         theirs_buf = np.empty_like(send_buf)
         raw, out = send_buf.reshape(-1).view(np.uint8), theirs_buf.reshape(-1).view(np.uint8)

@@ -28,19 +28,18 @@ import numpy as np
 from jaxpipe.comm.codec import wire_nbytes
 from jaxpipe.comm.message import ArraySpec, Kind
 from jaxpipe.comm.netem import transfer_chunks
+from jaxpipe.comm.tied import wire_bytes_per_end
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, config_partition, stage_cost
 from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, config_schedule, lower, make_schedule, walk
-
-CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
-CODEC_ROW_BYTES = {"none": 4 * CODEC_CHUNK, "bfloat16": 2 * CODEC_CHUNK, "int8": CODEC_CHUNK + 4,
-                   "int4": CODEC_CHUNK // 2 + 4}
+from jaxpipe.registry import GRAD_CODECS
 
 
 def codec_bytes(codec: str, fp32_bytes: float) -> float:
-    """What `fp32_bytes` of float32 gradients become on the wire with `parallel.grad_codec`."""
-    return fp32_bytes * CODEC_ROW_BYTES[codec] / (4 * CODEC_CHUNK)
+    """What `fp32_bytes` of float32 gradients become on the wire with `parallel.grad_codec` (the
+    codec's own bytes per element, jaxpipe.comm.quant)."""
+    return fp32_bytes / 4 * GRAD_CODECS.get(codec).bytes_per_element()
 
 
 @dataclass(frozen=True)
@@ -367,7 +366,7 @@ def message_bytes(cfg: Config, platform: str = "gpu") -> tuple[int, int]:
     """(activation, gradient) wire bytes per message with the config's codecs; delta mode at its
     steady state (every sample seen: the change in `act_codec`)."""
     spec, p = act_spec(cfg, platform), cfg.parallel
-    return wire_nbytes(p.act_codec, Kind.ACT, spec), wire_nbytes(p.act_grad_codec, Kind.GRAD, spec)
+    return wire_nbytes(p.act_codec, Kind.ACT, spec, cfg), wire_nbytes(p.act_grad_codec, Kind.GRAD, spec, cfg)
 
 
 def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float = 3.0e12,
@@ -380,7 +379,7 @@ def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float
     def one(name: str, kind: Kind, delta: bool = False) -> tuple[float, float]:
         if name == "none" or (name == "bfloat16" and spec.dtype == "bfloat16"):
             return 0.0, 0.0
-        wire = wire_nbytes(name, kind, spec)
+        wire = wire_nbytes(name, kind, spec, cfg)
         enc = launch_s + (full + wire) / bytes_per_s
         if delta:  # read the copy, write the new one; the copy goes host -> device, the new one back
             enc += 2 * full / bytes_per_s + 2 * full / host_bytes_per_s + launch_s
@@ -391,12 +390,13 @@ def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float
 
 
 def tied_bytes_per_end(cfg: Config) -> float:
-    """0 with an untied head (model.tie_embeddings off): there is no tied exchange at all."""
+    """The tied exchange's bytes per end and step (jaxpipe.comm.tied states them), where its ends are
+    on two ranks; `predict` charges nothing where they share one (gpipe_ring). 0 with an untied head
+    (model.tie_embeddings off): there is no tied exchange at all."""
     m = cfg.model
     if not m.tie_embeddings:
         return 0.0
-    per_row = {"float32": 4 * m.d_model, "bfloat16": 2 * m.d_model, "int8": m.d_model + 2}[cfg.parallel.tied_grad_dtype]
-    return float(per_row * m.vocab_size)
+    return float(wire_bytes_per_end(m.vocab_size, m.d_model, cfg.parallel.tied_grad_dtype))
 
 
 def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link | None = None,

@@ -215,7 +215,8 @@ def resolve_partition(
             return Partition.even(cfg.n_layer, n_stages)
         raise ConfigError(f"parallel.partition: {spec!r} is not 'balanced', 'even', a list of counts or of ranges")
     if len(spec) != n_stages:
-        raise ConfigError(f"parallel.partition has {len(spec)} stages but parallel.pp is {n_stages}")
+        raise ConfigError(f"parallel.partition has {len(spec)} stages but the schedule cuts {n_stages} chunks "
+                          f"(parallel.pp × parallel.virtual_stages; gpipe_ring: parallel.pp + 1): give one per chunk")
     if all(isinstance(x, int) for x in spec):
         return Partition.from_counts(spec, cfg.n_layer)  # type: ignore[arg-type]
     return Partition.from_ranges(spec, cfg.n_layer)  # type: ignore[arg-type]
@@ -223,7 +224,7 @@ def resolve_partition(
 
 def config_partition(cfg: Config, schedule: Schedule) -> Partition:
     """The partition a config resolves to under its schedule (`stage_weights` per rank, by the
-    schedule's chunk→rank map)."""
+    schedule's chunk→rank map, shared among a rank's chunks where ranks hold unequal numbers)."""
     p = cfg.parallel
-    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
+    weights = schedule.chunk_weights(p.stage_weights)
     return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)

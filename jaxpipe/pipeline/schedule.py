@@ -209,15 +209,32 @@ class Schedule(ABC):
 
     # ---- the order ----
 
+    @classmethod
+    def chunk_count(cls, n_ranks: int, virtual_stages: int = 1) -> int:
+        """How many chunks the model is cut into for these settings (config.n_chunks asks before any
+        schedule is built)."""
+        return n_ranks * virtual_stages
+
     @property
     def n_chunks(self) -> int:
-        return self.n_ranks * self.virtual_stages
+        return self.chunk_count(self.n_ranks, self.virtual_stages)
 
     def rank_of(self, chunk: int) -> int:
         return chunk % self.n_ranks
 
     def chunks_of(self, rank: int) -> list[int]:
         return [c for c in range(self.n_chunks) if self.rank_of(c) == rank]
+
+    def chunk_weights(self, stage_weights: Sequence[float] | None = None) -> list[float] | None:
+        """Speed weight per chunk for the `balanced` partition: its rank's (`parallel.stage_weights`),
+        shared among the rank's chunks where ranks hold unequal numbers of them (gpipe_ring's rank 0
+        holds two), so that ranks, not chunks, come out even. None: all equal."""
+        per_rank = [len(self.chunks_of(r)) for r in range(self.n_ranks)]
+        uneven = len(set(per_rank)) > 1
+        if stage_weights is None and not uneven:
+            return None
+        w = list(stage_weights) if stage_weights is not None else [1.0] * self.n_ranks
+        return [w[r] / (per_rank[r] if uneven else 1) for r in map(self.rank_of, range(self.n_chunks))]
 
     @abstractmethod
     def actions(self, rank: int) -> list[Action]:
@@ -452,6 +469,46 @@ def _zb_h1_orders(P: int, M: int) -> tuple[tuple[Action, ...], ...]:
     return tuple(tuple(o) for o in orders)
 
 
+@SCHEDULES.register
+@dataclass(frozen=True)
+class GPipeRing(Schedule):
+    """GPipe with the LM head back on the embedding's rank: P + 1 chunks, chunk P (the last layers,
+    the final LayerNorm, the head and the loss) on rank 0, so the chunk map is a ring 0, 1, ..., P-1, 0.
+
+    Why: the tied `wte`'s two ends then live on one rank and its gradient sum needs no wire (GPT-3 XL:
+    103 MB of int8 per end and step, 0.87 s at 1 Gbit/s, serially after the pipeline). The ring costs
+    no link time where GPipe leaves it idle: rank P-1's egress carries nothing in the forward phase
+    and rank 0's nothing in the backward phase, which is exactly where the new boundary's activations
+    (P-1 -> 0) and gradients (0 -> P-1) go. It costs one more hop each way and the head's compute on
+    rank 0 (`chunk_weights` gives its two chunks half a rank each). Rank 0 runs its first chunk's
+    forwards, then the fused last chunk as activations come round, then its first chunk's backwards."""
+
+    name: ClassVar[str] = "gpipe_ring"
+
+    @classmethod
+    def chunk_count(cls, n_ranks: int, virtual_stages: int = 1) -> int:
+        return n_ranks + 1
+
+    @classmethod
+    def ideal_bubble(cls, n_ranks: int, n_microbatches: int, virtual_stages: int = 1) -> float:
+        """0 for M >= P with equal chunks: rank 0 computes two of them and never waits (its forwards
+        cover the fill, the head's fused steps come round before it is free, and the backwards' first
+        gradient is back before its last head step ends); the other ranks idle half the step instead,
+        which is why `balanced` gives rank 0's chunks half a rank's weight each."""
+        return 0.0 if n_microbatches >= n_ranks else super().ideal_bubble(n_ranks, n_microbatches)
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_ranks + 1
+
+    def actions(self, rank: int) -> list[Action]:
+        m = range(self.n_microbatches)
+        out = []
+        for c in self.chunks_of(rank):
+            out += [Action(Op.L if self._last(c) else Op.F, c, i) for i in m]
+        return out + [Action(Op.B, c, i) for c in self.chunks_of(rank) if not self._last(c) for i in m]
+
+
 @dataclass(frozen=True)
 class ForwardOnly(Schedule):
     """Evaluation: every micro-batch forward through every chunk, keeping nothing; the last chunk
@@ -469,6 +526,10 @@ class ForwardOnly(Schedule):
     def like(cls, schedule: Schedule, n_microbatches: int | None = None, round_size: int = 0) -> ForwardOnly:
         return cls(schedule.n_ranks, n_microbatches or schedule.n_microbatches, schedule.virtual_stages,
                    tuple(schedule.rank_of(c) for c in range(schedule.n_chunks)), round_size)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunk_ranks) if self.chunk_ranks else super().n_chunks
 
     def rank_of(self, chunk: int) -> int:
         return self.chunk_ranks[chunk] if self.chunk_ranks else super().rank_of(chunk)

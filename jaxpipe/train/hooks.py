@@ -271,6 +271,12 @@ class RunHooks:
         return None
 
     # -- per step ------------------------------------------------------------------------------------
+    def acts_after(self, step: int) -> bool:
+        """Whether `after_step(step)` evaluates or saves (both collective)."""
+        t = self.cfg.train
+        return bool((self.evaluator is not None and step % t.eval_every == 0) or
+                    (t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps)))
+
     def after_step(self, step: int, params: dict[int, Params], opt_state: Any, metrics_file: TextIO | None) -> None:
         """`step` counts completed steps (1-based), as the log does."""
         t = self.cfg.train

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe.comm import quant
 from jaxpipe.comm.codec import Codec, Delta, DeltaStore, RowQuant, make_codec
 from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey
+from jaxpipe.comm.tied import wire_bytes_per_end
 from jaxpipe.comm.topology import Topology
 from jaxpipe.config import Config
 from jaxpipe.data.source import TokenFileSource, TokenSource, replica_sample_indices
@@ -45,7 +45,7 @@ def pipeline_codecs(cfg: Config, topo: Topology, schedule: Schedule, partition: 
                                                                                            list[Any]]:
     """This rank's codecs per message kind, and the state among them that checkpoints carry."""
     p = cfg.parallel
-    act, grad = make_codec(p.act_codec, Kind.ACT), make_codec(p.act_grad_codec, Kind.GRAD)
+    act, grad = make_codec(p.act_codec, Kind.ACT, cfg), make_codec(p.act_grad_codec, Kind.GRAD, cfg)
     if not p.act_delta:
         return {Kind.ACT: act, Kind.GRAD: grad}, []
     assert isinstance(act, RowQuant)
@@ -62,10 +62,8 @@ def pipeline_codecs(cfg: Config, topo: Topology, schedule: Schedule, partition: 
 
 
 def tied_wire_bytes(cfg: Config) -> int:
-    """Bytes one end of the tied embedding sends per step (`parallel.tied_grad_dtype`)."""
-    v, d = cfg.model.vocab_size, cfg.model.d_model
-    return {"float32": 4 * v * d, "bfloat16": 2 * v * d, "int8": v * quant.row_bytes(d, "int8")}[
-        cfg.parallel.tied_grad_dtype]
+    """Bytes one end of the tied embedding sends per step (`parallel.tied_grad_dtype`; jaxpipe.comm.tied)."""
+    return wire_bytes_per_end(cfg.model.vocab_size, cfg.model.d_model, cfg.parallel.tied_grad_dtype)
 
 
 def _messages(lowered: Lowered) -> dict[Op, int]:
@@ -88,7 +86,7 @@ def describe_traffic(cfg: Config, lowered: Lowered, act_spec: ArraySpec, n_sampl
     replicas), and in delta mode the copies' memory."""
     p = cfg.parallel
     n = _messages(lowered)
-    act, grad = make_codec(p.act_codec, Kind.ACT), make_codec(p.act_grad_codec, Kind.GRAD)
+    act, grad = make_codec(p.act_codec, Kind.ACT, cfg), make_codec(p.act_grad_codec, Kind.GRAD, cfg)
     first = make_codec("int8", Kind.ACT)
     a_b, g_b = act.wire_spec(act_spec).nbytes, grad.wire_spec(act_spec).nbytes
     per_step = p.replicas * (n[Op.SEND_ACT] * (a_b + HEADER_BYTES) + n[Op.SEND_GRAD] * (g_b + HEADER_BYTES))

@@ -11,9 +11,11 @@
 - `report` logs the step and writes its metrics;
 - `train` runs set-up, the steps with their hooks (evaluation, checkpoints), and the teardown.
 
-Timing follows the original: a global barrier, then the timer covers the pipeline, the gradient
-synchronisation and the optimizer step, up to the device having finished; data preparation is
-outside it. Global rank 0 (first stage of the first pipeline) reports.
+A step starts without waiting for the world: its only waits are the ones the update needs, and
+its world sums (loss, stop verdicts, bytes) are read one step late. `runtime.step_barrier` restores
+the original's timing method (tools/bench.py and tools/reproduce_seed.py set it): a global barrier,
+then the timer covers the pipeline, the gradient synchronisation and the optimizer step, up to the
+device having finished; data preparation is outside it. Global rank 0 (first stage of the first pipeline) reports.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
 from jaxpipe.model.layout import init_stage_params, param_count
 from jaxpipe.pipeline.executor import Executor, StepBatch
 from jaxpipe.pipeline.memory import check_device_memory
-from jaxpipe.pipeline.partition import Partition, StageSpec, resolve_partition
+from jaxpipe.pipeline.partition import Partition, StageSpec, config_partition
 from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, check, config_schedule
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
@@ -196,7 +198,7 @@ def init_params(cfg: Config, topo: Topology, partition: Partition, programs: dic
             params[c] = _bcast_tree(p, topo.dp_comm, root=0)
     if last_chunk > 0 and cfg.model.tie_embeddings:
         if 0 in params and last_chunk in params:
-            params[last_chunk]["wte"] = params[0]["wte"]
+            params[last_chunk]["wte"] = jnp.copy(params[0]["wte"])  # its own buffer: updates donate each copy
         elif topo.tied is not None:
             mine = params[0]["wte"] if 0 in params else params[last_chunk]["wte"]
             with ACTIVITY.waiting("set-up (the broadcast of the tied embedding)", long=True):
@@ -265,9 +267,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     # Every rank states its host, platform and GPUs; a rank without its GPU is refused here, everywhere.
     hosts = _agreed(comm, "the device check", lambda: check_devices(comm, k, placed))
     mesh = _agreed(comm, "the local device mesh", lambda: local_mesh(k)) if k > 1 else None
-    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
-    partition = _agreed(comm, "the partition", lambda: resolve_partition(p.partition, cfg.model, schedule.n_chunks,
-                                                                          cfg.train.micro_batch_size, weights))
+    partition = _agreed(comm, "the partition", lambda: config_partition(cfg, schedule))
     if any(h.platform == "gpu" for h in hosts):  # Each stage's predicted peak memory against its devices'.
         mem = [[hosts[topo.world_rank_of(s, r)].memory_bytes for r in range(p.replicas)] for s in range(p.pp)]
         _agreed(comm, "the memory check", lambda: check_device_memory(cfg, mem, log if topo.rank == 0 else None))
@@ -369,7 +369,8 @@ def sum_tied(run: Run, grads: dict[int, Params]) -> dict[int, Params]:
         return grads
     if run.tied_local is not None:  # Both ends on this rank (V shape).
         g = run.tied_local(grads[0]["wte"], grads[last]["wte"])
-        return {**grads, 0: {**grads[0], "wte": g}, last: {**grads[last], "wte": g}}
+        # Two buffers: the update donates each copy's gradient (and each copy's parameters) separately.
+        return {**grads, 0: {**grads[0], "wte": g}, last: {**grads[last], "wte": jnp.copy(g)}}
     if run.tied is None:
         return grads
     c = 0 if run.first_chunk else last
@@ -380,10 +381,11 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     """One iteration (`step` 0-based); returns the new state, the step's metrics (the loss still
     to be read from the returned request, see `finish_loss`) and that request."""
     topo, p = run.topo, run.cfg.parallel
-    # Waits for every rank's previous step: the first two include compilation.
-    TRACE.phase("barrier")
-    with ACTIVITY.waiting("the barrier that starts the step", long=step <= run.hooks.start_step + 1):
-        run.comm.Barrier()
+    if run.cfg.runtime.step_barrier:  # The original's timing method (tools/bench.py, tools/reproduce_seed.py).
+        # Waits for every rank's previous step: the first two include compilation.
+        TRACE.phase("barrier")
+        with ACTIVITY.waiting("the barrier that starts the step", long=step <= run.hooks.start_step + 1):
+            run.comm.Barrier()
     TRACE.phase("pipeline")
     t0 = time.perf_counter()
     grads = {c: prog.zero_grads(state.params[c]) for c, prog in run.programs.items()}
@@ -581,6 +583,21 @@ def observe_step(run: Run, observer: Observer, m: StepMetrics) -> None:
         observer.evaluated(m.step, loss, math.exp(min(loss, 700.0)))
 
 
+def _conclude_step(run: Run, result: TrainResult, observer: Observer, metrics: StepMetrics, pending: Any) -> bool:
+    """Reads a step's world sums, checks, reports and records it; True when a rank was preempted."""
+    metrics = finish_loss(run, metrics, pending)
+    skipped = check_finite(run, metrics)
+    if skipped is not None:
+        result.skipped_steps.append(metrics.step - 1)
+    report(run, metrics, skipped)
+    result.losses.append(metrics.loss)
+    result.loss_scales.append(metrics.loss_scale)
+    result.grad_norms.append(metrics.grad_norm)
+    result.iter_times.append(metrics.iter_time_s)
+    observe_step(run, observer, metrics)
+    return metrics.preempted
+
+
 def pipeline_bytes(run: Run) -> int:
     """Bytes the pipelines' messages carry per step, all replicas together (as encoded on the wire)."""
     sends = [a for actions in run.lowered.ranks for a in actions if a.op in (Op.SEND_ACT, Op.SEND_GRAD)]
@@ -632,6 +649,7 @@ def _train(cfg: Config, comm: Any, metrics_out: str | Path | None, log: Callable
     if probe is not None:
         result.probe = probe(run, state)
     healthy = True
+    late: list[tuple[StepMetrics, Any]] = []  # steps whose world sums are still to be read
     try:
         for step in range(start_step, cfg.train.steps):
             warm = result.iter_times[1:]  # The first step's time is mostly compilation.
@@ -640,18 +658,18 @@ def _train(cfg: Config, comm: Any, metrics_out: str | Path | None, log: Callable
             if TRACE.armed:
                 TRACE.begin_step(step)
             state, metrics, pending = do_step(run, state, step, batch)
-            metrics = finish_loss(run, metrics, pending)
-            skipped = check_finite(run, metrics)
-            if skipped is not None:
-                result.skipped_steps.append(step)
-            report(run, metrics, skipped)
-            result.losses.append(metrics.loss)
-            result.loss_scales.append(metrics.loss_scale)
-            result.grad_norms.append(metrics.grad_norm)
-            result.iter_times.append(metrics.iter_time_s)
+            # Without the step barrier a step's world sums (loss, stop verdicts) are read after the next
+            # step has run, so no rank waits for the whole world between steps; every rank reads them at
+            # the same step, so all learn of a preemption or a non-finite stop together. A step with an
+            # evaluation or a checkpoint (collective anyway), the last and every step under the barrier
+            # are read at once, so the log keeps its order.
+            late.append((metrics, pending))
+            now = cfg.runtime.step_barrier or step + 1 == cfg.train.steps or run.hooks.acts_after(step + 1)
+            preempted = False
+            while len(late) > (0 if now else 1):
+                preempted |= _conclude_step(run, result, observer, *late.pop(0))
             run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
-            observe_step(run, observer, metrics)
-            if metrics.preempted and step + 1 < cfg.train.steps:
+            if preempted and step + 1 < cfg.train.steps:
                 run.hooks.stop_preempted(step + 1, state.params, state.opt_state)
     except BaseException as e:
         # The job is about to be aborted: joining a receiver thread blocked on a dead peer would only
