@@ -66,7 +66,9 @@ class ParallelConfig:
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
-    dp_mode: Literal["central_ps", "sharded_ps", "allreduce", "diloco"] = "central_ps"
+    # A DP algorithm of jaxpipe.registry.DP_ALGORITHMS (jaxpipe.dp.algorithms): central_ps, sharded_ps,
+    # allreduce, diloco.
+    dp_mode: str = "central_ps"
     # "balanced" (by estimated cost), "even", per-chunk layer counts [2, 3, 3], or ranges [[0, 2], [2, 5], ...]
     # (one entry per chunk: pp × virtual_stages of them).
     partition: str | list[int] | list[list[int]] = "balanced"
@@ -465,7 +467,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
-    _validate_data_parallel(p)
+    _validate_data_parallel(cfg)
     # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
     if t.decay_steps and t.warmup_steps >= t.decay_steps:
         raise ConfigError(
@@ -525,19 +527,9 @@ def effective_warmup(t: TrainConfig) -> int:
     return t.warmup_steps if t.decay_steps else min(t.warmup_steps, max(0, t.steps - 1))
 
 
-def _validate_data_parallel(p: ParallelConfig) -> None:
-    """DP settings that cannot work together (jaxpipe.dp); with parallel.dp=auto, once resolved."""
-    if not isinstance(p.dp, int):
-        return
-    if p.dp_mode == "diloco" and p.dp < 2:
-        raise ConfigError("parallel.dp_mode=diloco needs parallel.dp >= 2: DiLoCo's outer step averages replicas, "
-                          f"and parallel.dp is {p.dp} (raise parallel.dp, or use parallel.dp_mode=central_ps)")
-    if p.grad_codec != "none" and p.dp < 2:
-        raise ConfigError(f"parallel.grad_codec={p.grad_codec} compresses the data-parallel exchange, and with "
-                          f"parallel.dp=1 there is none: set parallel.grad_codec=none or parallel.dp >= 2")
-    if p.diloco_stagger and p.dp_mode != "diloco":
-        raise ConfigError(f"parallel.diloco_stagger staggers DiLoCo's outer steps, but parallel.dp_mode is "
-                          f"{p.dp_mode}: set parallel.dp_mode=diloco or parallel.diloco_stagger=false")
-    if not p.diloco_outer_lr > 0 or not 0 <= p.diloco_outer_momentum < 1:
-        raise ConfigError(f"need parallel.diloco_outer_lr > 0 and 0 <= parallel.diloco_outer_momentum < 1 "
-                          f"(got {p.diloco_outer_lr} and {p.diloco_outer_momentum})")
+def _validate_data_parallel(cfg: Config) -> None:
+    """The DP algorithm's own rules (its class in jaxpipe.registry.DP_ALGORITHMS): with parallel.dp=auto,
+    the algorithm's rules that need the replica count wait until it is resolved."""
+    from jaxpipe.registry import DP_ALGORITHMS
+
+    DP_ALGORITHMS.validate(cfg.parallel.dp_mode, cfg)

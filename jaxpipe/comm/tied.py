@@ -204,16 +204,11 @@ class NcclPairSum:
     With two ranks a + b = b + a exactly, so both ends get identical bits."""
 
     def __init__(self, comm: Any):
-        import cupy
-        from cupy.cuda import nccl
+        from jaxpipe.comm import nccl as nccl_setup
 
-        self._cupy, self._nccl = cupy, nccl
-        rank = self._rank = comm.Get_rank()
-        uid = nccl.get_unique_id() if rank == 0 else None
-        uid = comm.bcast(uid, root=0)
-        cupy.cuda.Device(0).use()
-        self._comm = nccl.NcclCommunicator(2, uid, rank)
-        self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._cupy, self._nccl = nccl_setup.load()
+        self._rank = comm.Get_rank()
+        self._comm, self._stream = nccl_setup.group_communicator(comm)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cp = self._cupy

@@ -29,6 +29,7 @@ import numpy as np
 from jaxpipe.comm.codec import wire_nbytes
 from jaxpipe.comm.message import ArraySpec, Kind
 from jaxpipe.comm.netem import transfer_chunks
+from jaxpipe.comm.traffic import Traffic, tied_traffic
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
@@ -162,6 +163,36 @@ def collective_s(op: str, dp: int, nbytes: float, link: Link, n_chunks: int | No
     return link.transfer_s(egress) + hop
 
 
+_COLLECTIVE = {"reduce": "chain", "bcast": "chain", "reduce_scatter": "ring_reduce_scatter",
+               "allreduce": "ring_allreduce", "gather": "gather", "allgather": "allgather", "alltoall": "alltoall"}
+
+
+def traffic_s(traffic: Traffic, link: Link, n_chunks: int | None = None) -> float:
+    """One exchange of `traffic` (jaxpipe.comm.traffic: what the algorithm says it sends) over `link`
+    between every pair of its members; `n_chunks`: how many pieces a chain cuts its buffer into."""
+    if traffic.size < 2 and not any(t.op == "p2p" for t in traffic.transfers):
+        return 0.0
+    total = 0.0
+    for t in traffic.transfers:
+        if t.op == "p2p":
+            total += link.transfer_s(t.nbytes) + link.delay_s + link.per_message_s
+        elif traffic.size > 1:
+            total += collective_s(_COLLECTIVE[t.op], traffic.size, t.nbytes, link, n_chunks)
+    return total
+
+
+def dp_traffic(mode: str, dp: int, grad_bytes: float, codec: str = "none", *, inner_steps: int = 1,
+               exchange: str = "central_ps", wte_bytes: float = 0.0) -> Traffic:
+    """The traffic the DP algorithm `mode` (its class in jaxpipe.registry.DP_ALGORITHMS) describes for a
+    rank with `grad_bytes` of float32 parameters (`wte_bytes` of them the tied embedding's)."""
+    from jaxpipe.config import ParallelConfig
+    from jaxpipe.registry import DP_ALGORITHMS
+
+    p = ParallelConfig(dp=dp, dp_mode=mode, grad_codec=codec, diloco_inner_steps=inner_steps,  # type: ignore[arg-type]
+                       diloco_exchange=exchange)  # type: ignore[arg-type]
+    return DP_ALGORITHMS.get(mode).traffic(p, int(grad_bytes // 4), dp, int(wte_bytes // 4))  # type: ignore[no-any-return]
+
+
 def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None,
               codec: str = "none") -> float:
     """Time to average `grad_bytes` (float32) over `dp` replicas with jaxpipe's algorithm on these links
@@ -169,19 +200,7 @@ def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int |
     `codec`: parallel.grad_codec). Encoding and decoding are not counted (device work)."""
     if dp <= 1:
         return 0.0
-    if codec == "none":
-        if mode == "central_ps":  # Pipelined chain reduce to the server, then chain broadcast back.
-            return 2 * collective_s("chain", dp, grad_bytes, link, n_chunks)
-        if mode == "sharded_ps":  # Ring reduce-scatter, direct all-gather of the averaged shards.
-            return (collective_s("ring_reduce_scatter", dp, grad_bytes, link)
-                    + collective_s("allgather", dp, grad_bytes / dp, link))
-        return collective_s("ring_allreduce", dp, grad_bytes, link)
-    wire = codec_bytes(codec, grad_bytes)
-    if mode == "central_ps":  # Gather to the server; chain broadcast of its quantised result.
-        return collective_s("gather", dp, wire, link) + collective_s("chain", dp, wire, link, n_chunks)
-    if mode == "sharded_ps":  # All-to-all of the quantised rows, all-gather of the owners' results.
-        return collective_s("alltoall", dp, wire, link) + collective_s("allgather", dp, wire / dp, link)
-    return collective_s("allgather", dp, wire, link)  # allreduce: every member sums every message
+    return traffic_s(dp_traffic(mode, dp, grad_bytes, codec), link, n_chunks)
 
 
 def diloco_sync_s(exchange: str, dp: int, grad_bytes: float, link: Link, codec: str = "none",
@@ -189,8 +208,10 @@ def diloco_sync_s(exchange: str, dp: int, grad_bytes: float, link: Link, codec: 
     """One DiLoCo outer step of a stage: the pseudo-gradients' exchange and the step back
     (`exchange`: parallel.diloco_exchange), plus, on the first stage, the step of the tied `wte`
     (`wte_bytes` of float32) sent on to the LM head's stage through the same egress."""
-    tied = link.transfer_s(codec_bytes(codec, wte_bytes)) + link.delay_s + link.per_message_s if wte_bytes else 0.0
-    return dp_sync_s(exchange, dp, grad_bytes, link, n_chunks, codec) + tied
+    if dp <= 1:
+        return 0.0
+    return traffic_s(dp_traffic("diloco", dp, grad_bytes, codec, exchange=exchange, wte_bytes=wte_bytes), link,
+                     n_chunks)
 
 
 @dataclass
@@ -422,9 +443,7 @@ def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float
 
 
 def tied_bytes_per_end(cfg: Config) -> float:
-    m = cfg.model
-    per_row = {"float32": 4 * m.d_model, "bfloat16": 2 * m.d_model, "int8": m.d_model + 2}[cfg.parallel.tied_grad_dtype]
-    return float(per_row * m.vocab_size)
+    return float(tied_traffic(cfg.model.vocab_size, cfg.model.d_model, cfg.parallel.tied_grad_dtype).egress(0))
 
 
 def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link | None = None,

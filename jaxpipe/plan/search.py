@@ -46,6 +46,7 @@ import numpy as np
 
 from jaxpipe.comm.cluster import Cluster
 from jaxpipe.comm.netem import transfer_chunks
+from jaxpipe.comm.traffic import tied_traffic
 from jaxpipe.config import Config
 from jaxpipe.errors import ConfigError
 from jaxpipe.model.layout import stage_param_counts
@@ -231,7 +232,7 @@ class Workload:
 
     def tied_bytes(self, dtype: str) -> float:
         m = self.cfg.model
-        return (2.0 if dtype == "bfloat16" else 4.0) * m.vocab_size * m.d_model * self.size_scale
+        return float(tied_traffic(m.vocab_size, m.d_model, dtype).egress(0)) * self.size_scale
 
 
 def stage_weights(cluster: Cluster, grid: Grid) -> tuple[float, ...]:

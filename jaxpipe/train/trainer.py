@@ -41,8 +41,7 @@ from jaxpipe.comm.topology import Topology, read_placement
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config, effective_warmup, resolve_world
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
-from jaxpipe.dp.base import DataParallel, DPContext
-from jaxpipe.dp.collectives import make_collectives
+from jaxpipe.dp.base import DataParallel, DPContext, make_collectives
 from jaxpipe.dp.sync import make_data_parallel
 from jaxpipe.errors import CheckpointError, NonFiniteError, Preempted, agree
 from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
