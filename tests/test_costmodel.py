@@ -52,7 +52,7 @@ def test_dp_sync_by_hand():
 def test_dp_sync_with_codecs_and_diloco_by_hand():
     link = Link(delay_s=0.1, rate_bps=8 * 2**20)  # 1 MiB/s
     g = 8 * 2**20  # float32 gradients; int8 rows of 1024 + 4 bytes per 4096, int4 516, bfloat16 2048
-    w8, w4, w2 = (g * b / 4096 / 2**20 for b in (1028, 516, 2048))  # MiB on the wire
+    w8, w2 = (g * b / 4096 / 2**20 for b in (1028, 2048))  # MiB on the wire
     assert codec_bytes("int8", g) == pytest.approx(w8 * 2**20)
     # Sharded over 4: all-to-all of 3/4 of the rows, all-gather of 3 owners' quarter; one delay each.
     assert dp_sync_s("sharded_ps", 4, g, link, codec="int8") == pytest.approx(2 * (0.75 * w8 + 0.1))

@@ -76,7 +76,7 @@ def _step(tx: Any, loss_fn: Any) -> Any:
 
 
 def run_exact(args: argparse.Namespace, ctx: tuple, keep_at: set[int]) -> tuple[dict, dict[int, Any]]:
-    cfg, init, tx, loss_fn, xs, ys, evaluate = ctx
+    _, init, tx, loss_fn, xs, ys, evaluate = ctx
     step = _step(tx, loss_fn)
 
     @jax.jit
@@ -99,7 +99,8 @@ def run_exact(args: argparse.Namespace, ctx: tuple, keep_at: set[int]) -> tuple[
             kept[k] = (p, s)
         if k % every == 0 or k == args.steps:
             evals[k] = float(evaluate(p))
-    return {"run": "exact", "val": evals, "final": evals[args.steps], "train_last100": float(np.mean(train[-100:]))}, kept
+    row = {"run": "exact", "val": evals, "final": evals[args.steps], "train_last100": float(np.mean(train[-100:]))}
+    return row, kept
 
 
 def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[float], mus: list[float],

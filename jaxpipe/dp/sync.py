@@ -120,7 +120,7 @@ class Allreduce(GradSync):
 
 def algorithm(dp_mode: str) -> type[DataParallel]:
     """The class `parallel.dp_mode` names (its class attributes are known before set-up)."""
-    return DP_ALGORITHMS.get(dp_mode)  # type: ignore[no-any-return]
+    return DP_ALGORITHMS.get(dp_mode)
 
 
 def make_data_parallel(ctx: DPContext) -> DataParallel:

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -188,9 +189,10 @@ def dp_traffic(mode: str, dp: int, grad_bytes: float, codec: str = "none", *, in
     from jaxpipe.config import ParallelConfig
     from jaxpipe.registry import DP_ALGORITHMS
 
-    p = ParallelConfig(dp=dp, dp_mode=mode, grad_codec=codec, diloco_inner_steps=inner_steps,  # type: ignore[arg-type]
-                       diloco_exchange=exchange)  # type: ignore[arg-type]
-    return DP_ALGORITHMS.get(mode).traffic(p, int(grad_bytes // 4), dp, int(wte_bytes // 4))  # type: ignore[no-any-return]
+    keys: dict[str, Any] = dict(dp=dp, dp_mode=mode, grad_codec=codec, diloco_inner_steps=inner_steps,
+                                diloco_exchange=exchange)
+    p = ParallelConfig(**keys)
+    return DP_ALGORITHMS.get(mode).traffic(p, int(grad_bytes // 4), dp, int(wte_bytes // 4))
 
 
 def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None,
@@ -696,6 +698,7 @@ def predict_layout(
     tied_bytes: float = 0.0,
     optimizer_s: float = 0.0,
     cache: dict | None = None,
+    dp_every: int = 1,
 ) -> LayoutPrediction:
     """The iteration of D replicas placed on hosts: `grid[s][r]` is the host (world rank) of pipeline
     rank s of replica r, `times[r]` replica r's per-chunk times (its hosts' speeds), `pair(a, b)` the
@@ -703,7 +706,8 @@ def predict_layout(
     Each replica's pipeline is simulated on its own links; the tied exchange runs per replica once both
     its ends are done; each stage's DP average starts per member when that member is done; then the
     gradient-norm allreduce along each pipeline (2·log2(P) of its longest delay) and the update.
-    `cache` (a dict kept across calls) reuses simulations of identical replicas."""
+    `cache` (a dict kept across calls) reuses simulations of identical replicas. `dp_every`: the DP
+    exchange runs once per that many steps (DiLoCo's H, blocking): its time counts 1/dp_every per step."""
     compiled = schedule if isinstance(schedule, CompiledSchedule) else CompiledSchedule(schedule)
     sched = compiled.schedule
     P, D = sched.n_ranks, len(grid[0])
@@ -737,6 +741,8 @@ def predict_layout(
         hop = lambda i, j, s=s: pair(grid[s][i], grid[s][j])  # noqa: E731
         ends = dp_average_ends(dp_mode, grads[s], done[s], hop, grad_chunks[s] if grad_chunks else None) \
             if D > 1 else done[s]
+        if dp_every > 1:
+            ends = [d + (e - d) / dp_every for d, e in zip(done[s], ends, strict=True)]
         finish.append(ends)
     bits = max(0, (P - 1).bit_length())
     ckey = ("control", tuple(map(tuple, grid)))
