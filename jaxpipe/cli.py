@@ -396,10 +396,9 @@ def _cmd_plan_cluster(args: argparse.Namespace) -> None:
     import json
 
     from jaxpipe.comm.topology import write_placement
-    from jaxpipe.config import load_config
+    from jaxpipe.config import load_config, parse_override
     from jaxpipe.plan.cluster import resolve_cluster
     from jaxpipe.plan.dtfm import ANCHOR_SIZES
-    from jaxpipe.config import parse_override
     from jaxpipe.plan.quality import QualityTable, parse_budget
     from jaxpipe.plan.search import format_plan, plan_layout
 

@@ -113,6 +113,12 @@ class ParallelConfig:
     diloco_outer_lr: float = 0.7
     diloco_outer_momentum: float = 0.9
     diloco_stagger: bool = False
+    # dp_mode=streaming_diloco: fragments of strided layers that sync in turn (layer l in fragment l % F),
+    # the steps each fragment's exchange runs behind before it merges, and the merge's weight of the local
+    # parameters (local <- alpha·local + (1 - alpha)·outer).
+    diloco_fragments: int = 2
+    diloco_overlap_steps: int = 1
+    diloco_merge_alpha: float = 0.5
 
     @property
     def replicas(self) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -75,6 +75,7 @@ class DPContext:
     tied: Any = None  # the 2-rank communicator with the other end of the tied embedding, if any
     tied_first: bool = True  # this end holds the embedding (chunk 0)
     tied_peer: int = 0  # the other end's world rank (for the emulated link)
+    chunk_layers: dict[int, range] = field(default_factory=dict)  # this rank's chunks' layers (model-wide)
 
     def build_collectives(self) -> Any:
         if self.collectives is not None:

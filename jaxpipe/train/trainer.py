@@ -289,7 +289,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
         topo.dp_comm, net, dp_rank_of, p, place_trees,
         collectives=lambda: f.dp_collectives(p.transport, topo.dp_comm, net, dp_rank_of),
         stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last, tied=topo.tied,
-        tied_first=0 in chunks, tied_peer=tied_peer))
+        tied_first=0 in chunks, tied_peer=tied_peer, chunk_layers={c: partition.stage(c) for c in chunks}))
     # -- compressed pipeline traffic: this rank's codecs (jaxpipe.train.traffic), checked before compiling.
     act_spec, place = programs[chunks[0]].act_spec, programs[chunks[0]].place_input
     codecs, codec_state = pipeline_codecs(cfg, topo, schedule, partition, source, act_spec, place)
