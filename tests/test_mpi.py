@@ -88,6 +88,8 @@ HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_tran
 # Trained in the same launches as GROUPS, checked by their own tests below.
 HALVES = ["parallel.pp=2", "parallel.dp=2", "parallel.partition=[[0,4],[4,8]]"]
 DILOCO = [*HALVES, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"]
+STREAMING = [*HALVES, "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4",
+             "parallel.diloco_fragments=2", "parallel.diloco_overlap_steps=2", "train.steps=7"]
 INT8 = [*HALVES, "parallel.dp_mode=sharded_ps", "parallel.grad_codec=int8"]
 DP_CASES = {
     4: {
@@ -97,6 +99,9 @@ DP_CASES = {
         # Stage 0 syncs after steps 2, 4 and 5, stage 1 after 1, 3 and 5; reduce-scatter + all-gather.
         "pp2xdp2_diloco_sharded_stagger_emulated": [*DILOCO, "parallel.diloco_exchange=sharded_ps",
                                                     "parallel.diloco_stagger=true", *EMULATED],
+        # Fragment 1 (layers 1, 3, 5, 7) starts after steps 2 and 6, fragment 0 after 4; each merges two steps
+        # later (alpha 0.5); after step 7 everything merges and both take a blocking outer step.
+        "pp2xdp2_streaming_diloco": STREAMING,
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
@@ -277,7 +282,8 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated"])
+@pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated",
+                                  "pp2xdp2_streaming_diloco"])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
     run, out = group_run(4, tmp_path_factory.getbasetemp())
     assert run.returncode == 0, run.stderr[-20000:]
