@@ -699,6 +699,7 @@ def predict_layout(
     optimizer_s: float = 0.0,
     cache: dict | None = None,
     dp_every: int = 1,
+    dp_overlap_steps: int = 0,
 ) -> LayoutPrediction:
     """The iteration of D replicas placed on hosts: `grid[s][r]` is the host (world rank) of pipeline
     rank s of replica r, `times[r]` replica r's per-chunk times (its hosts' speeds), `pair(a, b)` the
@@ -707,7 +708,9 @@ def predict_layout(
     its ends are done; each stage's DP average starts per member when that member is done; then the
     gradient-norm allreduce along each pipeline (2·log2(P) of its longest delay) and the update.
     `cache` (a dict kept across calls) reuses simulations of identical replicas. `dp_every`: the DP
-    exchange runs once per that many steps (DiLoCo's H, blocking): its time counts 1/dp_every per step."""
+    exchange runs once per that many steps (DiLoCo's H): its time counts 1/dp_every per step;
+    `dp_overlap_steps`: it runs behind that many steps (Streaming DiLoCo's tau), so only what exceeds
+    their pipelines' time is waited for."""
     compiled = schedule if isinstance(schedule, CompiledSchedule) else CompiledSchedule(schedule)
     sched = compiled.schedule
     P, D = sched.n_ranks, len(grid[0])
@@ -741,8 +744,9 @@ def predict_layout(
         hop = lambda i, j, s=s: pair(grid[s][i], grid[s][j])  # noqa: E731
         ends = dp_average_ends(dp_mode, grads[s], done[s], hop, grad_chunks[s] if grad_chunks else None) \
             if D > 1 else done[s]
-        if dp_every > 1:
-            ends = [d + (e - d) / dp_every for d, e in zip(done[s], ends, strict=True)]
+        if dp_every > 1 or dp_overlap_steps:
+            hidden = dp_overlap_steps * max(sim.makespan for sim in sims)
+            ends = [d + max(0.0, e - d - hidden) / dp_every for d, e in zip(done[s], ends, strict=True)]
         finish.append(ends)
     bits = max(0, (P - 1).bit_length())
     ckey = ("control", tuple(map(tuple, grid)))

@@ -100,10 +100,23 @@ class AlgoChoice:
     outer_momentum: float = 0.0
     exchange: str = "central_ps"  # DiLoCo's exchange pattern
     rows: tuple[Row, ...] = ()
+    act_grad_codec: str | None = None  # None: act_codec's (a user-set one is kept)
+    fragments: int = 1  # Streaming DiLoCo's F and tau
+    overlap_steps: int = 0
 
     @property
     def diloco(self) -> bool:
-        return self.dp_mode == "diloco"
+        return self.dp_mode in ("diloco", "streaming_diloco")
+
+    @property
+    def every(self) -> int:
+        """Steps per exchange of one rank (Streaming DiLoCo: one fragment each H / F steps)."""
+        return max(1, self.inner_steps // max(1, self.fragments)) if self.diloco else 1
+
+    @property
+    def dp_fraction(self) -> float:
+        """The share of the rank's parameters one exchange moves."""
+        return 1.0 / max(1, self.fragments)
 
     @property
     def loss_pct(self) -> float:
@@ -118,11 +131,15 @@ class AlgoChoice:
 
     def overrides(self) -> list[str]:
         out = [f"parallel.dp_mode={self.dp_mode}", f"parallel.grad_codec={self.grad_codec}",
-               f"parallel.act_codec={self.act_codec}", f"parallel.act_grad_codec={self.act_codec}"]
+               f"parallel.act_codec={self.act_codec}",
+               f"parallel.act_grad_codec={self.act_grad_codec or self.act_codec}"]
         if self.diloco:
             out += [f"parallel.diloco_inner_steps={self.inner_steps}", f"parallel.diloco_outer_lr={self.outer_lr:g}",
                     f"parallel.diloco_outer_momentum={self.outer_momentum:g}",
                     f"parallel.diloco_exchange={self.exchange}"]
+        if self.dp_mode == "streaming_diloco":
+            out += [f"parallel.diloco_fragments={self.fragments}",
+                    f"parallel.diloco_overlap_steps={self.overlap_steps}"]
         return out
 
     def describe(self) -> str:
@@ -330,8 +347,8 @@ class BoundObjective:
         self.overlap = overlap
         self.P, self.D = len(grid), len(grid[0])
         self.grid = [list(row) for row in grid]
-        self.modes = sorted({("chain" if a.pattern == "central_ps" else "ring", grad_factor(a.grad_codec),
-                              max(1, a.inner_steps) if a.diloco else 1) for a in algos})
+        self.modes = sorted({("chain" if a.pattern == "central_ps" else "ring",
+                              grad_factor(a.grad_codec) * a.dp_fraction, a.every) for a in algos})
         self.msg_factor = min(work.act_factor(a.act_codec) for a in algos)
         self.tied_bytes = min(work.tied_bytes(d) for d in tied_dtypes)
         self.hetero = cluster.speed is not None and len(set(cluster.speed)) > 1
@@ -791,8 +808,12 @@ def _links(cluster: Cluster, per_message_s: float) -> Callable[[int, int], Link]
 
 def config_algo(cfg: Config) -> AlgoChoice:
     p = cfg.parallel
-    return AlgoChoice(p.dp_mode, p.grad_codec, p.act_codec, p.diloco_inner_steps if p.dp_mode == "diloco" else 0,
-                      p.diloco_outer_lr, p.diloco_outer_momentum, p.diloco_exchange)
+    diloco = p.dp_mode in ("diloco", "streaming_diloco")
+    streaming = p.dp_mode == "streaming_diloco"
+    return AlgoChoice(p.dp_mode, p.grad_codec, p.act_codec, p.diloco_inner_steps if diloco else 0,
+                      p.diloco_outer_lr, p.diloco_outer_momentum, p.diloco_exchange, act_grad_codec=p.act_grad_codec,
+                      fragments=p.diloco_fragments if streaming else 1,
+                      overlap_steps=p.diloco_overlap_steps if streaming else 0)
 
 
 def algo_choices(cfg: Config, dp: int, search: Sequence[str], pinned: Collection[str], budget: float | None,
@@ -827,9 +848,9 @@ def algo_choices(cfg: Config, dp: int, search: Sequence[str], pinned: Collection
         if rows is not None and (codec == "none" or dp > 1):
             grads.append((codec, rows))
     bases: list[AlgoChoice] = []
-    modes = ["central_ps", "sharded_ps", "diloco"] if free("dp_mode", "dp_mode") else [p.dp_mode]
+    modes = ["central_ps", "sharded_ps", "diloco", "streaming_diloco"] if free("dp_mode", "dp_mode") else [p.dp_mode]
     for mode in modes:
-        if mode != "diloco":
+        if mode not in ("diloco", "streaming_diloco"):
             bases.append(AlgoChoice(mode))
             continue
         if dp < 2:
@@ -841,21 +862,29 @@ def algo_choices(cfg: Config, dp: int, search: Sequence[str], pinned: Collection
             if f"parallel.{name}" in pinned or not chosen:
                 key[k] = getattr(p, name)
         if not chosen and budget is None:
-            bases.append(AlgoChoice("diloco", inner_steps=p.diloco_inner_steps, outer_lr=p.diloco_outer_lr,
-                                    outer_momentum=p.diloco_outer_momentum, exchange=p.diloco_exchange))
+            bases.append(dataclasses.replace(config_algo(cfg), grad_codec="none", act_codec="none",
+                                             act_grad_codec=None))
             continue
         if chosen and not priced:
             continue
-        found = table.of("diloco", **key) if chosen else [table.one("diloco", **key)]
+        if mode == "streaming_diloco":
+            for k, name in (("fragments", "diloco_fragments"), ("overlap_steps", "diloco_overlap_steps")):
+                if f"parallel.{name}" in pinned or not chosen:
+                    key[k] = getattr(p, name)
+        found = table.of(mode, **key) if chosen else [table.one(mode, **key)]
         for r in found:
-            bases.append(AlgoChoice("diloco", inner_steps=int(r.get("H")), outer_lr=float(r.get("outer_lr")),
+            extra = dict(r.key)
+            bases.append(AlgoChoice(mode, inner_steps=int(r.get("H")), outer_lr=float(r.get("outer_lr")),
                                     outer_momentum=float(r.get("outer_momentum")), exchange=p.diloco_exchange,
-                                    rows=(r,)))
+                                    rows=(r,), fragments=int(extra.get("fragments", 1)),
+                                    overlap_steps=int(extra.get("overlap_steps", 0))))
     out = []
     for b in bases:
         for gc, grows in grads:
             for ac, arows in acts:
-                a = dataclasses.replace(b, grad_codec=gc, act_codec=ac, rows=b.rows + grows + arows)
+                a = dataclasses.replace(b, grad_codec=gc, act_codec=ac, rows=b.rows + grows + arows,
+                                        act_grad_codec=p.act_grad_codec if "parallel.act_grad_codec" in pinned
+                                        else None)
                 if a.rows and budget is not None and a.loss_pct > budget + 1e-9 and _search_made(a, pinned):
                     continue
                 out.append(a)
@@ -864,7 +893,7 @@ def algo_choices(cfg: Config, dp: int, search: Sequence[str], pinned: Collection
 
 def _search_made(a: AlgoChoice, pinned: Collection[str]) -> bool:
     """Whether the search (not the user) made one of `a`'s lossy choices."""
-    return ((a.dp_mode == "diloco" and "parallel.dp_mode" not in pinned)
+    return ((a.diloco and "parallel.dp_mode" not in pinned)
             or (a.grad_codec != "none" and "parallel.grad_codec" not in pinned)
             or (a.act_codec != "none" and "parallel.act_codec" not in pinned))
 
@@ -873,9 +902,9 @@ def _undominated(algos: list[AlgoChoice], cfg: Config) -> list[AlgoChoice]:
     """Drops a choice that another beats or equals on every count: pipeline bytes, DP bytes per step
     and loss (bfloat16 gradients against int8's, say)."""
     def cost(a: AlgoChoice) -> tuple[float, float, float, str]:
-        every = max(1, a.inner_steps) if a.diloco else 1
         act = {"none": 1.0, "int4": 0.25}.get(a.act_codec, 0.5)
-        return act, grad_factor(a.grad_codec) / every, a.loss_pct, a.pattern
+        hidden = 0.5 if a.overlap_steps else 1.0  # an overlapped exchange is not dominated by a blocking one
+        return act, grad_factor(a.grad_codec) * a.dp_fraction * hidden / a.every, a.loss_pct, a.pattern
 
     costs = [cost(a) for a in algos]
     keep = []
@@ -904,9 +933,10 @@ def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoic
     grads, chunks = work.grads(weights)
     gf = grad_factor(algo.grad_codec)
     pred = predict_layout(compiled, grid, times, work.msg_bytes * work.act_factor(algo.act_codec), pair,
-                          dp_mode=algo.pattern, grad_bytes=[g * gf for g in grads], grad_chunks=chunks,
+                          dp_mode=algo.pattern, grad_bytes=[g * gf * algo.dp_fraction for g in grads],
+                          grad_chunks=chunks,
                           tied_bytes=work.tied_bytes(tied_dtype), optimizer_s=optimizer_s, cache=cache_,
-                          dp_every=max(1, algo.inner_steps) if algo.diloco else 1)
+                          dp_every=algo.every, dp_overlap_steps=algo.overlap_steps)
     settings = Settings(work.pp, work.dp, work.micro_batch, choice, algo, tied_dtype, tuple(work.partition(
         weights).counts))
     return Candidate(settings, [list(r) for r in grid], pred)
