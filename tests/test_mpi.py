@@ -485,3 +485,39 @@ def test_probe_network_recovers_an_emulated_matrix(tmp_path):
             if i != j:
                 assert got.delay_ms[i][j] == pytest.approx(want.delay_ms[i][j], rel=0.10), (i, j, "delay")
                 assert got.bandwidth_gbit[i][j] == pytest.approx(want.bandwidth_gbit[i][j], rel=0.10), (i, j, "rate")
+
+
+@pytest.mark.parametrize("case", ["pp2xdp2_sharded_ps_int8", "pp2xdp2_diloco_central_nccl_dp",
+                                  "pp2xdp2_diloco_sharded_stagger_emulated"])
+def test_traffic_description_equals_the_bytes_the_run_reports(tmp_path_factory, case):
+    """Each DP algorithm's `traffic` (jaxpipe.comm.traffic), summed over the exchanges its schedule runs and
+    over the ranks, is the `dp_bytes` the run reports (the collectives count with the same formula, so this
+    checks the description against what the exchange really runs: patterns, codec rows, padding, the
+    tied `wte` rows DiLoCo sends on)."""
+    from jaxpipe.model.layout import stage_param_counts
+    from jaxpipe.registry import DP_ALGORITHMS
+
+    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    assert run.returncode == 0, run.stderr[-20000:]
+    cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
+    p, m = cfg.parallel, cfg.model
+    algo = DP_ALGORITHMS.get(p.dp_mode)
+    counts = stage_param_counts(m, [(0, 4), (4, 8)])
+    wte = m.vocab_size * m.d_model
+    expected = 0
+    for stage in range(2):
+        n = counts[stage] - (wte if stage == 1 and algo.per_replica_params else 0)  # DiLoCo strips the head's copy
+        # Chunk 0's buffer: blocks, wpe, then wte (ravel_pytree's key order).
+        wte_at = counts[1] - wte - 2 * m.d_model + m.seq_len * m.d_model
+        traffic = algo.traffic(p, n, p.dp, wte if stage == 0 and algo.per_replica_params else 0, wte_at)
+        per_exchange = sum(traffic.egress(r) for r in range(p.dp))
+        if algo.per_replica_params:  # DiLoCo: after the steps its schedule names (stagger: stage s offset s·H/P)
+            offset = stage * p.diloco_inner_steps // 2 if p.diloco_stagger else 0
+            n_ex = sum(1 for k in range(1, cfg.train.steps + 1)
+                       if (k + offset) % p.diloco_inner_steps == 0 or k == cfg.train.steps)
+        else:
+            n_ex = cfg.train.steps
+        expected += n_ex * per_exchange
+    reported = [json.loads(line)["dp_bytes"] for line in (out / case / "metrics.jsonl").read_text().splitlines()
+                if '"dp_bytes"' in line]
+    assert sum(reported) == expected

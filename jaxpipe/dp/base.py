@@ -117,9 +117,11 @@ class DataParallel(ABC):  # noqa: B024 - every hook has a do-nothing default
                               f"(got {p.diloco_outer_lr} and {p.diloco_outer_momentum})")
 
     @classmethod
-    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0) -> Traffic:
+    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0,
+                wte_offset: int = 0) -> Traffic:
         """What one rank whose DP buffer holds `n_elements` float32 puts on its DP links (`wte_elements`:
-        the tied embedding's share of it on the first stage, where an algorithm sends more for it)."""
+        the tied embedding's share of it on the first stage, where an algorithm sends more for it, starting
+        at element `wte_offset` of the buffer)."""
         return NONE
 
     def __init__(self, ctx: DPContext):

@@ -88,7 +88,8 @@ class DiLoCo(DataParallel):
             raise ConfigError(f"parallel.diloco_exchange: {p.diloco_exchange!r} is not one of central_ps, sharded_ps")
 
     @classmethod
-    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0) -> Traffic:
+    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0,
+                wte_offset: int = 0) -> Traffic:
         """The outer step's exchange every H steps on the step's critical path, plus on the first stage
         the step of the tied `wte` sent on to the LM head's stage (as it came back: coded)."""
         if dp < 2:
@@ -96,7 +97,9 @@ class DiLoCo(DataParallel):
         rows = padded_rows(n_elements, dp)
         moves = PATTERNS[p.diloco_exchange].transfers(rows, p.grad_codec, dp)
         if wte_elements:
-            moves += (Transfer("p2p", padded_rows(wte_elements, 1) * quant.row_bytes(p.grad_codec)),)
+            # The rows holding `wte` (elements wte_offset.. of the buffer), whole rows as they came back.
+            rows_wte = -(-(wte_offset % quant.CHUNK + wte_elements) // quant.CHUNK)
+            moves += (Transfer("p2p", rows_wte * quant.row_bytes(p.grad_codec)),)
         return Traffic(f"diloco H={p.diloco_inner_steps} {p.diloco_exchange}"
                        + (f" + {p.grad_codec}" if p.grad_codec != "none" else ""), moves,
                        every=p.diloco_inner_steps, size=dp)

@@ -80,7 +80,8 @@ class StreamingDiLoCo(DiLoCo):
             raise ConfigError(f"parallel.diloco_merge_alpha must be between 0 and 1, got {p.diloco_merge_alpha}")
 
     @classmethod
-    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0) -> Traffic:
+    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0,
+                wte_offset: int = 0) -> Traffic:
         """One fragment (about 1/F of the rank's buffer) every H/F steps, hidden behind tau steps."""
         if dp < 2:
             return NONE

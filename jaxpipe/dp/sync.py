@@ -36,7 +36,8 @@ class GradSync(DataParallel):
     pattern: ClassVar[type[Pattern]]
 
     @classmethod
-    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0) -> Traffic:
+    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0,
+                wte_offset: int = 0) -> Traffic:
         if dp < 2:
             return NONE
         rows = padded_rows(n_elements, dp)
