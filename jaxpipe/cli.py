@@ -224,11 +224,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         CodecTimes,
         Link,
         StageTime,
-        config_schedule,
         format_prediction,
         plan,
     )
-    from jaxpipe.pipeline.schedule import format_grid, format_timeline
+    from jaxpipe.pipeline.schedule import config_schedule, format_grid, format_timeline
 
     cfg = load_config(args.config, args.overrides)
     times = None
@@ -266,7 +265,8 @@ def _param_counts(cfg: Any) -> str:
     """The model's parameters, in all and per pipeline rank (its chunks together; the tied `wte`
     counted on both the first and the last chunk's rank, as they hold it)."""
     from jaxpipe.model.layout import param_count, stage_param_counts
-    from jaxpipe.pipeline.costmodel import config_partition, config_schedule
+    from jaxpipe.pipeline.partition import config_partition
+    from jaxpipe.pipeline.schedule import config_schedule
 
     schedule = config_schedule(cfg)
     counts = stage_param_counts(cfg.model, config_partition(cfg, schedule).ranges)
@@ -332,8 +332,8 @@ def _cmd_dry_run(args: argparse.Namespace) -> None:
 
     from jaxpipe.config import load_config
     from jaxpipe.data.source import make_source
-    from jaxpipe.pipeline.costmodel import config_schedule, plan
-    from jaxpipe.pipeline.schedule import check, format_timeline
+    from jaxpipe.pipeline.costmodel import plan
+    from jaxpipe.pipeline.schedule import check, config_schedule, format_timeline
     from jaxpipe.train.checkpoint import check_writable
     from jaxpipe.train.hooks import check_resume
 

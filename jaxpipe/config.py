@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxpipe.errors import ConfigError
+from jaxpipe.registry import DP_ALGORITHMS, SCHEDULES, Registry
 
 # name: (n_layer, d_model, n_head). GPT-3 paper, Table 2.1; XL uses 16 heads as in the original
 # system (24 does not divide 2048), 13B uses d_model 5120 (the paper's 5140 is not divisible by 40 heads).
@@ -62,8 +63,8 @@ class ParallelConfig:
     # Replicas, or "auto": as many as the launched ranks allow (N / pp), so a job restarted on fewer hosts
     # (`jaxpipe supervise --elastic`) keeps the global batch with more micro-batches per replica.
     dp: int | Literal["auto"] = 1
-    # gpipe, 1f1b, interleaved_1f1b (needs virtual_stages >= 2), zb_h1 (zero-bubble H1); see jaxpipe.pipeline.schedule.
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "gpipe"
+    # A registered schedule's name (jaxpipe.registry.SCHEDULES, filled by jaxpipe.pipeline.schedule), e.g. 1f1b.
+    schedule: str = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
     # A DP algorithm of jaxpipe.registry.DP_ALGORITHMS (jaxpipe.dp.algorithms): central_ps, sharded_ps,
@@ -209,6 +210,10 @@ class RuntimeConfig:
     # SIGTERM/SIGINT: every rank stops after the current step and commits a checkpoint; a job still running
     # this long after the signal exits without it (spot reclaim and Slurm's KillWait allow 30-120 s).
     preempt_grace_s: float = 120.0
+    # On GPUs, each stage's predicted peak memory (jaxpipe.pipeline.memory) against its device's before
+    # compiling: "refuse" a stage that cannot fit even within the model's measured error (warn where it
+    # may not), "warn" only, or "off".
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
 
 
 @dataclass
@@ -410,6 +415,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg if world_size is None else resolve_world(cfg, world_size)
 
 
+# The keys whose choices are registered classes (jaxpipe.registry), with the registry each chooses from:
+# `validate` checks that the value names one and runs that class's `validate_config`; the class, not this
+# module, holds its rules.
+REGISTERED: tuple[tuple[str, Registry[Any]], ...] = (("parallel.schedule", SCHEDULES),
+                                                     ("parallel.dp_mode", DP_ALGORITHMS))
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no MPI and no devices: run identically on every rank."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -455,13 +467,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)"
         )
-    if p.extra_warmup < 0:
-        raise ConfigError(f"parallel.extra_warmup must be 0 or more, got {p.extra_warmup}")
-    if p.extra_warmup and p.schedule != "1f1b":
-        raise ConfigError(f"parallel.extra_warmup ({p.extra_warmup}) applies to parallel.schedule=1f1b only "
-                          f"(got {p.schedule}): set it to 0 or use 1f1b")
-    # (Each schedule's own rules, e.g. interleaved_1f1b's, are checked where it is built:
-    # jaxpipe.pipeline.schedule.make_schedule, before anything compiles.)
+    for key, registry in REGISTERED:  # the chosen class's own rules (parallel.extra_warmup for 1f1b, ...)
+        section, name = key.split(".")
+        registry.validate(getattr(getattr(cfg, section), name), cfg, key)
     if p.stage_remat is not None:
         if len(p.stage_remat) != p.pp:
             raise ConfigError(f"parallel.stage_remat has {len(p.stage_remat)} entries, need parallel.pp = {p.pp}")
@@ -473,7 +481,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
-    _validate_data_parallel(cfg)
     # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
     if t.decay_steps and t.warmup_steps >= t.decay_steps:
         raise ConfigError(
@@ -531,11 +538,3 @@ def effective_warmup(t: TrainConfig) -> int:
     when the decay length is the run's (`train.decay_steps` 0), so `--set train.steps=1` trains a
     step at the peak rate instead of being refused; the run's first line says so."""
     return t.warmup_steps if t.decay_steps else min(t.warmup_steps, max(0, t.steps - 1))
-
-
-def _validate_data_parallel(cfg: Config) -> None:
-    """The DP algorithm's own rules (its class in jaxpipe.registry.DP_ALGORITHMS): with parallel.dp=auto,
-    the algorithm's rules that need the replica count wait until it is resolved."""
-    from jaxpipe.registry import DP_ALGORITHMS
-
-    DP_ALGORITHMS.validate(cfg.parallel.dp_mode, cfg)

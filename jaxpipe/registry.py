@@ -62,15 +62,17 @@ class Registry(Generic[T]):
         self._load()
         return tuple(self._classes)
 
-    def get(self, name: str) -> type[T]:
+    def get(self, name: str, key: str | None = None) -> type[T]:
+        """The class registered as `name`; a ConfigError naming `key` (default: the registry's own,
+        another where a second key chooses from the same classes) and the choices if there is none."""
         self._load()
         if name not in self._classes:
-            raise ConfigError(f"{self.key}: {name!r} is not one of {', '.join(self._classes)}")
+            raise ConfigError(f"{key or self.key}: {name!r} is not one of {', '.join(map(repr, self._classes))}")
         return self._classes[name]
 
-    def validate(self, name: str, cfg: Config) -> None:
+    def validate(self, name: str, cfg: Config, key: str | None = None) -> None:
         """The chosen class's own rules (`validate_config`), after checking that it exists."""
-        cls: Any = self.get(name)
+        cls: Any = self.get(name, key)
         check = getattr(cls, "validate_config", None)
         if check is not None:
             check(cfg)

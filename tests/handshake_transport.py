@@ -32,7 +32,7 @@ class SynchronousTransfers(ReadyHandshake):
     def _alloc(self, link: tuple[int, int], nbytes: int) -> Any:
         return np.empty(nbytes, np.uint8)
 
-    def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
+    def _payload_bytes(self, x: jax.Array) -> tuple[Any, Any]:
         host = np.ascontiguousarray(np.asarray(x))
         return host.view(np.uint8).reshape(-1), host
 

@@ -68,8 +68,8 @@ def test_preset_fields_can_be_overridden():
          "parallel.diloco_overlap_steps (4) must be at least 0 and below parallel.diloco_inner_steps (4)"),
         ("parallel.dp_mode=streaming_diloco parallel.dp=2 parallel.diloco_fragments=9",
          "parallel.diloco_fragments (9) must be between 1 and model.n_layer (8)"),
-        ("parallel.dp_mode=nope", "parallel.dp_mode: 'nope' is not one of central_ps, sharded_ps, allreduce, diloco, "
-                                  "streaming_diloco"),
+        ("parallel.dp_mode=nope", "parallel.dp_mode: 'nope' is not one of 'central_ps', 'sharded_ps', 'allreduce', "
+                                  "'diloco', 'streaming_diloco'"),
         ("train.loss_scale_init=0", "train.loss_scale_init must be a finite number >= 1 (a power of two such as "
                                     "the default 65536 keeps scaling exact), got 0"),
     ],

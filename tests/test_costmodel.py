@@ -1,18 +1,16 @@
 import math
 
 import pytest
+from tool_loader import load_tool
 
 from jaxpipe.config import load_config
 from jaxpipe.pipeline.costmodel import (
-    ORIGINAL_PP_FP16,
-    ORIGINAL_PP_FP32,
     CodecTimes,
     Link,
     StageTime,
     codec_bytes,
     diloco_sync_s,
     dp_sync_s,
-    original_model,
     plan,
     predict,
     simulate_pipeline,
@@ -92,9 +90,11 @@ def test_link_bound_named_and_explained():
 
 
 def test_predicts_the_originals_tables_from_its_facts():
-    fp32, fp16 = original_model(False, 1), original_model(True, 1)
-    assert fp32[0].iteration_s == pytest.approx(ORIGINAL_PP_FP32[0], rel=1e-3)  # the fitted row
-    ratios = [p.iteration_s / r for p, r in zip(fp32 + fp16, ORIGINAL_PP_FP32 + ORIGINAL_PP_FP16, strict=True)]
+    original = load_tool("dtfm_original")  # the published tables and the model of those runs
+    fp32, fp16 = original.original_model(False, 1), original.original_model(True, 1)
+    assert fp32[0].iteration_s == pytest.approx(original.ORIGINAL_PP_FP32[0], rel=1e-3)  # the fitted row
+    ratios = [p.iteration_s / r for p, r in zip(fp32 + fp16, original.ORIGINAL_PP_FP32 + original.ORIGINAL_PP_FP16,
+                                                strict=True)]
     assert sum(abs(r - 1) <= 0.2 for r in ratios) >= 9  # 9 of 10 rows; fp32 at 50 ms is 21% under
     assert fp16[3].bound == "link"  # GPipe at 10 ms / 1 Gbps
     times = [p.iteration_s for p in fp16]

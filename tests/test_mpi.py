@@ -1,6 +1,7 @@
 """Real multi-rank runs under mpiexec (CPU): equivalence with one process, learning, bad input."""
 
 import json
+import socket
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from reference import reference_diloco, reference_train
 from jaxpipe.comm.codec import wire_nbytes
 from jaxpipe.comm.message import ArraySpec, Kind
 from jaxpipe.config import load_config
+from jaxpipe.runtime import hostcheck
 
 pytestmark = pytest.mark.mpi
 
@@ -202,13 +204,18 @@ BAD_INPUT = {
     "matrix_wrong_shape": (4, ["network.matrix=tests/data/cluster_bad_shape.yaml"],
                            "network.matrix tests/data/cluster_bad_shape.yaml: bandwidth_gbit[2] has 3 entries, need 4 "
                            "(one per receiving rank)"),
+    # Issue 26: a rank on another platform (rank 1 states "gpu" through the test hook) is refused before compiling.
+    "rank_on_other_platform": (2, ["parallel.pp=2"],
+                               f"ranks run on different platforms: cpu on rank 0 (host {socket.gethostname()}: "
+                               f"rank 0); gpu on rank 1 (host {socket.gethostname()}: rank 1): {hostcheck.FIX}"),
 }
+BAD_INPUT_ENV = {"rank_on_other_platform": {hostcheck.FAKE_PLATFORM_ENV: "1:gpu"}}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_fails_on_every_rank(case):
     n, overrides, message = BAD_INPUT[case]
-    run = run_mpi(n, ["-m", "jaxpipe", "train", *sets(overrides)], timeout=120)
+    run = run_mpi(n, ["-m", "jaxpipe", "train", *sets(overrides)], timeout=120, env=BAD_INPUT_ENV.get(case))
     assert run.returncode != 0
     assert run.stderr.count("jaxpipe: error: " + message) == n, run.stderr  # once per rank
     assert "step " not in run.stdout  # nothing trained

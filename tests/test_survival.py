@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager, suppress
@@ -32,7 +31,7 @@ from jaxpipe.config import load_config
 from jaxpipe.errors import ConfigError
 from jaxpipe.model.layout import init_stage_params
 from jaxpipe.pipeline.partition import StageSpec
-from jaxpipe.runtime import elastic, faults
+from jaxpipe.runtime import elastic, faults, launch
 from jaxpipe.runtime.elastic import Host
 from jaxpipe.runtime.supervise import supervise
 from jaxpipe.train import checkpoint
@@ -46,48 +45,21 @@ ALL_ITEMS = {"embed", "head", *(f"layer_{i}" for i in range(8))}
 # ---- a job the test can act on while it runs -----------------------------------------------------------
 
 
-class Job:
-    """A command in its own session with its output collected line by line while it runs."""
+class Job(launch.Job):
+    """A command in its own session, its output collected while it runs (jaxpipe.runtime.launch),
+    with the tests' hard timeouts."""
 
     def __init__(self, cmd: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._readers = [threading.Thread(target=lambda: self.out.extend(self.proc.stdout)),
-                         threading.Thread(target=lambda: self.err.extend(self.proc.stderr))]
-        for r in self._readers:
-            r.start()
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.out)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.err)
+        super().__init__(cmd, cwd=REPO, env=env)
 
     def until(self, ready, what: str, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while not ready():
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.kill()
-                raise AssertionError(f"never saw {what}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}")
-            time.sleep(0.05)
+        super().until(ready, what, timeout)
 
     def wait(self, timeout: float = 900) -> int:
         try:
-            code = self.proc.wait(timeout=timeout)
+            return super().wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
             raise AssertionError(f"did not finish in {timeout} s\n{self.stdout}\n{self.stderr}") from None
-        for r in self._readers:
-            r.join()
-        return code
-
-    def kill(self) -> None:
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def fault_env(tmp_path: Path, fault: str) -> tuple[dict[str, str], Path]:
@@ -491,7 +463,7 @@ def test_read_only_mid_run_with_warn_trains_on_and_a_launcher_sigint_stops_it(tm
     with read_only(ckpt):
         release(marker, first)
         job.until(lambda: fired(marker, after=first), "the pause at step 6")
-        job.proc.send_signal(signal.SIGINT)  # the launcher, as Ctrl-C would
+        job.signal(signal.SIGINT)  # the launcher, as Ctrl-C would
         job.until(lambda: job.stderr.count("SIGINT received") == 2, "both ranks' notices")
         release(marker, fired(marker))
         code = job.wait()

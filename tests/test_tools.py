@@ -60,3 +60,31 @@ def test_plan_with_codecs_and_measured_codec_times():
     assert lines[1].startswith("predicted iteration 3.155 s (compute 1.152 s | pipeline bubble 0.033 s | "
                                "link 2.152 s | synchronisation 0.874 s)")
     assert "2.0 MiB per message" in lines[2]
+
+
+def test_launch_timeout_ends_every_process_of_the_job(tmp_path):
+    """The one launch helper (jaxpipe.runtime.launch): past its timeout the whole session goes,
+    a child the command started in the background included, and the output so far comes back."""
+    import time
+
+    import pytest
+
+    from jaxpipe.runtime.launch import run
+
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pid_file}; echo started; sleep 60"
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        run(["bash", "-c", script], timeout=2)
+    assert e.value.output == "started\n"
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    for _ in range(50):  # gone, or a zombie waiting for whoever adopted it
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the background child ({stat}) outlived the job")
+    done = run(["bash", "-c", "echo out; echo err >&2; exit 3"], timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")

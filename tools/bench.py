@@ -151,7 +151,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from jaxpipe.model.gpt import model_flops_per_token
-    from jaxpipe.pipeline.costmodel import bubble_fraction, config_schedule
+    from jaxpipe.pipeline.costmodel import bubble_fraction
+    from jaxpipe.pipeline.schedule import config_schedule
     from jaxpipe.runtime.trace import TRACE
     from jaxpipe.train.trainer import train
 
@@ -390,14 +391,8 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
     from jaxpipe.dp.collectives import Emulated, n_chunks
     from jaxpipe.dp.diloco import outer_step
     from jaxpipe.dp.exchange import Exchange
-    from jaxpipe.pipeline.costmodel import (
-        ORIGINAL_DP4_FP16,
-        ORIGINAL_PP_FP16,
-        ORIGINAL_SETTINGS,
-        Link,
-        diloco_sync_s,
-        dp_sync_s,
-    )
+    from jaxpipe.pipeline.costmodel import ORIGINAL_SETTINGS, Link, diloco_sync_s, dp_sync_s
+    from tools.dtfm_original import ORIGINAL_DP4_FP16, ORIGINAL_PP_FP16
 
     comm = MPI.COMM_WORLD
     me, size = comm.Get_rank(), comm.Get_size()

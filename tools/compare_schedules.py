@@ -105,7 +105,9 @@ NCCL_MESSAGE_S = 1.4e-3  # one-way per activation message over NCCL on H200 (BEN
 def xl_table() -> None:
     """GPT-3 XL per schedule at mb 1/2/4, from per-layer, embedding and head times fitted to the ceilings."""
     from jaxpipe.config import load_config
-    from jaxpipe.pipeline.costmodel import Link, StageTime, config_partition, config_schedule, plan
+    from jaxpipe.pipeline.costmodel import Link, StageTime, plan
+    from jaxpipe.pipeline.partition import config_partition
+    from jaxpipe.pipeline.schedule import config_schedule
 
     rows = []
     for mb, ceilings in H200_CEILINGS.items():

@@ -7,7 +7,8 @@
 for each scenario the predicted iteration (jaxpipe's model, each layout with its best settings) of
 the listed rank order, of jaxpipe's launch order on the ranks shuffled with seed 7 (the anchors'
 shuffle), and of jaxpipe's placement of those shuffled ranks; DT-FM's cost of each
-(`jaxpipe.plan.dtfm`); and jaxpipe's search run on DT-FM's own objective.
+(`jaxpipe.plan.dtfm`); and jaxpipe's search run on DT-FM's own objective, next to DT-FM's own
+result (tools/dtfm_original.py).
 
 The measured run:
 Eight ranks, PP=4 x DP=2, the tiny CPU model with XL-equivalent activation bytes (`network.size_scale`:
@@ -48,6 +49,7 @@ def dtfm_table(args: argparse.Namespace) -> None:
     from jaxpipe.plan.cluster import DTFM_CASES, dtfm_scenario
     from jaxpipe.plan.grid import launch_grid
     from jaxpipe.plan.search import best_for_grid, plan_layout
+    from tools.dtfm_original import GA, SHUFFLED_LAUNCH
 
     cfg = load_config(REPO / "configs" / "dtfm_xl.yaml")
     sizes = dtfm.ANCHOR_SIZES
@@ -102,10 +104,6 @@ def dtfm_table(args: argparse.Namespace) -> None:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
 
 
-GA = [3.44, 49.50, 16.09, 34.80, 49.22]
-SHUFFLED_LAUNCH = [19.80, 49.50, 39.83, 56.10, 94.99]
-
-
 def worker(args: argparse.Namespace) -> None:
     """Runs each of `--runs` (a JSON list of override lists) in turn in this one launch; with
     `--calibrate` the first also measures stage times and the per-message cost."""
@@ -140,24 +138,17 @@ def worker(args: argparse.Namespace) -> None:
 
 def _mpirun(n: int, args: list[str], timeout: float) -> None:
     import os
-    import signal
     import subprocess
 
-    from jaxpipe.runtime.launch import mpiexec_command
+    from jaxpipe.runtime.launch import run_mpi
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
-    cmd = [*mpiexec_command(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "worker", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    if rc:
-        raise subprocess.CalledProcessError(rc, cmd)
+    args = [str(Path(__file__).resolve()), "worker", *args]
+    done = run_mpi(n, args, timeout, cwd=REPO, env=env, output="inherit")
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, ["mpiexec", "-n", str(n), *args])
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jaxpipe.pipeline.costmodel import (  # noqa: E402
+from jaxpipe.pipeline.costmodel import ORIGINAL_SETTINGS, Link, StageTime, plan  # noqa: E402
+from tools.dtfm_original import (  # noqa: E402
     ORIGINAL_DP4_FP16,
     ORIGINAL_DP4_FP32,
     ORIGINAL_PP_FP16,
     ORIGINAL_PP_FP32,
-    ORIGINAL_SETTINGS,
-    Link,
-    StageTime,
     original_model,
-    plan,
 )
 
 # The CPU stand-in: messages of the tiny model (128 KiB) charged as GPT-3 XL's 8 MiB bf16
@@ -166,26 +162,16 @@ def worker(args: argparse.Namespace) -> None:
 # ---- driver ------------------------------------------------------------------------------------------
 
 def _mpirun(n: int, args: list[str], timeout: float) -> None:
-    from jaxpipe.runtime.launch import mpiexec_command
+    from jaxpipe.runtime.launch import run_mpi
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PYTHONUNBUFFERED": "1"}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
-    cmd = [*mpiexec_command(), "-n", str(n), sys.executable, str(Path(__file__).resolve()), "worker", *args]
-    # A session of its own, so that a timeout ends every rank (they hold GPUs), not only mpiexec.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    if rc:
-        raise subprocess.CalledProcessError(rc, cmd)
+    args = [str(Path(__file__).resolve()), "worker", *args]
+    # On a timeout every rank ends (they hold GPUs), SIGTERM first so that they can let go of them.
+    done = run_mpi(n, args, timeout, cwd=REPO, env=env, output="discard", grace_s=10)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, ["mpiexec", "-n", str(n), *args])
 
 
 def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
@@ -259,8 +245,7 @@ def _codec_data(tmp: Path, platform: str, cfg) -> list[str]:
 
 
 def print_model_check() -> bool:
-    print("Cost model vs the original's published tables (from its facts; compute fitted to the default "
-          "row of the PP column)")
+    print("Cost model vs the original's published tables (tools/dtfm_original.original_model)")
     ok = 0
     total = 0
     for title, fp16, dp, ref in [("PP fp32", False, 1, ORIGINAL_PP_FP32), ("PP fp16", True, 1, ORIGINAL_PP_FP16),

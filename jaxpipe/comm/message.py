@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 import numpy as np
 
 MAGIC = 0x4A585050  # "JXPP"
@@ -30,6 +29,8 @@ class ArraySpec:
 
     @property
     def nbytes(self) -> int:
+        import jax.numpy as jnp  # here, not at the top: the schedules (and so config checks) import this module
+
         return int(np.prod(self.shape)) * np.dtype(jnp.dtype(self.dtype)).itemsize
 
 

@@ -49,14 +49,6 @@ class Topology:
     def replica(self) -> int:
         return self.layout[self.rank][1]
 
-    @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.pp - 1
-
     def world_rank_of(self, stage: int, replica: int | None = None) -> int:
         return self._inverse[(stage, self.replica if replica is None else replica)]
 

@@ -98,10 +98,6 @@ def message_latencies(ranks: list[list[dict[str, Any]]], kinds: str = "FB") -> l
     return out
 
 
-def step_spans(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if e.get("cat") == "step"]
-
-
 def step_mark(events: list[dict[str, Any]], label: str, step: int | None = None) -> float | None:
     """When (seconds since the step's barrier) one rank ended a phase of its step: a phase's name
     ("pipeline", "tied embedding sum", "data-parallel sync", "gradient norm", "norm exchange",

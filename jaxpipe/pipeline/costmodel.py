@@ -19,7 +19,6 @@ simulation) and synchronisation (tied embedding + DP + control after the pipelin
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,8 +32,8 @@ from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.comm.traffic import Traffic, tied_traffic
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
-from jaxpipe.pipeline.partition import Partition, StageCosts, resolve_partition, stage_cost
-from jaxpipe.pipeline.schedule import Action, Deadlock, Lowered, Op, Schedule, lower, make_schedule, walk
+from jaxpipe.pipeline.partition import Partition, StageCosts, config_partition, stage_cost
+from jaxpipe.pipeline.schedule import Action, Lowered, Op, Schedule, config_schedule, lower, make_schedule, walk
 
 CODEC_CHUNK = 1024  # elements per scale in jaxpipe.dp.quant
 CODEC_ROW_BYTES = {"none": 4 * CODEC_CHUNK, "bfloat16": 2 * CODEC_CHUNK, "int8": CODEC_CHUNK + 4,
@@ -96,41 +95,44 @@ class PipelineSim:
     makespan: float
     stage_end: list[float]  # per rank
     link_busy: list[float]  # seconds each rank's egress carried data
-    starts: list[list[tuple[float, Action]]] = field(default_factory=list)  # per rank: (start, compute action)
 
 
 def simulate_pipeline(schedule: Schedule | Lowered, times: Sequence[StageTime],
                       msg_bytes: float | Callable[[Action], float], links: Links) -> PipelineSim:
-    """`times` per chunk; `msg_bytes` per message (a number, or a function of the send action)."""
+    """`times` per chunk; `msg_bytes` per message (a number, or a function of the send action).
+    The lowered schedule runs through `schedule.walk`, the validator's engine; what a computation
+    lasts and a message takes is looked up once per chunk and per (sender, receiver, kind)."""
     lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
     s = lowered.schedule
     if len(times) != s.n_chunks:
         raise ValueError(f"{len(times)} chunk times for {s.n_chunks} chunks")
-    P = s.n_ranks
     link_of = _link_fn(links)
     nbytes = msg_bytes if callable(msg_bytes) else (lambda a: float(msg_bytes))
+    dur = [{op: t.of(op) for op in Op if not op.is_comm} for t in times]
     egress: dict[tuple[int, int | None], float] = {}
-    busy = [0.0] * P
-    starts: list[list[tuple[float, Action]]] = [[] for _ in range(P)]
+    wire: dict[tuple[int, int, Op], tuple[float, float, tuple[int, int | None]]] = {}
+    busy = [0.0] * s.n_ranks
 
     def compute(r: int, a: Action, start: float) -> float:
-        starts[r].append((start, a))
-        return start + times[a.chunk].of(a.op)
+        return start + dur[a.chunk][a.op]
 
     def send(r: int, a: Action, ready: float) -> float:
         assert a.peer is not None
-        link, own = link_of(r, a.peer)
-        key = (r, a.peer if own else None)
+        how = wire.get((r, a.peer, a.op))
+        if how is None:
+            link, own = link_of(r, a.peer)
+            how = wire[(r, a.peer, a.op)] = (link.transfer_s(nbytes(a)), link.delay_s + link.per_message_s,
+                                             (r, a.peer if own else None))
+        tx, lat, key = how
         start = max(ready, egress.get(key, 0.0))
-        tx = link.transfer_s(nbytes(a))
         egress[key] = start + tx
         busy[r] += tx
-        return start + tx + link.delay_s + link.per_message_s
+        return start + tx + lat
 
     ends = walk(lowered, compute, send)
     for (r, _), t in egress.items():
         ends[r] = max(ends[r], t)
-    return PipelineSim(max(ends), ends, busy, starts)
+    return PipelineSim(max(ends), ends, busy)
 
 
 def rank_compute_s(lowered: Lowered, times: Sequence[StageTime]) -> list[float]:
@@ -289,39 +291,49 @@ def predict(
     iteration = max(ends) + control + optimizer_s
     per_rank = rank_compute_s(lowered, times)
     compute = max(per_rank)
-    comps = {  # Each term is a length of time the iteration cannot be shorter than.
-        "compute": compute,
-        "pipeline bubble": max(0.0, ideal.makespan - compute),
-        "link": max(sim.link_busy),  # the busiest egress, both directions of traffic
-        "synchronisation": max(0.0, iteration - optimizer_s - sim.makespan),
-    }
-    bound = max(comps, key=comps.get)  # type: ignore[arg-type]
     outer_note = f", one outer step {max(outer):.3f} s every {diloco_inner_steps}" if dp_mode == "diloco" else ""
     slow = max(range(P), key=lambda r: sim.link_busy[r])
     per_phase_compute = M * max(t.fwd for t in times) * schedule.virtual_stages
     rate = link.rate_bps / 1e9
-    why = {
-        "compute": f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s",
-        "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to "
-                           f"{compute:.3f} s of compute (M = {M} micro-batches, {schedule.name})",
-        "link": f"stage {slow}'s link is busy {sim.link_busy[slow]:.3f} s per iteration, more than the "
+    comps, bound, why = _bound(
+        schedule, compute, ideal.makespan, max(sim.link_busy), sim.makespan, iteration, optimizer_s,
+        lambda: f"stage {slow}'s link is busy {sim.link_busy[slow]:.3f} s per iteration, more than the "
                 f"{compute:.3f} s the slowest stage computes: {msg_bytes / 2**20:.1f} MiB per message"
                 f"{f' ({g_msg / 2**20:.1f} MiB per gradient)' if g_msg != msg_bytes else ''} at "
                 f"{rate:.3g} Gbit/s is {link.transfer_s(msg_bytes) * 1e3:.0f} ms, and a "
                 f"forward phase moves {M * schedule.virtual_stages} of them "
                 f"({M * schedule.virtual_stages * link.transfer_s(msg_bytes):.3f} s) against "
                 f"{per_phase_compute:.3f} s of forward compute",
-        "synchronisation": f"after the pipeline, {comps['synchronisation']:.3f} s of gradient exchange "
-                           f"(tied embedding {tied:.3f} s, DP {dp_mode}"
-                           f"{f' + {grad_codec}' if grad_codec != 'none' else ''} over {dp} replicas up to "
-                           f"{max(per_step):.3f} s per step{outer_note})",
-    }[bound]
+        lambda s: f"after the pipeline, {s:.3f} s of gradient exchange (tied embedding {tied:.3f} s, DP {dp_mode}"
+                  f"{f' + {grad_codec}' if grad_codec != 'none' else ''} over {dp} replicas up to "
+                  f"{max(per_step):.3f} s per step{outer_note})")
     return Prediction(iteration, sim.makespan, ideal.makespan, iteration - sim.makespan - optimizer_s - control,
-                      comps, bound, f"{bound}-bound: {why}", (ideal.makespan - compute) / compute if compute else 0.0,
+                      comps, bound, why, (ideal.makespan - compute) / compute if compute else 0.0,
                       max(per_step), max(outer) if dp_mode == "diloco" else 0.0)
 
 
-# ---- The original DT-FM GPT-3 XL runs, from their facts only ----------------------------------------
+def _bound(schedule: Schedule, compute: float, ideal_s: float, link_busy: float, makespan: float, iteration: float,
+           optimizer_s: float, why_link: Callable[[], str],
+           why_sync: Callable[[float], str]) -> tuple[dict[str, float], str, str]:
+    """The four lengths of time an iteration cannot be shorter than (the busiest rank's compute, what
+    the schedule's fill and drain add with free links, the busiest egress's traffic, the exchanges
+    between the pipeline's end at `makespan` and the optimizer step), the largest (the bound) and why,
+    in words: the link and synchronisation reasons from the caller, who knows its links and exchanges."""
+    comps = {"compute": compute, "pipeline bubble": max(0.0, ideal_s - compute), "link": link_busy,
+             "synchronisation": max(0.0, iteration - optimizer_s - makespan)}
+    bound = max(comps, key=lambda k: comps[k])
+    if bound == "compute":
+        why = f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s"
+    elif bound == "pipeline bubble":
+        why = (f"filling and draining {schedule.n_ranks} ranks adds {comps[bound]:.3f} s to {compute:.3f} s of "
+               f"compute (M = {schedule.n_microbatches} micro-batches, {schedule.name})")
+    else:
+        why = why_link() if bound == "link" else why_sync(comps[bound])
+    return comps, bound, f"{bound}-bound: {why}"
+
+
+# ---- The original DT-FM's network settings (`jaxpipe plan --sweep`) ---------------------------------
+# Its published iteration times under them, and the model of those runs, are in tools/dtfm_original.py.
 
 ORIGINAL_SETTINGS = [  # (label, delay_ms, rate_gbit)
     ("default (~0.1 ms, 10 Gbps)", 0.1, 10.0),
@@ -330,38 +342,6 @@ ORIGINAL_SETTINGS = [  # (label, delay_ms, rate_gbit)
     ("10 ms, 1 Gbps", 10.0, 1.0),
     ("50 ms, 1 Gbps", 50.0, 1.0),
 ]
-ORIGINAL_PP_FP32 = [15.16, 15.49, 16.80, 22.90, 29.08]
-ORIGINAL_PP_FP16 = [4.56, 5.32, 7.16, 12.24, 12.96]
-ORIGINAL_DP4_FP32 = [16.17, 17.55, 21.99, 33.39, 37.61]
-ORIGINAL_DP4_FP16 = [5.30, 6.28, 10.88, 18.21, 18.68]
-
-
-def original_model(fp16: bool, dp: int) -> list[Prediction]:
-    """Predicts the original's table from its facts alone: 12 stages of 2 GPT-3 XL layers, one 16 MiB
-    (fp32) or 8 MiB (fp16) message per micro-batch and direction, 64 micro-batches, GPipe, central
-    PS over `dp` replicas of the 164 M (stage 0) / 101 M (others) parameters' gradients in the
-    message precision; per-stage compute (backward = 2 ×
-    forward) is fitted to the default row of the pipeline-only column, the only measurement used."""
-    P, M = 12, 64
-    msg = (8 if fp16 else 16) * 2**20
-    elt = 2 if fp16 else 4
-    grads = [164e6 * elt] + [100.7e6 * elt] * (P - 1)
-    target = (ORIGINAL_PP_FP16 if fp16 else ORIGINAL_PP_FP32)[0]
-    d0, r0 = ORIGINAL_SETTINGS[0][1:]
-
-    def total(f: float) -> float:
-        return predict("gpipe", [StageTime(f, 2 * f)] * P, msg, Link.of(d0, r0), n_microbatches=M).iteration_s
-
-    lo, hi = 0.0, target
-    for _ in range(60):  # bisection: the fitted forward time per micro-batch
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
-    f = (lo + hi) / 2
-    return [
-        predict("gpipe", [StageTime(f, 2 * f)] * P, msg, Link.of(d, r),
-                n_microbatches=M, dp=dp, dp_mode="central_ps", grad_bytes=grads)
-        for _, d, r in ORIGINAL_SETTINGS
-    ]
 
 
 # ---- From a jaxpipe config -------------------------------------------------------------------------
@@ -375,17 +355,6 @@ def estimated_stage_times(cfg: Config, partition: Partition, flops_per_s: float 
         t = stage_cost(costs, b - a, i == 0, i == partition.n_stages - 1)
         out.append(StageTime(t / 3, 2 * t / 3))
     return out
-
-
-def config_schedule(cfg: Config) -> Schedule:
-    p = cfg.parallel
-    return make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
-
-
-def config_partition(cfg: Config, schedule: Schedule) -> Partition:
-    p = cfg.parallel
-    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
-    return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)
 
 
 @dataclass(frozen=True)
@@ -497,98 +466,14 @@ def format_prediction(pred: Prediction) -> str:
 #
 # A placement puts each (pipeline rank, replica) on its own host, so every replica's pipeline runs over
 # its own links at its own hosts' speeds, the tied exchange crosses each replica's own pair, and each
-# stage's DP group averages over the links between its members. `predict_layout` simulates all of it;
-# `CompiledSchedule` is the same simulation as `simulate_pipeline` (checked equal in the tests) on flat
-# integer lists, fast enough to run once per replica for every layout a search keeps.
+# stage's DP group averages over the links between its members. `predict_layout` simulates all of it; each
+# `Lowered` schedule is simulated once per distinct replica (its links and speeds) by `simulate_pipeline`.
 
-_OPS = (Op.F, Op.B, Op.I, Op.W, Op.L, Op.LI, Op.E, Op.EL)
-_OP_INDEX = {op: i for i, op in enumerate(_OPS)}
 PairLink = Callable[[int, int], Link]  # (src, dst) -> the link between them, each pair its own
 
 
-class CompiledSchedule:
-    """A lowered schedule as per-rank lists of (kind, a, b): compute (0, chunk·8 + op, 0), send
-    (1, message id, peer), receive (2, message id, 0)."""
-
-    def __init__(self, schedule: Schedule | Lowered):
-        lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
-        self.lowered, self.schedule = lowered, lowered.schedule
-        ids: dict[tuple[int, tuple], int] = {}
-        self.progs: list[list[tuple[int, int, int]]] = []
-        for r, actions in enumerate(lowered.ranks):
-            prog = []
-            for a in actions:
-                if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
-                    key = (a.peer, a.message())
-                    prog.append((1, ids.setdefault(key, len(ids)), int(a.peer)))  # type: ignore[arg-type]
-                elif a.op in (Op.RECV_ACT, Op.RECV_GRAD):
-                    prog.append((2, ids.setdefault((r, a.message()), len(ids)), 0))
-                else:
-                    prog.append((0, a.chunk * len(_OPS) + _OP_INDEX[a.op], 0))
-            self.progs.append(prog)
-        self.n_messages = len(ids)
-        self.peers = sorted({(r, p) for r, prog in enumerate(self.progs) for k, _, p in prog if k == 1})
-
-    def compute_s(self, times: Sequence[StageTime]) -> list[float]:
-        """`rank_compute_s`: each rank's computation time per step."""
-        dur = [t.of(op) for t in times for op in _OPS]
-        return [sum(dur[x] for k, x, _ in prog if k == 0) for prog in self.progs]
-
-    def simulate(self, times: Sequence[StageTime], msg_bytes: float, links: Links) -> PipelineSim:
-        """`simulate_pipeline`'s result (without the per-action start times)."""
-        if len(times) != self.schedule.n_chunks:
-            raise ValueError(f"{len(times)} chunk times for {self.schedule.n_chunks} chunks")
-        dur = [t.of(op) for t in times for op in _OPS]
-        link_of = _link_fn(links)
-        P = len(self.progs)
-        egress_ix: dict[tuple[int, int | None], int] = {}
-        send_info: dict[tuple[int, int], tuple[float, float, int]] = {}
-        for r, p in self.peers:
-            link, own = link_of(r, p)
-            ix = egress_ix.setdefault((r, p if own else None), len(egress_ix))
-            send_info[(r, p)] = (link.transfer_s(msg_bytes), link.delay_s + link.per_message_s, ix)
-        egress = [0.0] * len(egress_ix)
-        egress_rank = [r for (r, _), _ in sorted(egress_ix.items(), key=lambda kv: kv[1])]
-        busy = [0.0] * P
-        arrived: list[float | None] = [None] * self.n_messages
-        waiting = [-1] * self.n_messages
-        clock, ptr = [0.0] * P, [0] * P
-        ready = deque(range(P))
-        while ready:
-            r = ready.popleft()
-            prog, i, t = self.progs[r], ptr[r], clock[r]
-            end = len(prog)
-            while i < end:
-                kind, x, y = prog[i]
-                if kind == 0:
-                    t += dur[x]
-                elif kind == 1:
-                    tx, lat, ix = send_info[(r, y)]
-                    start = t if t > egress[ix] else egress[ix]
-                    egress[ix] = start + tx
-                    busy[r] += tx
-                    arrived[x] = start + tx + lat
-                    if waiting[x] >= 0:
-                        ready.append(waiting[x])
-                        waiting[x] = -1
-                else:
-                    at = arrived[x]
-                    if at is None:
-                        waiting[x] = r
-                        break
-                    if at > t:
-                        t = at
-                i += 1
-            ptr[r], clock[r] = i, t
-        if any(ptr[r] < len(self.progs[r]) for r in range(P)):
-            raise Deadlock({r: ptr[r] for r in range(P) if ptr[r] < len(self.progs[r])})
-        for ix, t in enumerate(egress):
-            clock[egress_rank[ix]] = max(clock[egress_rank[ix]], t)
-        return PipelineSim(max(clock), clock, busy)
-
-
 def chain_average_ends(grad_bytes: float, ready: Sequence[float], hop: PairLink, n_chunks: int) -> list[float]:
-    """When each member of a central-PS group is done (jaxpipe.dp.sync.CentralPS.average_emulated):
+    """When each member of a central-PS group is done (jaxpipe.dp.collectives.Emulated's reduce_sum + bcast):
     a pipelined chain reduce n-1 -> ... -> 0 in `n_chunks` pieces, then a chain broadcast back;
     member i may start at `ready[i]`; `hop(a, b)` is the link from member a to member b. A member
     receives the pieces in order and forwards each at once (its sends do not block it, they queue on
@@ -686,7 +571,7 @@ def _pair_link(links: dict[tuple[int, int], Link], a: int, b: int) -> tuple[Link
 
 
 def predict_layout(
-    schedule: Schedule | CompiledSchedule,
+    schedule: Schedule | Lowered,
     grid: Sequence[Sequence[int]],
     times: Sequence[Sequence[StageTime]],
     msg_bytes: float,
@@ -711,8 +596,9 @@ def predict_layout(
     exchange runs once per that many steps (DiLoCo's H): its time counts 1/dp_every per step;
     `dp_overlap_steps`: it runs behind that many steps (Streaming DiLoCo's tau), so only what exceeds
     their pipelines' time is waited for."""
-    compiled = schedule if isinstance(schedule, CompiledSchedule) else CompiledSchedule(schedule)
-    sched = compiled.schedule
+    lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
+    sched = lowered.schedule
+    directed = sorted({(a, b) for a, b in lowered.links} | {(b, a) for a, b in lowered.links})
     P, D = sched.n_ranks, len(grid[0])
     grads = list(grad_bytes or [0.0] * P)
     ends_of = (sched.rank_of(0), sched.rank_of(sched.n_chunks - 1))
@@ -720,15 +606,16 @@ def predict_layout(
     sims, ideals, computes = [], [], []
     for r in range(D):
         hosts = tuple(grid[s][r] for s in range(P))
-        links = {(a, b): pair(hosts[a], hosts[b]) for a, b in compiled.peers}
+        links = {(a, b): pair(hosts[a], hosts[b]) for a, b in directed}
         rt = tuple(times[r])
-        key = ("sim", id(compiled), msg_bytes, rt, tuple(sorted(links.items())))
+        key = ("sim", id(lowered), msg_bytes, rt, tuple(links.items()))
         if key not in memo:
-            memo[key] = compiled.simulate(rt, msg_bytes, partial(_pair_link, links))
-        if ("ideal", id(compiled), rt) not in memo:
-            memo[("ideal", id(compiled), rt)] = (compiled.simulate(rt, msg_bytes, Link()), compiled.compute_s(rt))
+            memo[key] = simulate_pipeline(lowered, rt, msg_bytes, partial(_pair_link, links))
+        if ("ideal", id(lowered), rt) not in memo:
+            memo[("ideal", id(lowered), rt)] = (simulate_pipeline(lowered, rt, msg_bytes, Link()),
+                                                rank_compute_s(lowered, rt))
         sims.append(memo[key])
-        ideal, comp = memo[("ideal", id(compiled), rt)]
+        ideal, comp = memo[("ideal", id(lowered), rt)]
         ideals.append(ideal)
         computes.append(comp)
     done = [[sims[r].stage_end[s] for r in range(D)] for s in range(P)]
@@ -759,27 +646,16 @@ def predict_layout(
     compute = max(max(c) for c in computes)
     makespan = max(sim.makespan for sim in sims)
     ideal = max(i.makespan for i in ideals)
-    comps = {
-        "compute": compute,
-        "pipeline bubble": max(0.0, ideal - compute),
-        "link": max(max(sim.link_busy) for sim in sims),
-        "synchronisation": max(0.0, iteration - optimizer_s - makespan),
-    }
-    bound = max(comps, key=comps.get)  # type: ignore[arg-type]
     worst = max(range(D), key=lambda r: sims[r].makespan)
     slow_dp = max(range(P), key=lambda s: max(finish[s]) - max(sims[r].stage_end[s] for r in range(D)))
-    why = {
-        "compute": f"the busiest rank computes {compute:.3f} s of the {iteration:.3f} s",
-        "pipeline bubble": f"filling and draining {P} ranks adds {comps['pipeline bubble']:.3f} s to {compute:.3f} s "
-                           f"of compute ({sched.name}, M = {sched.n_microbatches})",
-        "link": f"replica {worst}'s pipeline takes {sims[worst].makespan:.3f} s; its busiest link carries "
+    comps, bound, why = _bound(
+        sched, compute, ideal, max(max(sim.link_busy) for sim in sims), makespan, iteration, optimizer_s,
+        lambda: f"replica {worst}'s pipeline takes {sims[worst].makespan:.3f} s; its busiest link carries "
                 f"{max(sims[worst].link_busy):.3f} s of messages",
-        "synchronisation": f"after the pipelines, {comps['synchronisation']:.3f} s of gradient exchange (tied "
-                           f"embedding up to {max(tied):.3f} s, DP {dp_mode} over {D} replicas; slowest: stage "
-                           f"{slow_dp})",
-    }[bound]
+        lambda s: f"after the pipelines, {s:.3f} s of gradient exchange (tied embedding up to {max(tied):.3f} s, "
+                  f"DP {dp_mode} over {D} replicas; slowest: stage {slow_dp})")
     bubble = (ideal - compute) / compute if compute else 0.0
     return LayoutPrediction(
-        iteration, makespan, ideal, iteration - makespan - optimizer_s - control, comps, bound, f"{bound}-bound: {why}",
+        iteration, makespan, ideal, iteration - makespan - optimizer_s - control, comps, bound, why,
         bubble, pipeline_per_replica=[sim.makespan for sim in sims],
         sync_per_stage=[max(finish[s]) - max(sims[r].stage_end[s] for r in range(D)) for s in range(P)])

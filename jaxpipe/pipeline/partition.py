@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from jaxpipe.config import ModelConfig
+from jaxpipe.config import Config, ModelConfig
 from jaxpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jaxpipe.pipeline.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -214,3 +218,11 @@ def resolve_partition(
     if all(isinstance(x, int) for x in spec):
         return Partition.from_counts(spec, cfg.n_layer)  # type: ignore[arg-type]
     return Partition.from_ranges(spec, cfg.n_layer)  # type: ignore[arg-type]
+
+
+def config_partition(cfg: Config, schedule: Schedule) -> Partition:
+    """The partition a config resolves to under its schedule (`stage_weights` per rank, by the
+    schedule's chunk→rank map)."""
+    p = cfg.parallel
+    weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
+    return resolve_partition(p.partition, cfg.model, schedule.n_chunks, cfg.train.micro_batch_size, weights)

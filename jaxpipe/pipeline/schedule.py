@@ -4,9 +4,13 @@ lowers them to what the executor runs.
 A schedule emits, for each pipeline rank, the ordered *compute* actions of one step. An action
 names the model chunk (virtual stage), the micro-batch and the computation (`Op`); what each
 computation consumes and produces is stated once, in `CONSUMES` / `PRODUCES`, never implied by a
-position in the list. The model is cut into `n_ranks × virtual_stages` chunks, and the schedule's
-chunk→rank map places them: looped (chunk c on rank c mod P) or V-shaped (rank 0 holds the first
-and the last chunk).
+position in the list. The model is cut into `n_ranks × virtual_stages` chunks, chunk c on rank
+c mod P.
+
+The schedules a config can name (`parallel.schedule`) register themselves in
+`jaxpipe.registry.SCHEDULES`; each checks the settings it reads (`check_settings`, which
+`config.validate` runs through `validate_config`) and builds itself from them (`build`), so adding
+one is one class here and nothing elsewhere.
 
 `lower` adds what crosses between ranks: a receive before every action whose input lives on
 another rank, a send after every action whose output another rank consumes (a neighbouring chunk
@@ -14,7 +18,8 @@ on the same rank hands its value over in memory). Everything else works on its o
 `jaxpipe.pipeline.executor` runs it, `check` validates it in linear time (printing the per-rank
 grid with the offending action marked), `jaxpipe.pipeline.costmodel` simulates it, evaluation
 runs the forward-only schedule through the same executor, and `format_grid` prints it. No other
-module works out what an action receives or sends.
+module works out what an action receives or sends. `Action.from_str` and `parse_actions` read the
+printed form back (`"1F0 1F1 0B0"`), so orders are written as they print.
 
 Computations:
 - `F`   forward of a chunk, keeping what its backward needs;
@@ -29,15 +34,20 @@ Computations:
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from typing import ClassVar
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, ClassVar
 
 from jaxpipe.comm.message import Kind
 from jaxpipe.errors import ConfigError
+from jaxpipe.registry import SCHEDULES
+
+if TYPE_CHECKING:
+    from jaxpipe.config import Config
 
 
 class Op(enum.Enum):
@@ -88,6 +98,18 @@ class Action:
             return f"{self.chunk}{what}{self.microbatch}{arrow}{self.peer}"
         return f"{self.chunk}{self.op.value}{self.microbatch}"
 
+    @classmethod
+    def from_str(cls, text: str) -> Action:
+        """The action `str` printed: `1F0` (compute), `0a3>1` / `1g3<2` (send / receive)."""
+        if m := _COMPUTE_RE.fullmatch(text):
+            return cls(Op(m[2]), int(m[1]), int(m[3]))
+        if m := _COMM_RE.fullmatch(text):
+            op = {("a", "<"): Op.RECV_ACT, ("a", ">"): Op.SEND_ACT, ("g", "<"): Op.RECV_GRAD,
+                  ("g", ">"): Op.SEND_GRAD}[(m[2], m[4])]
+            return cls(op, int(m[1]), int(m[3]), int(m[5]))
+        raise ValueError(f"{text!r} is not an action: write chunk, computation, micro-batch (e.g. 1F0, 2LI3) or "
+                         f"chunk, a/g, micro-batch, </>, peer (e.g. 0a3>1)")
+
     def describe(self, chunk: bool = True) -> str:
         """The action in the failure messages' words."""
         what = {Op.F: "forward", Op.B: "backward", Op.I: "input-gradient backward", Op.W: "weight-gradient backward",
@@ -110,6 +132,15 @@ class Action:
         raise ValueError(f"{self} moves no message")
 
 
+_COMPUTE_RE = re.compile(r"(\d+)(LI|EL|F|B|I|W|L|E)(\d+)")
+_COMM_RE = re.compile(r"(\d+)([ag])(\d+)([<>])(\d+)")
+
+
+def parse_actions(text: str) -> list[Action]:
+    """One rank's actions as `format_grid` prints them, separated by spaces: `"1F0 1F1 0B0"`."""
+    return [Action.from_str(word) for word in text.split()]
+
+
 class ScheduleError(ValueError):
     """A schedule that would deadlock, mix up messages or leave work undone; the message holds the
     per-rank grid with the offending action marked."""
@@ -120,22 +151,69 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class Schedule(ABC):
-    """`n_ranks` pipeline ranks, `n_microbatches` per step, `virtual_stages` chunks per rank."""
+    """`n_ranks` pipeline ranks, `n_microbatches` per step, `virtual_stages` chunks per rank, chunk c
+    on rank c mod `n_ranks`.
+
+    A schedule a config can name is registered (`@SCHEDULES.register`) under its `name`; its
+    `check_settings` holds the rules of the settings it reads, and `build` makes it from them."""
 
     n_ranks: int
     n_microbatches: int
     virtual_stages: int = 1
     name: ClassVar[str] = "?"
-    shape: ClassVar[str] = "loop"  # chunk → rank map: "loop" or "v"
     forward_only: ClassVar[bool] = False
+
+    # ---- from settings (the registry's side) ----
+
+    @classmethod
+    def check_settings(cls, n_ranks: int, n_microbatches: int | None, extra_warmup: int = 0,
+                       virtual_stages: int = 1) -> None:
+        """Raises ConfigError, saying what to change, unless this schedule can run these settings
+        (`n_microbatches` None: not known yet, parallel.dp=auto). The base rules: one chunk per rank,
+        no extra warm-up; a schedule that reads either setting overrides this."""
+        if extra_warmup < 0:
+            raise ConfigError(f"parallel.extra_warmup must be 0 or more, got {extra_warmup}")
+        if extra_warmup:
+            raise ConfigError(f"parallel.extra_warmup ({extra_warmup}) applies to parallel.schedule=1f1b only "
+                              f"(got {cls.name}): set it to 0 or use 1f1b")
+        if virtual_stages != 1:
+            raise ConfigError(f"parallel.virtual_stages={virtual_stages} needs a schedule over several chunks per "
+                              f"rank (interleaved_1f1b); {cls.name} runs one chunk per rank")
+
+    @classmethod
+    def build(cls, n_ranks: int, n_microbatches: int, extra_warmup: int = 0, virtual_stages: int = 1) -> Schedule:
+        """This schedule for these settings, once `check_settings` accepts them."""
+        cls.check_settings(n_ranks, n_microbatches, extra_warmup, virtual_stages)
+        return cls(n_ranks, n_microbatches, virtual_stages)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        """`check_settings` on a config's parallel.pp, micro-batches per replica, parallel.extra_warmup
+        and parallel.virtual_stages (config.validate calls it for the class parallel.schedule names)."""
+        p = cfg.parallel
+        m = cfg.num_microbatches if isinstance(p.dp, int) else None
+        cls.check_settings(p.pp, m, p.extra_warmup, p.virtual_stages)
+
+    @classmethod
+    def from_config(cls, cfg: Config, n_microbatches: int | None = None) -> Schedule:
+        """The schedule a config runs (`n_microbatches`: per replica, by default the config's)."""
+        p = cfg.parallel
+        return cls.build(p.pp, n_microbatches or cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
+
+    @classmethod
+    def ideal_bubble(cls, n_ranks: int, n_microbatches: int, virtual_stages: int = 1) -> float:
+        """The busiest rank's idle time over its compute with free links, every chunk of a rank
+        taking 1/v of the work with F, I and W one unit each, for M a multiple of P: the figure
+        the schedule is chosen for (docs/training.md's table; the tests hold it to it)."""
+        return (n_ranks - 1) / n_microbatches
+
+    # ---- the order ----
 
     @property
     def n_chunks(self) -> int:
         return self.n_ranks * self.virtual_stages
 
     def rank_of(self, chunk: int) -> int:
-        if self.shape == "v":  # 0, 1, ..., P-1, P-1, ..., 1, 0
-            return chunk if chunk < self.n_ranks else 2 * self.n_ranks - 1 - chunk
         return chunk % self.n_ranks
 
     def chunks_of(self, rank: int) -> list[int]:
@@ -159,6 +237,7 @@ class Schedule(ABC):
         return chunk == self.n_chunks - 1
 
 
+@SCHEDULES.register
 @dataclass(frozen=True)
 class GPipe(Schedule):
     """All forwards, then all backwards, both in micro-batch order (GPipe; the original's default).
@@ -176,6 +255,7 @@ class GPipe(Schedule):
         return [Action(Op.F, c, i) for i in m] + [Action(Op.B, c, i) for i in m]
 
 
+@SCHEDULES.register
 @dataclass(frozen=True)
 class OneFOneB(Schedule):
     """PipeDream-flush 1F1B: P-1-r warm-up forwards, then alternate one forward and one backward.
@@ -189,6 +269,17 @@ class OneFOneB(Schedule):
 
     extra_warmup: int = 0
     name: ClassVar[str] = "1f1b"
+
+    @classmethod
+    def check_settings(cls, n_ranks: int, n_microbatches: int | None, extra_warmup: int = 0,
+                       virtual_stages: int = 1) -> None:
+        # Any number of extra warm-up forwards (the base refuses a negative one); the rest as the base.
+        super().check_settings(n_ranks, n_microbatches, min(extra_warmup, 0), virtual_stages)
+
+    @classmethod
+    def build(cls, n_ranks: int, n_microbatches: int, extra_warmup: int = 0, virtual_stages: int = 1) -> Schedule:
+        cls.check_settings(n_ranks, n_microbatches, extra_warmup, virtual_stages)
+        return cls(n_ranks, n_microbatches, 1, extra_warmup)
 
     def actions(self, rank: int) -> list[Action]:
         (c,) = self.chunks_of(rank)
@@ -218,6 +309,7 @@ def _one_f_one_b(fwd: Sequence[tuple[int, int]], bwd: Sequence[tuple[int, int]],
     return out
 
 
+@SCHEDULES.register
 @dataclass(frozen=True)
 class Interleaved1F1B(Schedule):
     """Megatron-LM's interleaved 1F1B over v chunks per rank (looped: chunk c on rank c mod P).
@@ -232,6 +324,22 @@ class Interleaved1F1B(Schedule):
 
     name: ClassVar[str] = "interleaved_1f1b"
 
+    @classmethod
+    def check_settings(cls, n_ranks: int, n_microbatches: int | None, extra_warmup: int = 0,
+                       virtual_stages: int = 1) -> None:
+        super().check_settings(n_ranks, n_microbatches, extra_warmup, 1)
+        if virtual_stages < 2:
+            raise ConfigError("parallel.schedule=interleaved_1f1b needs parallel.virtual_stages >= 2 (model chunks "
+                              "per rank); with one chunk per rank use 1f1b")
+        if n_microbatches is not None and n_microbatches < n_ranks:
+            raise ConfigError(f"parallel.schedule=interleaved_1f1b needs at least parallel.pp = {n_ranks} "
+                              f"micro-batches per replica, got {n_microbatches}: raise train.global_batch_size or "
+                              f"lower train.micro_batch_size")
+
+    @classmethod
+    def ideal_bubble(cls, n_ranks: int, n_microbatches: int, virtual_stages: int = 1) -> float:
+        return (n_ranks - 1) / (virtual_stages * n_microbatches)
+
     def actions(self, rank: int) -> list[Action]:
         return list(_interleaved_orders(self.n_ranks, self.n_microbatches, self.virtual_stages)[rank])
 
@@ -241,13 +349,12 @@ class Explicit(Schedule):
     """A schedule given as its per-rank action lists (tests, and orders computed elsewhere)."""
 
     orders: tuple[tuple[Action, ...], ...] = ()
-    placement: str = "loop"
     name: ClassVar[str] = "explicit"
 
-    def rank_of(self, chunk: int) -> int:
-        if self.placement == "v":
-            return chunk if chunk < self.n_ranks else 2 * self.n_ranks - 1 - chunk
-        return chunk % self.n_ranks
+    @classmethod
+    def parse(cls, n_microbatches: int, ranks: Sequence[str], virtual_stages: int = 1) -> Explicit:
+        """From each rank's order as it prints: `Explicit.parse(2, ["0F0 0F1 0B0 0B1", "1L0 1L1"])`."""
+        return cls(len(ranks), n_microbatches, virtual_stages, tuple(tuple(parse_actions(r)) for r in ranks))
 
     def actions(self, rank: int) -> list[Action]:
         return list(self.orders[rank])
@@ -273,6 +380,7 @@ def _interleaved_orders(P: int, M: int, v: int) -> tuple[tuple[Action, ...], ...
                 warmup[r] += 1
 
 
+@SCHEDULES.register
 @dataclass(frozen=True)
 class ZeroBubbleH1(Schedule):
     """Zero-bubble ZB-H1 (Qi et al., 2023): the backward split into I (input gradient, which the
@@ -288,6 +396,10 @@ class ZeroBubbleH1(Schedule):
     the gradients of their outputs)."""
 
     name: ClassVar[str] = "zb_h1"
+
+    @classmethod
+    def ideal_bubble(cls, n_ranks: int, n_microbatches: int, virtual_stages: int = 1) -> float:
+        return (n_ranks - 1) / (3 * n_microbatches)
 
     def actions(self, rank: int) -> list[Action]:
         return list(_zb_h1_orders(self.n_ranks, self.n_microbatches)[rank])
@@ -367,33 +479,20 @@ class ForwardOnly(Schedule):
                 for c in self.chunks_of(rank) for i in range(start, min(start + size, m))]
 
 
-SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (GPipe, OneFOneB, Interleaved1F1B, ZeroBubbleH1)}
 SPLIT_BACKWARD = {Op.I, Op.LI, Op.W}
 
 
 def make_schedule(name: str, n_ranks: int, n_microbatches: int, extra_warmup: int = 0,
                   virtual_stages: int = 1) -> Schedule:
-    """The schedule `name` (parallel.schedule), with the rules each imposes checked here."""
-    if name not in SCHEDULES:
-        raise ConfigError(f"parallel.schedule: {name!r} is not one of {', '.join(SCHEDULES)}")
-    if extra_warmup and name != "1f1b":
-        raise ConfigError(f"parallel.extra_warmup ({extra_warmup}) applies to parallel.schedule=1f1b only "
-                          f"(got {name}): set it to 0 or use 1f1b")
-    if name == "interleaved_1f1b":
-        if virtual_stages < 2:
-            raise ConfigError("parallel.schedule=interleaved_1f1b needs parallel.virtual_stages >= 2 (model chunks "
-                              "per rank); with one chunk per rank use 1f1b")
-        if n_microbatches < n_ranks:
-            raise ConfigError(f"parallel.schedule=interleaved_1f1b needs at least parallel.pp = {n_ranks} "
-                              f"micro-batches per replica, got {n_microbatches}: raise train.global_batch_size or "
-                              f"lower train.micro_batch_size")
-        return Interleaved1F1B(n_ranks, n_microbatches, virtual_stages)
-    if virtual_stages != 1:
-        raise ConfigError(f"parallel.virtual_stages={virtual_stages} needs a schedule over several chunks per rank "
-                          f"(interleaved_1f1b); {name} runs one chunk per rank")
-    if name == "1f1b":
-        return OneFOneB(n_ranks, n_microbatches, 1, extra_warmup)
-    return SCHEDULES[name](n_ranks, n_microbatches)
+    """The registered schedule `name` (parallel.schedule) for these settings, checked by its class."""
+    cls: type[Schedule] = SCHEDULES.get(name)
+    return cls.build(n_ranks, n_microbatches, extra_warmup, virtual_stages)
+
+
+def config_schedule(cfg: Config) -> Schedule:
+    """The schedule a (validated) config runs."""
+    cls: type[Schedule] = SCHEDULES.get(cfg.parallel.schedule)
+    return cls.from_config(cfg)
 
 
 # ---- Lowering ---------------------------------------------------------------------------------------
@@ -414,6 +513,25 @@ class Lowered:
 
     def compute(self, rank: int) -> list[Action]:
         return [a for a in self.ranks[rank] if not a.op.is_comm]
+
+    @cached_property
+    def program(self) -> tuple[tuple[tuple[tuple[int, int, Action], ...], ...], int]:
+        """What `walk` runs: per rank (kind, message, action), kind compute, send or receive and
+        the message numbered (a send and its receive share the number); and how many messages."""
+        ids: dict[tuple[int, tuple[Kind, int, int]], int] = {}
+        programs = []
+        for r, actions in enumerate(self.ranks):
+            prog = []
+            for a in actions:
+                if a.op in (Op.SEND_ACT, Op.SEND_GRAD):
+                    assert a.peer is not None
+                    prog.append((_SEND, ids.setdefault((a.peer, a.message()), len(ids)), a))
+                elif a.op in (Op.RECV_ACT, Op.RECV_GRAD):
+                    prog.append((_RECV, ids.setdefault((r, a.message()), len(ids)), a))
+                else:
+                    prog.append((_COMPUTE, -1, a))
+            programs.append(tuple(prog))
+        return tuple(programs), len(ids)
 
     def send_order(self, src: int, dst: int) -> list[tuple[Kind, int, int]]:
         """The messages `src` sends to `dst`, in the order it sends them: the order in which `dst`
@@ -447,6 +565,9 @@ def lower(schedule: Schedule) -> Lowered:
 # ---- Walking a lowered schedule: the validator's and the simulator's one engine --------------------
 
 
+_COMPUTE, _SEND, _RECV = 0, 1, 2
+
+
 class Deadlock(Exception):
     def __init__(self, blocked: dict[int, int]):
         super().__init__("deadlock")
@@ -458,33 +579,35 @@ def walk(lowered: Lowered, compute: Callable[[int, Action, float], float],
     """Runs every rank's actions in order: `compute(rank, action, start)` returns when the action
     ends, `send(rank, action, ready)` when its message arrives; a receive waits for its message.
     Each action is visited once (ranks wait on a message, not in a loop). Returns each rank's end
-    time; raises `Deadlock` with every stuck rank's action when no rank can move on."""
-    n = len(lowered.ranks)
+    time; raises `Deadlock` with every stuck rank's action when no rank can move on. The checker,
+    the schedule builders and the cost model all run schedules through this one engine."""
+    programs, n_messages = lowered.program
+    n = len(programs)
     clock, ptr = [0.0] * n, [0] * n
-    arrived: dict[tuple[int, tuple[Kind, int, int]], float] = {}  # (receiver, message) -> time
-    waiting: dict[tuple[int, tuple[Kind, int, int]], int] = {}
+    arrived: list[float | None] = [None] * n_messages  # per message: when it is at its receiver
+    waiting = [-1] * n_messages  # per message: the rank blocked on it
     ready = deque(range(n))
     while ready:
         r = ready.popleft()
-        actions = lowered.ranks[r]
-        while ptr[r] < len(actions):
-            a = actions[ptr[r]]
-            if a.op in (Op.RECV_ACT, Op.RECV_GRAD):
-                key = (r, a.message())
-                if key not in arrived:
-                    waiting[key] = r
-                    break
-                clock[r] = max(clock[r], arrived.pop(key))
-            elif a.op in (Op.SEND_ACT, Op.SEND_GRAD):
-                assert a.peer is not None
-                key = (a.peer, a.message())
-                arrived[key] = send(r, a, clock[r])
-                if waiting.pop(key, None) is not None:
-                    ready.append(a.peer)
+        prog, i, t = programs[r], ptr[r], clock[r]
+        while i < len(prog):
+            kind, msg, a = prog[i]
+            if kind == _COMPUTE:
+                t = compute(r, a, t)
+            elif kind == _SEND:
+                arrived[msg] = send(r, a, t)
+                if waiting[msg] >= 0:
+                    ready.append(waiting[msg])
+                    waiting[msg] = -1
             else:
-                clock[r] = compute(r, a, clock[r])
-            ptr[r] += 1
-    blocked = {r: ptr[r] for r in range(n) if ptr[r] < len(lowered.ranks[r])}
+                at = arrived[msg]
+                if at is None:
+                    waiting[msg] = r
+                    break
+                t = max(t, at)
+            i += 1
+        ptr[r], clock[r] = i, t
+    blocked = {r: ptr[r] for r in range(n) if ptr[r] < len(programs[r])}
     if blocked:
         raise Deadlock(blocked)
     return clock

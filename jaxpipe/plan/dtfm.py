@@ -48,12 +48,8 @@ class DtfmSizes:
         return cls(seqs * m.seq_len * m.d_model * 2.0, 4.0 * layer_param_count(m) * m.n_layer / pp)
 
 
-# The sizes behind the issue's anchor numbers (DT-FM's scheduler run on its five scenarios; the anchors
-# do not state the sizes). Solved from case 0's and 1's shuffled launch-order costs (19.80, 49.50:
-# every pipeline link and every DP peer across instances) and case 2's GA result (16.09), they
-# reproduce all ten anchors to 0.005 s: the GA results are the costs of the scenarios' listed order,
-# and the shuffled launch-order costs are `partition_cost` of jaxpipe's launch-order DP groups on the
-# ranks shuffled by `Cluster.shuffled(7)`.
+# The sizes DT-FM's published anchors imply (its scheduler's costs on its five scenarios): solved from
+# three of them, they reproduce all ten; tools/dtfm_original.py holds the anchors and says how.
 ANCHOR_SIZES = DtfmSizes(activation_bytes=0.47125e9, gradient_bytes=0.65e9)
 
 

@@ -54,7 +54,6 @@ from jaxpipe.dp import quant
 from jaxpipe.errors import ConfigError
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.costmodel import (
-    CompiledSchedule,
     LayoutPrediction,
     Link,
     StageTime,
@@ -63,7 +62,7 @@ from jaxpipe.pipeline.costmodel import (
     predict_layout,
 )
 from jaxpipe.pipeline.partition import Partition, StageCosts, balanced, resolve_partition, stage_cost
-from jaxpipe.pipeline.schedule import make_schedule
+from jaxpipe.pipeline.schedule import Lowered, make_schedule
 from jaxpipe.plan import dtfm
 from jaxpipe.plan.grid import Grid, grid_to_layout, launch_grid
 from jaxpipe.plan.quality import QualityTable, Row
@@ -792,12 +791,12 @@ def _micro_batches(cfg: Config, dp: int, limit: int = 3) -> list[int]:
 
 
 @cache
-def _compiled(choice: ScheduleChoice, pp: int, M: int) -> CompiledSchedule | None:
+def _lowered(choice: ScheduleChoice, pp: int, M: int) -> Lowered | None:
     try:
         sched = make_schedule(choice.name, pp, M, choice.extra_warmup, choice.virtual_stages)
     except ConfigError:
         return None
-    return CompiledSchedule(sched)
+    return sched.lowered()
 
 
 def _links(cluster: Cluster, per_message_s: float) -> Callable[[int, int], Link]:
@@ -921,8 +920,8 @@ def _undominated(algos: list[AlgoChoice], cfg: Config) -> list[AlgoChoice]:
 def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoice, algo: AlgoChoice, tied_dtype: str,
              pair: Callable[[int, int], Link], cache_: dict, optimizer_s: float = 0.0) -> Candidate | None:
     """jaxpipe's full prediction of one layout with one set of settings (None: the schedule does not fit)."""
-    compiled = _compiled(choice, work.pp, work.M)
-    if compiled is None:
+    lowered = _lowered(choice, work.pp, work.M)
+    if lowered is None:
         return None
     weights = stage_weights(cluster, grid)
     times0 = work.base_times(weights)
@@ -932,7 +931,7 @@ def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoic
         grid[work.rank_of(c)][r]), t.input_frac) for c, t in enumerate(times0)] for r in range(work.dp)]
     grads, chunks = work.grads(weights)
     gf = grad_factor(algo.grad_codec)
-    pred = predict_layout(compiled, grid, times, work.msg_bytes * work.act_factor(algo.act_codec), pair,
+    pred = predict_layout(lowered, grid, times, work.msg_bytes * work.act_factor(algo.act_codec), pair,
                           dp_mode=algo.pattern, grad_bytes=[g * gf * algo.dp_fraction for g in grads],
                           grad_chunks=chunks,
                           tied_bytes=work.tied_bytes(tied_dtype), optimizer_s=optimizer_s, cache=cache_,
@@ -1136,21 +1135,6 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
                            launch_grid(s.pp, s.dp), s.schedule, s.algo, s.tied_dtype, pair, cache_, optimizer_s)
     stats["seconds"] = time.perf_counter() - t_start
     return PlanResult(sub, ranks, best, launch, launch_config, launch_same, stats)
-
-
-def with_settings(cfg: Config, settings: Settings) -> Config:
-    """`cfg` with a plan's settings applied (what `Settings.overrides` says on the command line)."""
-    s = settings
-    chosen: dict[str, Any] = {"pp": s.pp, "dp": s.dp, "schedule": s.schedule.name,
-                              "extra_warmup": s.schedule.extra_warmup, "virtual_stages": s.schedule.virtual_stages,
-                              "tied_grad_dtype": s.tied_dtype, "partition": list(s.partition),
-                              "dp_mode": s.algo.dp_mode, "grad_codec": s.algo.grad_codec, "act_codec": s.algo.act_codec,
-                              "act_grad_codec": s.algo.act_codec}
-    if s.algo.diloco:
-        chosen.update(diloco_inner_steps=s.algo.inner_steps, diloco_outer_lr=s.algo.outer_lr,
-                      diloco_outer_momentum=s.algo.outer_momentum, diloco_exchange=s.algo.exchange)
-    par = dataclasses.replace(cfg.parallel, **chosen)
-    return dataclasses.replace(cfg, parallel=par, train=dataclasses.replace(cfg.train, micro_batch_size=s.micro_batch))
 
 
 def best_for_grid(cluster: Cluster, cfg: Config, grid: Grid, *, search: Sequence[str] = SEARCHABLE,

@@ -5,7 +5,9 @@ Processes on one host find each other with an MPI shared-memory split; local ran
 This must run before JAX initialises its backend, because CUDA reads CUDA_VISIBLE_DEVICES once;
 afterwards each process sees exactly its own GPUs as devices 0..k-1 (and so does CuPy/NCCL).
 With k > 1 the stage is sharded over its devices (`local_mesh`): the micro-batch is split across
-them and the stage's gradients are reduced inside the process by XLA.
+them and the stage's gradients are reduced inside the process by XLA. Whether the host has the
+GPUs this asks for, and whether every rank found its own, is checked by all ranks together once JAX
+has started (`jaxpipe.runtime.hostcheck`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from mpi4py import MPI
 
 from jaxpipe.errors import ConfigError
+from jaxpipe.runtime.hostcheck import host_gpu_count
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class Placement:
     local_rank: int
     local_size: int
     visible: str | None  # what this process set CUDA_VISIBLE_DEVICES to, if it set it
+    listed: str | None = None  # CUDA_VISIBLE_DEVICES as the launcher gave it
+    host_gpus: int = 0  # GPUs the host's driver exposes (jaxpipe.runtime.hostcheck.host_gpu_count)
 
 
 def _backend_initialized() -> bool:
@@ -36,23 +41,20 @@ def _backend_initialized() -> bool:
 
 
 def assign_devices(world: Any, devices_per_process: int) -> Placement:
-    """Restricts this process to its local GPUs; a no-op for the devices a CPU-only run uses."""
+    """Restricts this process to its local GPUs; a no-op on a host without GPUs. Asking for more
+    GPUs than the host has is not refused here but by `jaxpipe.runtime.hostcheck.check_hosts`,
+    once every rank has stated what it found (one message naming the host, its ranks and GPUs)."""
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    host_gpus = host_gpu_count()
     chosen = None
-    if not _backend_initialized():
-        ids = visible.split(",") if visible else [str(i) for i in range(local_size * devices_per_process)]
-        if visible and len(ids) < local_size * devices_per_process:
-            raise ConfigError(
-                f"{local_size} ranks on this host × runtime.devices_per_process={devices_per_process} need "
-                f"{local_size * devices_per_process} GPUs but CUDA_VISIBLE_DEVICES lists {len(ids)}: start fewer "
-                f"ranks per host or lower runtime.devices_per_process"
-            )
+    if not _backend_initialized() and (listed or host_gpus):
+        ids = listed.split(",") if listed else [str(i) for i in range(local_size * devices_per_process)]
         chosen = ",".join(ids[local_rank * devices_per_process : (local_rank + 1) * devices_per_process])
         os.environ["CUDA_VISIBLE_DEVICES"] = chosen
-    return Placement(local_rank, local_size, chosen)
+    return Placement(local_rank, local_size, chosen, listed, host_gpus)
 
 
 def local_devices(devices_per_process: int) -> list[Any]:

@@ -50,9 +50,6 @@ class Preemption:
     def requested(self) -> bool:
         return self._since is not None
 
-    def seconds_since(self) -> float:
-        return 0.0 if self._since is None else time.monotonic() - self._since
-
     def _first(self, signum: int) -> None:
         with self._lock:
             if self._since is not None:

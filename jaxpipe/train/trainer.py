@@ -47,11 +47,13 @@ from jaxpipe.errors import CheckpointError, NonFiniteError, Preempted, agree
 from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
 from jaxpipe.model.layout import init_stage_params, param_count
 from jaxpipe.pipeline.executor import Executor, StepBatch
+from jaxpipe.pipeline.memory import check_device_memory
 from jaxpipe.pipeline.partition import Partition, StageSpec, resolve_partition
-from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, check, make_schedule
+from jaxpipe.pipeline.schedule import SPLIT_BACKWARD, Lowered, Op, Schedule, check, config_schedule
 from jaxpipe.pipeline.stage import StageProgram
 from jaxpipe.runtime import faults
 from jaxpipe.runtime.devices import assign_devices, local_mesh
+from jaxpipe.runtime.hostcheck import RankDevices, check_devices, describe_hosts
 from jaxpipe.runtime.preempt import PREEMPT
 from jaxpipe.runtime.trace import TRACE
 from jaxpipe.runtime.watchdog import ACTIVITY, start_watchdog
@@ -110,6 +112,7 @@ class Run:
     metrics_file: TextIO | None = None
     tied_local: LocalTiedSum | None = None  # both ends of the tied embedding on this rank
     n_samples: int | None = None  # training samples (windows) in the data, where it has a count
+    hosts: list[RankDevices] = field(default_factory=list)  # every rank's devices, as stated in set-up
 
     @property
     def first_chunk(self) -> bool:
@@ -210,7 +213,7 @@ def describe(run: Run) -> str:
         f"dp {run.dp.describe()} | {layers} | model {m.preset} "
         f"({param_count(m) / 1e6:.1f}M params, {jnp.dtype(compute_dtype(m)).name}) | batch "
         f"{cfg.train.global_batch_size} = {p.dp} x {cfg.num_microbatches} x {cfg.train.micro_batch_size} | "
-        f"{jax.default_backend()} x {cfg.runtime.devices_per_process} per rank | transport {run.transport.name} | "
+        f"{describe_hosts(run.hosts, cfg.runtime.devices_per_process)} | transport {run.transport.name} | "
         f"{run.net.describe() if run.net is not None else 'network emulation off'}"
         + (f" | placement {p.placement}" if p.placement else "") + " | "
         + describe_traffic(cfg, run.lowered, run.executor.spec, run.n_samples,
@@ -240,7 +243,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     Every collective of the set-up runs under the watchdog's deadline."""
     f = factories or Factories()
     p = cfg.parallel
-    schedule = make_schedule(p.schedule, p.pp, cfg.num_microbatches, p.extra_warmup, p.virtual_stages)
+    schedule = config_schedule(cfg)
     last = schedule.n_chunks - 1
     ACTIVITY.configure(comm.Get_rank(), None, p.pp, 0, cfg.runtime.comm_timeout_s, cfg.runtime.first_step_timeout_s)
     start_watchdog()
@@ -253,11 +256,16 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     ACTIVITY.locate(topo.stage, topo.replica)
     _agreed(comm, "loading the fault injection", lambda: faults.load(topo.rank, topo.stage, topo.replica))
     k = cfg.runtime.devices_per_process
-    _agreed(comm, "the device assignment", lambda: assign_devices(comm, k))  # Before JAX touches a device.
+    placed = _agreed(comm, "the device assignment", lambda: assign_devices(comm, k))  # Before JAX touches a device.
+    # Every rank states its host, platform and GPUs; a rank without its GPU is refused here, everywhere.
+    hosts = _agreed(comm, "the device check", lambda: check_devices(comm, k, placed))
     mesh = _agreed(comm, "the local device mesh", lambda: local_mesh(k)) if k > 1 else None
     weights = [p.stage_weights[schedule.rank_of(c)] for c in range(schedule.n_chunks)] if p.stage_weights else None
     partition = _agreed(comm, "the partition", lambda: resolve_partition(p.partition, cfg.model, schedule.n_chunks,
                                                                           cfg.train.micro_batch_size, weights))
+    if any(h.platform == "gpu" for h in hosts):  # Each stage's predicted peak memory against its devices'.
+        mem = [[hosts[topo.world_rank_of(s, r)].memory_bytes for r in range(p.replicas)] for s in range(p.pp)]
+        _agreed(comm, "the memory check", lambda: check_device_memory(cfg, mem, log if topo.rank == 0 else None))
     chunks = schedule.chunks_of(topo.stage)
     needs_data = 0 in chunks or last in chunks
     # Every rank opens the data (a missing file fails the whole job here, before any compile).
@@ -317,7 +325,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
               transport=transport, tied=tied, dp=dp, optimizer=optimizer,
               scaler=LossScaler(cfg.train, compute_dtype(cfg.model)), hooks=None,  # type: ignore[arg-type]
               net=net, source=source if needs_data else None, log=log, tied_local=tied_local,
-              n_samples=getattr(source, "n_samples", None))
+              n_samples=getattr(source, "n_samples", None), hosts=hosts)
     # Resume (a checkpoint path, or "auto"), evaluation and checkpoints: see jaxpipe.train.hooks.
     run.hooks = RunHooks(cfg, topo, schedule, partition, programs, transport, dp, log, run.scaler, stateful)
     params, opt_state, start_step = run.hooks.restore(params, opt_state, resume, resume_from)

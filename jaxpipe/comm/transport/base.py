@@ -26,7 +26,7 @@ import numpy as np
 from mpi4py import MPI
 
 from jaxpipe.comm.codec import Codec, Identity, codec_name
-from jaxpipe.comm.message import DTYPES, MAGIC, ArraySpec, Kind, MsgKey, parse_header
+from jaxpipe.comm.message import DTYPES, MAGIC, ArraySpec, Kind, MsgKey, make_header, parse_header
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.errors import ConfigError, TransportError
 from jaxpipe.runtime.trace import TRACE
@@ -143,9 +143,17 @@ class ThreadedTransport(Transport):
         """Receiver thread: waits for the message, checks its header, returns it on the device."""
 
     @abstractmethod
+    def _payload_bytes(self, x: jax.Array) -> tuple[Any, Any]:
+        """Sender thread: (the bytes of `x` to put on the wire, what must stay alive with them),
+        once `x` has been computed (this waits for it)."""
+
     def stage_send(self, key: MsgKey, peer: int, x: jax.Array, dtype: str, codec: int) -> tuple[int, Any]:
         """Sender thread: waits for `x` (what `prepare_send` returned for a wire array of `dtype`,
-        encoded with codec number `codec`) and readies it for the wire; returns (bytes, state)."""
+        encoded with codec number `codec`) and readies it for the wire; returns (bytes, state), the
+        state (key, peer, header, payload, what keeps the payload alive) for `wire_send`."""
+        payload, keep = self._payload_bytes(x)
+        hdr = make_header(key, int(payload.nbytes), dtype, codec)
+        return int(payload.nbytes) + hdr.nbytes, (key, peer, hdr, payload, keep)
 
     @abstractmethod
     def wire_send(self, state: Any) -> Any:

@@ -12,7 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from jaxpipe.comm.codec import Codec
-from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey, make_header, tag
+from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey, tag
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.transport.base import ThreadedTransport, require_thread_multiple
 from jaxpipe.comm.transport.device import as_bytes_on_device, from_bytes_on_device, wire_view
@@ -40,7 +40,7 @@ class HostStagedMpi(ThreadedTransport):
     def _payload_to_array(self, payload: Any, spec: ArraySpec) -> jax.Array:
         return self._to_device(payload.view(jnp.dtype(spec.dtype)).reshape(spec.shape))
 
-    def _payload_of(self, x: jax.Array) -> tuple[Any, Any]:
+    def _payload_bytes(self, x: jax.Array) -> tuple[Any, Any]:
         """(byte view to send, what must stay alive with it), once `x` is computed."""
         buf = np.ascontiguousarray(np.asarray(x))  # Waits for the device copy; the GIL is released meanwhile.
         return buf.view(np.uint8).reshape(-1), buf
@@ -57,11 +57,6 @@ class HostStagedMpi(ThreadedTransport):
         self.check_header(key, peer, spec, hdr)
         r_pay.Wait()
         return self._payload_to_array(payload, spec)
-
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array, dtype: str, codec: int) -> tuple[int, Any]:
-        payload, keep = self._payload_of(x)
-        hdr = make_header(key, int(payload.nbytes), dtype, codec)
-        return int(payload.nbytes) + hdr.nbytes, (key, peer, hdr, payload, keep)
 
     def wire_send(self, state: Any) -> Any:
         key, peer, hdr, payload, _keep = state
@@ -111,5 +106,5 @@ class CudaAwareMpi(HostStagedMpi):
     def _payload_to_array(self, payload: Any, spec: ArraySpec) -> jax.Array:
         return from_bytes_on_device(payload, spec)
 
-    def _payload_of(self, x: jax.Array) -> tuple[Any, Any]:
+    def _payload_bytes(self, x: jax.Array) -> tuple[Any, Any]:
         return as_bytes_on_device(x)

@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from jaxpipe.comm import nccl as nccl_setup
 from jaxpipe.comm.codec import Codec
-from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey, make_header, tag
+from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey, tag
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.transport.base import ThreadedTransport, require_thread_multiple
 from jaxpipe.comm.transport.device import as_bytes_on_device, from_bytes_on_device, wait_stream, wire_view
@@ -26,7 +26,7 @@ class ReadyHandshake(ThreadedTransport):
     synchronisation on that GPU (buffer import or export, an allocation) while the peer waits for
     this rank in turn, which hangs schedules that send both ways at once (1F1B).
 
-    Subclasses provide the device side: `_alloc`, `_device_bytes`, `_to_array`, `_transfer_send`,
+    Subclasses provide the device side: `_alloc`, `_payload_bytes`, `_to_array`, `_transfer_send`,
     `_transfer_recv` (each transfer returns once complete)."""
 
     def __init__(self, comm: Any, stage: int, world_rank_of: Callable[[int], int],
@@ -37,10 +37,6 @@ class ReadyHandshake(ThreadedTransport):
 
     @abstractmethod
     def _alloc(self, link: tuple[int, int], nbytes: int) -> Any: ...
-
-    @abstractmethod
-    def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
-        """(byte buffer, what must stay alive with it) for `x`, once `x` has been computed."""
 
     @abstractmethod
     def _to_array(self, buf: Any, spec: ArraySpec) -> jax.Array: ...
@@ -64,11 +60,6 @@ class ReadyHandshake(ThreadedTransport):
         self.comm.Send([np.ones(1, np.int64), MPI.INT64_T], dest=peer, tag=tag(key, 1))  # ready
         self._transfer_recv(link, payload)
         return self._to_array(payload, spec)
-
-    def stage_send(self, key: MsgKey, peer: int, x: jax.Array, dtype: str, codec: int) -> tuple[int, Any]:
-        buf, keep = self._device_bytes(x)
-        hdr = make_header(key, int(buf.nbytes), dtype, codec)
-        return int(buf.nbytes) + hdr.nbytes, (key, peer, hdr, buf, keep)
 
     def wire_send(self, state: Any) -> Any:
         key, peer, hdr, buf, _keep = state  # `_keep` holds the source alive until the transfer is done.
@@ -129,7 +120,7 @@ class Nccl(ReadyHandshake):
     def prepare_send(self, x: jax.Array) -> jax.Array:
         return wire_view(x)
 
-    def _device_bytes(self, x: jax.Array) -> tuple[Any, Any]:
+    def _payload_bytes(self, x: jax.Array) -> tuple[Any, Any]:
         self._cupy.cuda.Device(0).use()
         return as_bytes_on_device(x)  # Waits for the compute that produced `x`.
 
