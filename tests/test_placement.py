@@ -33,7 +33,7 @@ from jaxpipe.plan import dtfm
 from jaxpipe.plan.cluster import DTFM_CASES, dtfm_scenario, resolve_cluster, two_region_cluster
 from jaxpipe.plan.grid import grid_to_layout, launch_grid, layout_to_grid
 from jaxpipe.plan.quality import QualityTable, parse_budget
-from jaxpipe.plan.search import ScheduleChoice, Workload, _links, evaluate, plan_layout
+from jaxpipe.plan.search import AlgoChoice, ScheduleChoice, Workload, _links, evaluate, plan_layout
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -176,9 +176,10 @@ def test_chain_and_ring_by_hand():
     # (worked through step by step in the test's history: each phase 4 s).
     ring = {(0, 1): Link(0.0, 8.0), (1, 2): Link(0.0, 4.0), (2, 0): Link(1.0, 8.0)}
     assert ring_average_ends(3.0, [0.0] * 3, lambda a, b: ring[(a, b)]) == pytest.approx([8.0, 8.0, 8.0])
-    # With one link everywhere both are the single-link model's formulas.
+    # With one link everywhere both are the single-link model's formulas (members dividing the buffer's 2048
+    # rows: otherwise the exchange pads them to a multiple of the members, which dp_sync_s counts).
     link = Link(0.1, 8 * 2**20)
-    for mode, n in [("central_ps", 2), ("central_ps", 5), ("sharded_ps", 4), ("allreduce", 3)]:
+    for mode, n in [("central_ps", 2), ("central_ps", 8), ("sharded_ps", 4), ("allreduce", 4)]:
         ends = dp_average_ends(mode, 8 * 2**20, [1.0] * n, lambda a, b: link)
         assert max(ends) - 1.0 == pytest.approx(dp_sync_s(mode, n, 8 * 2**20, link))
 
@@ -190,7 +191,7 @@ def test_layout_prediction_on_a_uniform_cluster_is_the_single_pipeline_model():
     ref = plan(cfg, links=lambda a, b: (Link.of(10, 1), True))
     cluster = uniform_cluster(8, 10.0, 1.0)
     work = Workload(cfg, 4, 2, 1, 1, "gpu", 1.0)
-    got = evaluate(cluster, work, launch_grid(4, 2), ScheduleChoice("gpipe"), "central_ps", "float32",
+    got = evaluate(cluster, work, launch_grid(4, 2), ScheduleChoice("gpipe"), AlgoChoice("central_ps"), "float32",
                    _links(cluster, 0.0), {})
     assert got.iteration_s == pytest.approx(ref.iteration_s, rel=1e-9)
     assert got.prediction.bound == ref.bound
