@@ -42,7 +42,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndarray, np
     from jaxpipe.model.layout import init_stage_params
     from jaxpipe.train.optimizer import make_adamw
 
-    cfg = load_config(args.config, [*args.set, f"train.steps={args.steps}", f"train.decay_steps={args.steps}",
+    cfg = load_config(args.config or None, [*args.set, f"train.steps={args.steps}", f"train.decay_steps={args.steps}",
                                     "parallel.pp=1", "parallel.dp=1"])
     m = cfg.model
     model = StageModel(m, n_layers=m.n_layer, first=True, last=True)
@@ -144,13 +144,14 @@ def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[f
         k += n
         if k % args.eval_every == 0 or k == args.steps or (k // args.eval_every) != ((k - n) // args.eval_every):
             evals[k] = np.asarray(evaluate_c(outer)).tolist()
-    tl = np.concatenate(train, axis=0)[-100:].mean(axis=0)
+    curve = np.concatenate(train, axis=0)  # [steps, configs]: the replicas' mean training loss per step
+    tl = curve[-100:].mean(axis=0)
     out = []
     for c, (lr, mu) in enumerate(grid):
         final = evals[args.steps][c]
         out.append({"run": "diloco", "M": M, "H": H, "outer_lr": lr, "outer_momentum": mu, "warmup": warmup,
                     "val": {k: v[c] for k, v in evals.items()}, "final": final, "train_last100": float(tl[c]),
-                    "vs_exact_pct": 100.0 * (final / exact_final - 1.0)})
+                    "vs_exact_pct": 100.0 * (final / exact_final - 1.0), "train_losses": curve[:, c].tolist()})
     return out
 
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             row["elapsed_s"] = round(time.time() - t0, 1)
             f.write(json.dumps(row) + "\n")
             f.flush()
-            print(json.dumps({k: row[k] for k in row if k != "val"}), flush=True)
+            print(json.dumps({k: row[k] for k in row if k not in ("val", "train_losses")}), flush=True)
         exact, kept = run_exact(args, ctx, {w for w in args.warmup if w > 0})
         emit(exact)
         for w in args.warmup:
