@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 from jaxpipe.runtime import launch
 from jaxpipe.runtime.launch import Finished, mpiexec_command
 
 REPO = Path(__file__).resolve().parent.parent
+TINY_JOB_STEPS = 30
+# The multi-rank tests' one model and training shape (tests that launch share their compiled programs
+# through the persistent cache): small enough to run in seconds, deep enough for uneven 4-stage
+# partitions and 2 chunks per rank.
+MODEL = ["model.n_layer=8", "model.d_model=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=128"]
+# Adam's eps is raised from 1e-8 so that gradients that are zero in exact arithmetic (the attention
+# key bias: softmax ignores a per-row constant) but rounding noise in practice do not become ±lr steps.
+TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3", "train.warmup_steps=1",
+         "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4"]
+
+
+def sets(items: list[str]) -> list[str]:
+    """`--set` before every override, as the command line takes them."""
+    return [a for item in items for a in ("--set", item)]
+  # the steps of the shared default-job launch (tests/conftest.py `tiny_job`)
 
 
 def mpiexec() -> list[str]:
@@ -62,3 +80,24 @@ def _merged(extra: dict[str, str] | None) -> dict[str, str]:
     env = {**test_env(), **(extra or {})}
     env["XLA_FLAGS"] = with_test_flags(env.get("XLA_FLAGS"))
     return env
+
+
+def shared_dir(tmp_path_factory: Any) -> Path:
+    """A directory every test process of this pytest run shares: pytest-xdist's workers each get their
+    own base temporary directory, inside one that is common to them."""
+    base = Path(tmp_path_factory.getbasetemp())
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def launch_once(tmp_path_factory: Any, name: str, launch: Callable[[Path], Finished]) -> tuple[Finished, Path]:
+    """`launch(out)` once per pytest run, whichever test (in whichever xdist worker) asks first; the
+    others wait for it and read what it left in `out` (its exit status and output saved beside it)."""
+    root = shared_dir(tmp_path_factory)
+    out, saved = root / name, root / f"{name}.run.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.exists():
+            out.mkdir(exist_ok=True)
+            run = launch(out)
+            saved.write_text(json.dumps({"returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr}))
+    return Finished(**json.loads(saved.read_text())), out

@@ -7,37 +7,28 @@ import json
 
 import numpy as np
 import pytest
-from mpi_util import run_mpi
+from mpi_util import MODEL, TRAIN, run_mpi, sets
 
 pytestmark = pytest.mark.mpi
 
-MODEL = ["model.n_layer=4", "model.d_model=32", "model.n_head=2", "model.seq_len=16", "model.vocab_size=64"]
 # H = 3: the checkpoint after step 2 falls inside the first inner phase (the stages' offsets 0 and 1 with
 # staggering: stage 1 syncs after steps 2 and 5, stage 0 after 3 and 5), int8 with error feedback.
-RUN = [*MODEL, "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=5", "train.warmup_steps=1",
-       "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4", "parallel.pp=2", "parallel.dp=2",
+# The multi-rank tests' shared model and batch (tests/mpi_util.py), 5 steps, PP=2 x DP=2.
+RUN = [*MODEL, *TRAIN, "train.steps=5", "parallel.pp=2", "parallel.dp=2",
        "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=3", "parallel.diloco_stagger=true",
        "parallel.diloco_exchange=sharded_ps", "parallel.grad_codec=int8", "train.checkpoint_every=2"]
 
 
-def sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
-def dump(out, ckpt, extra=(), resume=None):
-    args = ["tests/mpi_train_dump.py", "--out", str(out), *sets([*RUN, f"train.checkpoint_dir={ckpt}", *extra])]
-    return run_mpi(4, args + (["--resume", str(resume)] if resume else []), timeout=400)
-
-
 def test_diloco_resume_mid_inner_phase_is_exact(tmp_path):
-    run = dump(tmp_path / "straight", tmp_path / "a")
-    assert run.returncode == 0, run.stderr[-5000:]
     step2 = tmp_path / "a" / "step_00000002"
+    # One launch: the straight run, then the run resumed from its step-2 checkpoint.
+    cases = {"straight": {"set": [*RUN, f"train.checkpoint_dir={tmp_path / 'a'}"]},
+             "resumed": {"set": [*RUN, f"train.checkpoint_dir={tmp_path / 'b'}"], "resume": str(step2)}}
+    run = run_mpi(4, ["tests/mpi_train_dump.py", "--out", str(tmp_path), "--cases", json.dumps(cases)], timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
     assert (step2 / "replicas" / "1" / "layer_0").is_dir()  # replica 1's own parameters and AdamW state
     assert sorted(f.name for f in (step2 / "dp").iterdir()) == [
         f"stage{s}_replica{r}.npz" for s in range(2) for r in range(2)]
-    resumed = dump(tmp_path / "resumed", tmp_path / "b", resume=step2)
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
     straight = json.loads((tmp_path / "straight" / "result.json").read_text())
     again = json.loads((tmp_path / "resumed" / "result.json").read_text())
     assert again["losses"] == straight["losses"][2:]  # exact float equality

@@ -32,9 +32,8 @@ from float16_checks import (
     load_case,
     scale_events,
 )
-from mpi_util import REPO, run_mpi
+from mpi_util import MODEL, REPO, TRAIN, launch_once, run_mpi
 from reference import reference_diloco, reference_train
-from test_mpi import MODEL, TRAIN
 
 from jaxpipe.comm.codec import BFloat16, Codec, Delta, DeltaStore, Float8E4M3, Float8E5M2, Identity, Int4, Int8
 from jaxpipe.config import ParallelConfig, TrainConfig, load_config
@@ -166,14 +165,11 @@ def reference(extra: tuple[str, ...], skip: frozenset[int] = frozenset()):
     return reference_train(cfg_of(list(extra)), skip=skip, record=record), record
 
 
-_runs: dict[int, tuple] = {}
+def launch(n: int, tmp_path_factory):
+    """One launch per world size trains every case of that size, once per pytest run (the first test to
+    ask pays)."""
 
-
-def launch(n: int, tmp_root: Path):
-    """One launch per world size trains every case of that size (the first test to ask pays)."""
-    if n not in _runs:
-        out = tmp_root / f"float16_{n}"
-        out.mkdir()
+    def start(out: Path):
         env = None
         if n == 2:
             ckpt = out / "ckpt"
@@ -190,10 +186,10 @@ def launch(n: int, tmp_root: Path):
             cases |= {f"pp2xdp2_diloco_{ex}": {"set": MODEL + TRAIN + PP2XDP2 + OVERFLOW + diloco_set(ex)}
                       for ex in FLOAT16_DILOCO}
             env = {faults.ENV: f"nan@step={DP_FAULT_STEP},stage=1,replica=1"}
-        run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)],
-                      timeout=900, env=env)
-        _runs[n] = (run, out)
-    run, out = _runs[n]
+        return run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)],
+                       timeout=900, env=env)
+
+    run, out = launch_once(tmp_path_factory, f"float16_{n}", start)
     assert run.returncode == 0, run.stderr[-20000:]
     return out
 
@@ -205,7 +201,7 @@ def launch(n: int, tmp_root: Path):
 def test_float16_pipeline_equals_single_process(tmp_path_factory):
     """PP=2 in float16, 3 steps at the default loss scale: the float16 single-process reference's
     losses, gradient norms and parameters (to float16's rounding, see the module's docstring)."""
-    out = launch(2, tmp_path_factory.getbasetemp())
+    out = launch(2, tmp_path_factory)
     ref, record = reference(tuple(F16))
     assert record["skipped"] == [] and record["scales"] == [65536.0] * 3
     assert_float16_run(out / "pp2", ref, record, LOSS_RTOL, NORM_RTOL, PARAM_ATOL)
@@ -220,7 +216,7 @@ def test_overflow_skips_halves_recovers_and_grows(tmp_path_factory):
     """A loss scale far too high: float16 gradients overflow for real, every rank skips the same steps
     and keeps the same scale as the single process that applies the same rule (its own overflows), and
     the parameters are those of a run that never took the skipped steps."""
-    out = launch(2, tmp_path_factory.getbasetemp())
+    out = launch(2, tmp_path_factory)
     ref, record = reference(tuple(OVERFLOW))
     assert {"skip", "halve", "recover", "grow"} <= scale_events(record["scales"], record["skipped"]), record
     assert_float16_run(out / "pp2_overflow", ref, record, LOSS_RTOL, NORM_RTOL, PARAM_ATOL)
@@ -238,7 +234,7 @@ def test_overflow_skips_halves_recovers_and_grows(tmp_path_factory):
 def test_float16_resume_is_bit_identical(tmp_path_factory):
     """The overflow run stopped after step 5 and resumed: the checkpoint holds the loss scale and its
     good-step count, and steps 6-8 (losses, skips, scales, parameters) are the uninterrupted run's bits."""
-    out = launch(2, tmp_path_factory.getbasetemp())
+    out = launch(2, tmp_path_factory)
     _, record = reference(tuple(OVERFLOW))
     state = checkpoint.read_state(out / "ckpt" / f"step_{RESUME_AFTER:08d}")
     assert state["loss_scale"]["dynamic"] and state["loss_scale"]["scale"] == record["scales"][RESUME_AFTER]
@@ -322,7 +318,7 @@ def test_codec_check_catches_a_codec_that_hides_an_overflow():
 def test_choice_trains_float16(tmp_path_factory, name):
     """PP=2 x DP=2 in float16 through real overflows, and a NaN on one replica's gradients in step 5:
     all four ranks skip the reference's overflows and step 5, keep its scale, and end with its parameters."""
-    out = launch(4, tmp_path_factory.getbasetemp())
+    out = launch(4, tmp_path_factory)
     ref, record = reference(tuple(OVERFLOW), frozenset({DP_FAULT_STEP - 1}))
     assert DP_FAULT_STEP - 1 not in reference(tuple(OVERFLOW))[1]["skipped"]  # the NaN is what skips step 5
     _, loss_rtol, norm_rtol, param_atol, replicas_equal = FLOAT16_RUNS[name]
@@ -335,7 +331,7 @@ def test_diloco_trains_float16(tmp_path_factory, exchange):
     """DiLoCo (H = 3) at PP=2 x DP=2 in float16 through real overflows and the NaN on replica 1 in step 5:
     each replica skips its own steps with its own loss scale (reference_diloco's), and after the last
     outer step every copy of a parameter is the reference's one model."""
-    out = launch(4, tmp_path_factory.getbasetemp())
+    out = launch(4, tmp_path_factory)
     cfg = cfg_of(PP2XDP2 + OVERFLOW + diloco_set(exchange))
     record: dict = {}
     losses, norms, replicas = reference_diloco(cfg, [range(0, 4), range(4, 8)],
@@ -372,5 +368,5 @@ def test_docs_float16_lines_are_what_the_code_does(tmp_path_factory):
     assert "a float32 product of the float16 values, rounded to float16" in prose and f16_dot_is_float32_rounded()
     examples = [line for line in section.splitlines() if "| skipped:" in line]
     assert examples and all(re.fullmatch(SKIP_LINE, line) for line in examples), examples
-    log = (launch(2, tmp_path_factory.getbasetemp()) / "pp2_overflow" / "log.txt").read_text()
+    log = (launch(2, tmp_path_factory) / "pp2_overflow" / "log.txt").read_text()
     assert any(re.fullmatch(SKIP_LINE, line) for line in log.splitlines()), log

@@ -4,11 +4,10 @@ import json
 import socket
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from mpi_util import run_mpi
+from mpi_util import MODEL, TRAIN, launch_once, run_mpi, sets
 from reference import reference_diloco, reference_train
 
 from jaxpipe.comm.codec import wire_nbytes
@@ -17,18 +16,6 @@ from jaxpipe.config import load_config
 from jaxpipe.runtime import hostcheck
 
 pytestmark = pytest.mark.mpi
-
-# Small enough to run in seconds, deep enough for uneven 4-stage partitions and 2 chunks per rank.
-MODEL = ["model.n_layer=8", "model.d_model=64", "model.n_head=4", "model.seq_len=32", "model.vocab_size=128"]
-# Adam's eps is raised from 1e-8 so that gradients that are zero in exact arithmetic (the attention
-# key bias: softmax ignores a per-row constant) but rounding noise in practice do not become ±lr steps.
-TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3", "train.warmup_steps=1",
-         "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4"]
-
-
-def sets(items):
-    return [a for item in items for a in ("--set", item)]
-
 
 @cache
 def reference():
@@ -107,26 +94,21 @@ DP_CASES = {
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
+# Other runs trained in the same launches, each checked by its own test below.
+CHECKED_APART = {2: {"pp2_tied_bfloat16": ["parallel.pp=2", "parallel.tied_grad_dtype=bfloat16"]}}
 ENV = {2: {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
-_runs: dict[int, Any] = {}
-
-
-def group_run(n: int, tmp_root: Path):
-    """One launch trains every layout of the group (the first test of a group pays for it)."""
-    if n not in _runs:
-        cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE, "nccl_dp": name in NCCL_DP}
-                 for name, extra in {**GROUPS[n], **DP_CASES.get(n, {})}.items()}
-        out = tmp_root / f"group{n}"
-        out.mkdir()
-        run = run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)],
-                      timeout=1200, env=ENV.get(n))
-        _runs[n] = (run, out)
-    return _runs[n]
+def group_run(n: int, tmp_path_factory):
+    """One launch trains every layout of the group, once per pytest run (the first test to ask pays;
+    tests/test_survival.py reads group 4's too)."""
+    cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE, "nccl_dp": name in NCCL_DP}
+             for name, extra in {**GROUPS[n], **DP_CASES.get(n, {}), **CHECKED_APART.get(n, {})}.items()}
+    return launch_once(tmp_path_factory, f"group{n}", lambda out: run_mpi(
+        n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)], timeout=1200, env=ENV.get(n)))
 
 
 @pytest.mark.parametrize(("n", "layout"), [(n, name) for n, group in GROUPS.items() for name in group])
 def test_pipeline_equals_single_process(tmp_path_factory, n, layout):
-    run, out = group_run(n, tmp_path_factory.getbasetemp())
+    run, out = group_run(n, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, ref_norms, ref_params = reference()
     case = out / layout
@@ -151,30 +133,28 @@ def test_pipeline_equals_single_process(tmp_path_factory, n, layout):
         np.testing.assert_array_equal(wte, got["embed/wte"])
 
 
-def test_bfloat16_tied_gradient_exchange(tmp_path):
+def test_bfloat16_tied_gradient_exchange(tmp_path_factory):
     """The tied embedding's gradient crosses the wire in bfloat16: both copies of `wte` must still
     be bit-identical, and training must stay close to (but, being rounded, not equal to) float32."""
-    run = run_mpi(2, ["tests/mpi_train_dump.py", "--out", str(tmp_path),
-                      *sets(MODEL + TRAIN + ["parallel.pp=2", "parallel.tied_grad_dtype=bfloat16"])])
-    assert run.returncode == 0, run.stderr
+    run, out = group_run(2, tmp_path_factory)
+    assert run.returncode == 0, run.stderr[-20000:]
+    case = out / "pp2_tied_bfloat16"
     ref_losses, _, ref_params = reference()
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((case / "result.json").read_text())
     assert result["losses"][0] == pytest.approx(ref_losses[0], rel=2e-6)  # same parameters at step 1
     np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-3)
-    first, last = (dict(np.load(f)) for f in sorted(tmp_path.glob("rank*.npz")))
+    first, last = (dict(np.load(f)) for f in sorted(case.glob("rank*.npz")))
     np.testing.assert_array_equal(last["head/wte"], first["embed/wte"])
     diff = np.abs(first["embed/wte"] - ref_params["embed/wte"])
     assert 0 < diff.max() < 1e-3
 
 
-def test_tiny_job_learns(tmp_path):
-    metrics = tmp_path / "metrics.jsonl"
-    run = run_mpi(4, ["-m", "jaxpipe", "train", "--set", "train.steps=30", "--metrics-out", str(metrics)])
-    assert run.returncode == 0, run.stderr
+def test_tiny_job_learns(tiny_job):
+    tmp, run = tiny_job  # the README's default job, 30 steps (tests/conftest.py)
     lines = run.stdout.splitlines()
     assert lines[0].startswith("jaxpipe 0.1.0: 4 ranks = PP 4 x DP 1 | schedule gpipe")
     assert sum(1 for line in lines if line.startswith("step ")) == 30  # only global rank 0 reports
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp / "m.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert {"step", "loss", "iter_time_s", "tokens_per_s"} <= rows[0].keys()
     first, last = rows[0]["loss"], rows[-1]["loss"]
@@ -244,10 +224,22 @@ def test_bad_input_fails_on_every_rank(case):
                         "same parallel.act_codec and parallel.act_grad_codec"),
     ],
 )
-def test_transport_checks_every_message(mode, expected):
-    run = run_mpi(2, ["tests/mpi_transport_check.py", mode], timeout=120)
-    out = run.stderr if mode == "deadline" else run.stdout  # The deadline case aborts, printing to stderr.
-    assert expected in out, run.stdout + run.stderr
+def test_transport_checks_every_message(tmp_path_factory, mode, expected):
+    if mode == "deadline":  # It aborts the job, printing to stderr: a launch of its own.
+        run = run_mpi(2, ["tests/mpi_transport_check.py", mode], timeout=120)
+        assert expected in run.stderr, run.stdout + run.stderr
+        return
+    run = _transport_checks(tmp_path_factory)
+    assert run.returncode == 0, run.stdout + run.stderr
+    outcome = run.stdout.split(f"MODE {mode}\n")[1].split("MODE ")[0]  # what the receiver printed
+    assert expected in outcome, run.stdout + run.stderr
+
+
+def _transport_checks(tmp_path_factory):
+    """Every mode but `deadline`, in one launch (each on its own communicator)."""
+    modes = ["match", "wrong_shape", "wrong_dtype", "wrong_microbatch", "bad_magic", "wrong_step", "wrong_codec"]
+    return launch_once(tmp_path_factory, "transport_checks",
+                       lambda _: run_mpi(2, ["tests/mpi_transport_check.py", *modes], timeout=180))[0]
 
 
 def _rank_params(case: Path) -> list[dict[str, np.ndarray]]:
@@ -274,7 +266,7 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
     (each end averages its own part of the tied gradient before the sum), training stays within the
     quantisation's reach of float32, and the NCCL collectives' protocol (CPU stand-in: device arrays
     only, blocking collectives and grouped point-to-point) computes exactly what MPI computes."""
-    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, _, ref_params = reference()
     result = json.loads((out / "pp2xdp2_sharded_ps_int8" / "result.json").read_text())
@@ -292,7 +284,7 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
 @pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated",
                                   "pp2xdp2_streaming_diloco"])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
-    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
     cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
     losses, norms, replicas = reference_diloco(cfg, [range(0, 4), range(4, 8)])
@@ -378,7 +370,7 @@ def _case_params(case: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
 
 @pytest.mark.parametrize(("pp", "name"), [(pp, name) for pp in (2, 4) for name in CODECS])
 def test_codec_pipeline_equals_reference(tmp_path_factory, pp, name):
-    run, out = group_run(pp, tmp_path_factory.getbasetemp())
+    run, out = group_run(pp, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, ref_norms, ref_params = codec_reference(pp, name)
     case = out / f"pp{pp}_codec_{name}"

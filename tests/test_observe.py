@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import REPO, mpiexec, run_mpi
+from mpi_util import REPO, TINY_JOB_STEPS, mpiexec
 from mpi_util import test_env as mpi_env
 
 from jaxpipe.cli import _parser
@@ -159,13 +159,9 @@ def test_one_step_run_on_a_terminal_shows_the_progress_line():
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("traced")
-    run = run_mpi(4, ["-m", "jaxpipe", "train", "--set", "train.steps=2", "parallel.pp=4", "--trace",
-                      str(tmp / "trace"), "--tensorboard", str(tmp / "tb"), "--metrics-out", str(tmp / "m.jsonl")],
-                  timeout=600)
-    assert run.returncode == 0, run.stderr[-20000:]
-    return tmp, run
+def traced(tiny_job):
+    """The README's default job, 30 steps, its last two traced (tests/conftest.py)."""
+    return tiny_job
 
 
 @pytest.mark.mpi
@@ -174,9 +170,8 @@ def test_plain_lines_when_stdout_is_not_a_terminal(traced):
     assert "\x1b[" not in run.stdout and "\r" not in run.stdout  # no progress bar into a pipe
     lines = run.stdout.splitlines()
     assert lines[0].startswith("jaxpipe 0.1.0: 4 ranks = PP 4 x DP 1")
-    assert lines[0].endswith("| warm-up clipped from 2 to 1 (train.steps=2)")
     steps = [line for line in lines if line.startswith("step ")]
-    assert len(steps) == 2 and all(" TFLOP/s/device | mem " in line for line in steps)
+    assert len(steps) == TINY_JOB_STEPS and all(" TFLOP/s/device | mem " in line for line in steps)
     assert "peak memory per stage (GiB, process RSS): " in lines[-1] and "n/a" not in lines[-1]
 
 
@@ -196,11 +191,11 @@ def test_trace_merges_with_every_rank_and_matching_flows(traced):
         f = ends[i]
         assert abs(f["pid"] - s["pid"]) == 1 and f["ts"] > s["ts"], (s, f)
     # Every rank's computations of a traced step are the schedule's: GPipe's F and B, the last stage's L.
-    step2 = [e for e in events if e.get("cat") == "compute" and e["args"]["step"] == 2]
+    last = [e for e in events if e.get("cat") == "compute" and e["args"]["step"] == TINY_JOB_STEPS]
     for r, actions in enumerate(lowered.ranks):
         want = sorted((a.op.value, a.microbatch) for a in actions if not a.op.is_comm)
-        assert sorted((e["name"], e["args"]["microbatch"]) for e in step2 if e["pid"] == r) == want
-    phases = {e["name"] for e in events if e.get("cat") == "phase" and e["args"].get("step") == 2}
+        assert sorted((e["name"], e["args"]["microbatch"]) for e in last if e["pid"] == r) == want
+    phases = {e["name"] for e in events if e.get("cat") == "phase" and e["args"].get("step") == TINY_JOB_STEPS}
     assert {"barrier", "pipeline", "tied embedding sum", "data-parallel sync", "gradient norm", "norm exchange",
             "optimizer update", "loss sum"} <= phases
     assert trace_files.message_latencies([events], kinds="F") and trace_files.step_mark(events, "pipeline") > 0
@@ -212,7 +207,7 @@ def test_trace_plot_writes_the_gantt_picture(traced):
     path, verdict = trace_files.plot(tmp / "trace", tmp / "timeline.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
     metrics = [json.loads(line) for line in (tmp / "m.jsonl").read_text().splitlines()]
-    assert verdict.step == 2 and verdict.iteration_s == pytest.approx(metrics[1]["iter_time_s"])
+    assert verdict.step == TINY_JOB_STEPS and verdict.iteration_s == pytest.approx(metrics[-1]["iter_time_s"])
     assert verdict.bound_s is not None and verdict.bound_s > 0 and verdict.bound in (
         "compute", "pipeline bubble", "link", "synchronisation")
     r = subprocess.run([sys.executable, "tools/timeline.py", str(tmp / "trace")], cwd=REPO, capture_output=True,
@@ -234,10 +229,10 @@ def test_tensorboard_events_hold_the_logged_values(traced):
                      ("perf/tokens_per_s", "tokens_per_s"), ("perf/iter_time_s", "iter_time_s"),
                      ("comm/dp_bytes", "dp_bytes")]:
         got = events.Scalars(tag)
-        assert [e.step for e in got] == [1, 2], tag
+        assert [e.step for e in got] == list(range(1, TINY_JOB_STEPS + 1)), tag
         np.testing.assert_allclose([e.value for e in got], [m[key] for m in metrics], rtol=1e-6, err_msg=tag)
     # 48 messages per step of 2 x 128 x 128 float32 activations (or their gradients), one pipeline.
-    assert [e.value for e in events.Scalars("comm/pipeline_bytes")] == [48 * 2 * 128 * 128 * 4] * 2
+    assert [e.value for e in events.Scalars("comm/pipeline_bytes")] == [48 * 2 * 128 * 128 * 4] * TINY_JOB_STEPS
     assert "perf/tflops_per_device" in events.Tags()["scalars"]
     assert "perf/mfu" not in events.Tags()["scalars"]  # CPU: no known peak
     assert Path(tmp / "tb").is_dir()

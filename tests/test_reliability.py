@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import REPO, mpiexec, run_mpi
+from mpi_util import MODEL, REPO, TRAIN, mpiexec, run_mpi, sets
 from mpi_util import test_env as mpi_env
 from reference import reference_train
-from test_mpi import MODEL, TRAIN  # the small job of tests/test_mpi.py (its compilations are cached)
 from test_mpi import reference as unskipped_reference  # cached: test_mpi computes it too
 
 from jaxpipe.config import ModelConfig, TrainConfig, load_config
@@ -35,10 +34,6 @@ from jaxpipe.train.optimizer import LossScaler, Optimizer
 
 PP2 = ["parallel.pp=2", "parallel.dp=1"]
 ENDS_WITHIN_S = 30
-
-
-def sets(items):
-    return [a for item in items for a in ("--set", item)]
 
 
 def _tagged_pids(tag: str) -> list[int]:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import REPO, mpiexec
+from mpi_util import MODEL, REPO, TRAIN, mpiexec, sets
 from mpi_util import test_env as mpi_env
-from test_mpi import MODEL, TRAIN, group_run, reference
-from test_reliability import ENDS_WITHIN_S, faulty_job, sets
+from test_mpi import group_run, reference
+from test_reliability import ENDS_WITHIN_S, faulty_job
 
 from jaxpipe.cli import main
 from jaxpipe.config import load_config
@@ -114,7 +114,7 @@ def metrics(path: Path) -> dict[int, float]:
 
 def uninterrupted(tmp_path_factory) -> tuple[list[float], dict[str, np.ndarray]]:
     """Losses and final parameters of test_mpi's uninterrupted PP=2 x DP=2 run (3 steps)."""
-    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-5000:]
     case = out / "pp2xdp2_central_ps"
     params: dict[str, np.ndarray] = {}

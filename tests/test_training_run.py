@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mpi_util import REPO, run_mpi
+from mpi_util import REPO, launch_once, run_mpi
 from mpi_util import test_env as mpi_env
 from test_prepare import corpus_files
 
@@ -58,12 +58,17 @@ def train(n, data, ckpt_dir, out, extra=(), resume=None):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """PP=2, 4 steps uninterrupted: checkpoints after steps 2 and 4, validation after both."""
-    tmp = tmp_path_factory.mktemp("run")
-    data = tmp / "data"
-    prepare_data(corpus_files(tmp), data, vocab_size=300, log=lambda s: None)
-    run = train(2, data, tmp / "ckpt", tmp / "metrics.jsonl", ["parallel.pp=2", "parallel.schedule=1f1b"])
-    return {"tmp": tmp, "data": data, "ckpt": tmp / "ckpt", "run": run, "metrics": metrics(tmp / "metrics.jsonl")}
+    """PP=2, 4 steps uninterrupted: checkpoints after steps 2 and 4, validation after both (once per
+    pytest run, whichever test asks first)."""
+
+    def start(tmp):
+        prepare_data(corpus_files(tmp), tmp / "data", vocab_size=300, log=lambda s: None)
+        return train(2, tmp / "data", tmp / "ckpt", tmp / "metrics.jsonl", ["parallel.pp=2", "parallel.schedule=1f1b"])
+
+    run, tmp = launch_once(tmp_path_factory, "training_run", start)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return {"tmp": tmp, "data": tmp / "data", "ckpt": tmp / "ckpt", "run": run,
+            "metrics": metrics(tmp / "metrics.jsonl")}
 
 
 def test_run_logs_evaluates_and_checkpoints(straight):
