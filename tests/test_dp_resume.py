@@ -55,27 +55,23 @@ def test_diloco_resume_mid_inner_phase_is_exact(tmp_path):
 
 
 # Streaming DiLoCo, H = 4, two fragments, each exchange merged two steps after it starts: fragment 0 (the
-# embeddings, layers 0 and 2) starts after step 4 and merges after step 6, so the checkpoint after step 5
+# embeddings, the even layers) starts after step 4 and merges after step 6, so the checkpoint after step 5
 # is taken with its exchange in flight (the first stage's int8 rows of `wte` owed to the LM head's end).
-STREAM = [*MODEL, "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=7", "train.warmup_steps=1",
-          "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4", "parallel.pp=2", "parallel.dp=2",
+STREAM = [*MODEL, *TRAIN, "train.steps=7", "parallel.pp=2", "parallel.dp=2",
           "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4", "parallel.diloco_fragments=2",
           "parallel.diloco_overlap_steps=2", "parallel.grad_codec=int8", "train.checkpoint_every=5"]
 
 
 def test_streaming_diloco_resume_with_an_exchange_in_flight_is_exact(tmp_path):
-    def run(out, ckpt, resume=None):
-        args = ["tests/mpi_train_dump.py", "--out", str(out), *sets([*STREAM, f"train.checkpoint_dir={ckpt}"])]
-        return run_mpi(4, args + (["--resume", str(resume)] if resume else []), timeout=400)
-
-    straight = run(tmp_path / "straight", tmp_path / "a")
-    assert straight.returncode == 0, straight.stderr[-5000:]
     step5 = tmp_path / "a" / "step_00000005"
+    # One launch: the straight run, then the run resumed from its step-5 checkpoint.
+    cases = {"straight": {"set": [*STREAM, f"train.checkpoint_dir={tmp_path / 'a'}"]},
+             "resumed": {"set": [*STREAM, f"train.checkpoint_dir={tmp_path / 'b'}"], "resume": str(step5)}}
+    run = run_mpi(4, ["tests/mpi_train_dump.py", "--out", str(tmp_path), "--cases", json.dumps(cases)], timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
     saved = np.load(step5 / "dp" / "stage0_replica0.npz")
     assert int(saved["pending0_at"]) == 6 and "pending1_at" not in saved.files  # fragment 0 was in flight
     assert int(np.load(step5 / "dp" / "stage1_replica0.npz")["owed_at"]) == 6  # the head's wte rows, received
-    resumed = run(tmp_path / "resumed", tmp_path / "b", resume=step5)
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
     a = json.loads((tmp_path / "straight" / "result.json").read_text())
     b = json.loads((tmp_path / "resumed" / "result.json").read_text())
     assert b["losses"] == a["losses"][5:] and b["grad_norms"] == a["grad_norms"][5:]  # exact

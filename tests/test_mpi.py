@@ -496,7 +496,7 @@ def test_traffic_description_equals_the_bytes_the_run_reports(tmp_path_factory, 
     from jaxpipe.model.layout import stage_param_counts
     from jaxpipe.registry import DP_ALGORITHMS
 
-    run, out = group_run(4, tmp_path_factory.getbasetemp())
+    run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
     cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
     p, m = cfg.parallel, cfg.model
