@@ -412,14 +412,21 @@ def _add_placement_args(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--objective", choices=["jaxpipe", "dtfm"], default="jaxpipe",
                       help="with --cluster: anneal layouts on jaxpipe's cost model (default) or on DT-FM's")
     plan.add_argument("--seed", type=int, default=0, help="with --cluster: the search's random seed")
+    plan.add_argument("--max-loss-increase", metavar="X%", help="with --cluster: lossy choices (DiLoCo, codecs) the "
+                      "search may make, priced from the measured quality table, adding at most X%% to the loss "
+                      "(default: none; keys given with --set are kept as set)")
+    plan.add_argument("--quality-table", metavar="FILE", help="with --cluster: the quality table to price lossy "
+                      "choices with (default: the one shipped, jaxpipe/plan/quality.yaml)")
 
 
 def _cmd_plan_cluster(args: argparse.Namespace) -> None:
     import json
 
     from jaxpipe.comm.topology import write_placement
+    from jaxpipe.config import parse_override
     from jaxpipe.plan.cluster import resolve_cluster
     from jaxpipe.plan.dtfm import ANCHOR_SIZES
+    from jaxpipe.plan.quality import QualityTable, parse_budget
     from jaxpipe.plan.search import format_plan, plan_layout
     from jaxpipe.train.finetune import load_config
 
@@ -427,9 +434,12 @@ def _cmd_plan_cluster(args: argparse.Namespace) -> None:
     cluster = resolve_cluster(args.cluster, args.shuffle_seed)
     times = _stage_times(args, cfg)
     log = None if args.json else (lambda line: print(line, flush=True))
+    pinned = {parse_override(o)[0] for o in args.overrides}  # what the user set is never changed
+    table = QualityTable.load(args.quality_table) if args.quality_table else None
     res = plan_layout(cluster, cfg, search=[w.strip() for w in args.search.split(",") if w.strip()],
                       time_budget_s=args.time_budget, seed=args.seed, platform=args.platform, stage_times=times,
-                      objective=args.objective, dtfm_sizes=ANCHOR_SIZES, log=log)
+                      objective=args.objective, dtfm_sizes=ANCHOR_SIZES, log=log, pinned=pinned,
+                      max_loss_increase=parse_budget(args.max_loss_increase), quality=table)
     if args.placement_out:
         s = res.best.settings
         write_placement(args.placement_out, res.layout, s.pp, s.dp, hosts=list(cluster.hosts),

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxpipe.errors import ConfigError
-from jaxpipe.registry import ACT_CODECS, GRAD_CODECS, SCHEDULES, Registry
+from jaxpipe.registry import ACT_CODECS, DP_ALGORITHMS, GRAD_CODECS, SCHEDULES, Registry
 
 # name: (n_layer, d_model, n_head). GPT-3 paper, Table 2.1; XL uses 16 heads as in the original
 # system (24 does not divide 2048), 13B uses d_model 5120 (the paper's 5140 is not divisible by 40 heads).
@@ -104,7 +104,9 @@ class ParallelConfig:
     schedule: str = "gpipe"
     # Model chunks per pipeline rank: the layers are cut into pp × virtual_stages chunks.
     virtual_stages: int = 1
-    dp_mode: Literal["central_ps", "sharded_ps", "allreduce", "diloco"] = "central_ps"
+    # A DP algorithm of jaxpipe.registry.DP_ALGORITHMS (jaxpipe.dp.algorithms): central_ps, sharded_ps,
+    # allreduce, diloco.
+    dp_mode: str = "central_ps"
     # "balanced" (by estimated cost), "even", per-chunk layer counts [2, 3, 3], or ranges [[0, 2], [2, 5], ...]
     # (one entry per chunk: pp × virtual_stages of them).
     partition: str | list[int] | list[list[int]] = "balanced"
@@ -153,6 +155,12 @@ class ParallelConfig:
     diloco_outer_lr: float = 0.7
     diloco_outer_momentum: float = 0.9
     diloco_stagger: bool = False
+    # dp_mode=streaming_diloco: fragments of strided layers that sync in turn (layer l in fragment l % F),
+    # the steps each fragment's exchange runs behind before it merges, and the merge's weight of the local
+    # parameters (local <- alpha·local + (1 - alpha)·outer).
+    diloco_fragments: int = 2
+    diloco_overlap_steps: int = 1
+    diloco_merge_alpha: float = 0.5
 
     @property
     def replicas(self) -> int:
@@ -473,8 +481,8 @@ def load_tree(path: str | Path | None = None, overrides: list[str] | None = None
 # `validate` checks that the value names one and runs that class's `validate_config`; the class, not this
 # module, holds its rules.
 REGISTERED: tuple[tuple[str, Registry[Any]], ...] = (
-    ("parallel.schedule", SCHEDULES), ("parallel.act_codec", ACT_CODECS), ("parallel.act_grad_codec", ACT_CODECS),
-    ("parallel.grad_codec", GRAD_CODECS))
+    ("parallel.schedule", SCHEDULES), ("parallel.dp_mode", DP_ALGORITHMS), ("parallel.act_codec", ACT_CODECS),
+    ("parallel.act_grad_codec", ACT_CODECS), ("parallel.grad_codec", GRAD_CODECS))
 
 
 def validate(cfg: Config) -> None:
@@ -538,7 +546,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"parallel.stage_weights has {len(p.stage_weights)} entries, need parallel.pp = {p.pp}")
         if min(p.stage_weights) <= 0:
             raise ConfigError("parallel.stage_weights must all be positive")
-    _validate_data_parallel(p)
     # A run shorter than its warm-up (train.steps only) trains with the warm-up clipped: effective_warmup.
     if t.decay_steps and t.warmup_steps >= t.decay_steps:
         raise ConfigError(
@@ -606,21 +613,3 @@ def effective_warmup(t: TrainConfig) -> int:
     when the decay length is the run's (`train.decay_steps` 0), so `--set train.steps=1` trains a
     step at the peak rate instead of being refused; the run's first line says so."""
     return t.warmup_steps if t.decay_steps else min(t.warmup_steps, max(0, t.steps - 1))
-
-
-def _validate_data_parallel(p: ParallelConfig) -> None:
-    """DP settings that cannot work together (jaxpipe.dp); with parallel.dp=auto, once resolved."""
-    if not isinstance(p.dp, int):
-        return
-    if p.dp_mode == "diloco" and p.dp < 2:
-        raise ConfigError("parallel.dp_mode=diloco needs parallel.dp >= 2: DiLoCo's outer step averages replicas, "
-                          f"and parallel.dp is {p.dp} (raise parallel.dp, or use parallel.dp_mode=central_ps)")
-    if p.grad_codec != "none" and p.dp < 2:
-        raise ConfigError(f"parallel.grad_codec={p.grad_codec} compresses the data-parallel exchange, and with "
-                          f"parallel.dp=1 there is none: set parallel.grad_codec=none or parallel.dp >= 2")
-    if p.diloco_stagger and p.dp_mode != "diloco":
-        raise ConfigError(f"parallel.diloco_stagger staggers DiLoCo's outer steps, but parallel.dp_mode is "
-                          f"{p.dp_mode}: set parallel.dp_mode=diloco or parallel.diloco_stagger=false")
-    if not p.diloco_outer_lr > 0 or not 0 <= p.diloco_outer_momentum < 1:
-        raise ConfigError(f"need parallel.diloco_outer_lr > 0 and 0 <= parallel.diloco_outer_momentum < 1 "
-                          f"(got {p.diloco_outer_lr} and {p.diloco_outer_momentum})")

@@ -105,6 +105,76 @@ def _stage_masks(params, stage_layers: list[range]) -> list:
     return [mask(s) for s in range(n_stages)]
 
 
+def _fragment_masks(params, n_fragments: int) -> list:
+    """Per fragment, a tree of booleans: layer l is in fragment l % F; embeddings and ln_f in fragment 0."""
+    def mask(f: int):
+        def leaf(path, x):
+            top = str(getattr(path[0], "key", path[0]))
+            if top == "blocks":
+                rows = (np.arange(x.shape[0]) % n_fragments) == f
+                return np.broadcast_to(rows.reshape(-1, *([1] * (x.ndim - 1))), x.shape)
+            if top.startswith("block_"):
+                return np.full(x.shape, int(top.split("_")[1]) % n_fragments == f)
+            return np.full(x.shape, f == 0)
+        return jax.tree_util.tree_map_with_path(leaf, params)
+    return [mask(f) for f in range(n_fragments)]
+
+
+class _Streaming:
+    """Streaming DiLoCo's outer steps, as jaxpipe.dp.streaming's docstring states them: fragment f (layers
+    l % F == f) starts after steps k with (k + f·H // F) % H == 0 (not the last step) from the replicas'
+    parameters then; its outer Nesterov step merges after step k + tau: local <- a·local + (1 - a)·outer
+    (float32, element by element); after the last step everything in flight merges, then every fragment
+    takes one more outer step and every replica is replaced by it."""
+
+    def __init__(self, cfg: Config, init):
+        p = cfg.parallel
+        self.D, self.H, self.F, self.tau = p.dp, p.diloco_inner_steps, p.diloco_fragments, p.diloco_overlap_steps
+        self.alpha, self.steps = np.float32(p.diloco_merge_alpha), cfg.train.steps
+        self.lr, self.mu = jnp.float32(p.diloco_outer_lr), jnp.float32(p.diloco_outer_momentum)
+        self.masks = _fragment_masks(init, self.F)
+        self.pending: dict[int, tuple[int, object, object]] = {}
+
+    def _outer_step(self, f, replicas, outer, momentum):
+        pseudo = [jax.tree.map(lambda a, b: a - b, outer, q) for q in replicas]
+        total = pseudo[0]
+        for q in pseudo[1:]:
+            total = jax.tree.map(lambda a, b: a + b, total, q)
+        g = jax.tree.map(lambda t: t / jnp.float32(self.D), total)
+        new_m = jax.tree.map(lambda mm, gg: self.mu * mm + gg, momentum, g)
+        new_outer = jax.tree.map(lambda o, gg, mm: o + (-self.lr * (gg + self.mu * mm)), outer, g, new_m)
+        return new_outer, new_m
+
+    def _pick(self, f, new, old):
+        return jax.tree.map(lambda msk, a, b: jnp.where(msk, a, b), self.masks[f], new, old)
+
+    def _merge(self, f, replicas, outer, alpha):
+        a = np.float32(alpha)
+        merged = [jax.tree.map(lambda q, o: jnp.asarray((np.asarray(q) * a + np.asarray(o) * (np.float32(1) - a))
+                                                        .astype(np.float32)), q, outer) for q in replicas]
+        return [self._pick(f, m, q) for m, q in zip(merged, replicas, strict=True)]
+
+    def after(self, k, replicas, outer, momentum):
+        last = k == self.steps
+        for f in sorted(self.pending):
+            at, new_outer, new_m = self.pending[f]
+            if at == k or last:
+                del self.pending[f]
+                outer, momentum = self._pick(f, new_outer, outer), self._pick(f, new_m, momentum)
+                replicas = self._merge(f, replicas, outer, self.alpha)
+        if last:
+            for f in range(self.F):
+                new_outer, new_m = self._outer_step(f, replicas, outer, momentum)
+                outer, momentum = self._pick(f, new_outer, outer), self._pick(f, new_m, momentum)
+                replicas = [self._pick(f, outer, q) for q in replicas]
+            return replicas, outer, momentum
+        for f in range(self.F):
+            if (k + (f * self.H) // self.F) % self.H == 0:
+                new_outer, new_m = self._outer_step(f, replicas, outer, momentum)
+                self.pending[f] = (k + self.tau, new_outer, new_m)
+        return replicas, outer, momentum
+
+
 def reference_diloco(cfg: Config, stage_layers: list[range], skip: dict[int, frozenset[int]] | None = None,
                      record: dict | None = None) -> tuple[list[float], list[float], list[dict[str, np.ndarray]]]:
     """DiLoCo in one process, without pipeline or DP code: D replicas, each its own AdamW (with its own
@@ -140,6 +210,8 @@ def reference_diloco(cfg: Config, stage_layers: list[range], skip: dict[int, fro
     scales: list[list[float]] = [[] for _ in range(D)]
 
     step_fn = _scaled_step(model, tx)
+    streaming = p.dp_mode == "streaming_diloco"
+    stream = _Streaming(cfg, init) if streaming else None
 
     losses, norms = [], []
     for step in range(cfg.train.steps):
@@ -162,6 +234,9 @@ def reference_diloco(cfg: Config, stage_layers: list[range], skip: dict[int, fro
         losses.append(float(np.mean([float(o[2]) for o in out])))
         norms.append(float(out[0][3]) if step not in skipped[0] else float("nan"))  # rank 0 reports replica 0
         k = step + 1
+        if streaming:
+            replicas, outer, momentum = stream.after(k, replicas, outer, momentum)
+            continue
         for s in range(P):
             if (k + offsets[s]) % H and k != cfg.train.steps:
                 continue

@@ -63,13 +63,20 @@ def test_preset_fields_can_be_overridden():
         ("parallel.grad_codec=int4", "parallel.grad_codec=int4 compresses the data-parallel exchange, and with "
                                      "parallel.dp=1 there is none"),
         ("parallel.diloco_stagger=true", "parallel.diloco_stagger staggers DiLoCo's outer steps, but parallel.dp_mode"),
+        ("parallel.dp_mode=streaming_diloco parallel.dp=2 parallel.diloco_inner_steps=4 "
+         "parallel.diloco_overlap_steps=4",
+         "parallel.diloco_overlap_steps (4) must be at least 0 and below parallel.diloco_inner_steps (4)"),
+        ("parallel.dp_mode=streaming_diloco parallel.dp=2 parallel.diloco_fragments=9",
+         "parallel.diloco_fragments (9) must be between 1 and model.n_layer (8)"),
+        ("parallel.dp_mode=nope", "parallel.dp_mode: 'nope' is not one of 'central_ps', 'sharded_ps', 'allreduce', "
+                                  "'diloco', 'streaming_diloco'"),
         ("train.loss_scale_init=0", "train.loss_scale_init must be a finite number >= 1 (a power of two such as "
                                     "the default 65536 keeps scaling exact), got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     assert message in str(e.value)
 
 

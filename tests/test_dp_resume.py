@@ -52,3 +52,31 @@ def test_diloco_resume_mid_inner_phase_is_exact(tmp_path):
                f"parallel.dp_mode central_ps (checkpoint: diloco); parallel.diloco_stagger False (checkpoint: True)")
     assert refused.stderr.count("jaxpipe: error: " + message) == 4, refused.stderr[-5000:]  # every rank
     assert "step " not in refused.stdout  # nothing trained
+
+
+# Streaming DiLoCo, H = 4, two fragments, each exchange merged two steps after it starts: fragment 0 (the
+# embeddings, the even layers) starts after step 4 and merges after step 6, so the checkpoint after step 5
+# is taken with its exchange in flight (the first stage's int8 rows of `wte` owed to the LM head's end).
+STREAM = [*MODEL, *TRAIN, "train.steps=7", "parallel.pp=2", "parallel.dp=2",
+          "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4", "parallel.diloco_fragments=2",
+          "parallel.diloco_overlap_steps=2", "parallel.grad_codec=int8", "train.checkpoint_every=5"]
+
+
+def test_streaming_diloco_resume_with_an_exchange_in_flight_is_exact(tmp_path):
+    step5 = tmp_path / "a" / "step_00000005"
+    # One launch: the straight run, then the run resumed from its step-5 checkpoint.
+    cases = {"straight": {"set": [*STREAM, f"train.checkpoint_dir={tmp_path / 'a'}"]},
+             "resumed": {"set": [*STREAM, f"train.checkpoint_dir={tmp_path / 'b'}"], "resume": str(step5)}}
+    run = run_mpi(4, ["tests/mpi_train_dump.py", "--out", str(tmp_path), "--cases", json.dumps(cases)], timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    saved = np.load(step5 / "dp" / "stage0_replica0.npz")
+    assert int(saved["pending0_at"]) == 6 and "pending1_at" not in saved.files  # fragment 0 was in flight
+    assert int(np.load(step5 / "dp" / "stage1_replica0.npz")["owed_at"]) == 6  # the head's wte rows, received
+    a = json.loads((tmp_path / "straight" / "result.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert b["losses"] == a["losses"][5:] and b["grad_norms"] == a["grad_norms"][5:]  # exact
+    for rank in range(4):
+        x, y = (dict(np.load(tmp_path / d / f"rank{rank}.npz")) for d in ("straight", "resumed"))
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"rank {rank} {k}")

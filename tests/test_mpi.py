@@ -86,6 +86,8 @@ HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_tran
 # Trained in the same launches as GROUPS, checked by their own tests below.
 HALVES = ["parallel.pp=2", "parallel.dp=2", "parallel.partition=[[0,4],[4,8]]"]
 DILOCO = [*HALVES, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"]
+STREAMING = [*HALVES, "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4",
+             "parallel.diloco_fragments=2", "parallel.diloco_overlap_steps=2", "train.steps=7"]
 INT8 = [*HALVES, "parallel.dp_mode=sharded_ps", "parallel.grad_codec=int8"]
 DP_CASES = {
     4: {
@@ -95,6 +97,9 @@ DP_CASES = {
         # Stage 0 syncs after steps 2, 4 and 5, stage 1 after 1, 3 and 5; reduce-scatter + all-gather.
         "pp2xdp2_diloco_sharded_stagger_emulated": [*DILOCO, "parallel.diloco_exchange=sharded_ps",
                                                     "parallel.diloco_stagger=true", *EMULATED],
+        # Fragment 1 (layers 1, 3, 5, 7) starts after steps 2 and 6, fragment 0 after 4; each merges two steps
+        # later (alpha 0.5); after step 7 everything merges and both take a blocking outer step.
+        "pp2xdp2_streaming_diloco": STREAMING,
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
@@ -364,7 +369,8 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated"])
+@pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated",
+                                  "pp2xdp2_streaming_diloco"])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
     run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
@@ -566,3 +572,39 @@ def test_probe_network_recovers_an_emulated_matrix(tmp_path):
             if i != j:
                 assert got.delay_ms[i][j] == pytest.approx(want.delay_ms[i][j], rel=0.10), (i, j, "delay")
                 assert got.bandwidth_gbit[i][j] == pytest.approx(want.bandwidth_gbit[i][j], rel=0.10), (i, j, "rate")
+
+
+@pytest.mark.parametrize("case", ["pp2xdp2_sharded_ps_int8", "pp2xdp2_diloco_central_nccl_dp",
+                                  "pp2xdp2_diloco_sharded_stagger_emulated"])
+def test_traffic_description_equals_the_bytes_the_run_reports(tmp_path_factory, case):
+    """Each DP algorithm's `traffic` (jaxpipe.comm.traffic), summed over the exchanges its schedule runs and
+    over the ranks, is the `dp_bytes` the run reports (the collectives count with the same formula, so this
+    checks the description against what the exchange really runs: patterns, codec rows, padding, the
+    tied `wte` rows DiLoCo sends on)."""
+    from jaxpipe.model.layout import stage_param_counts
+    from jaxpipe.registry import DP_ALGORITHMS
+
+    run, out = group_run(4, tmp_path_factory)
+    assert run.returncode == 0, run.stderr[-20000:]
+    cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
+    p, m = cfg.parallel, cfg.model
+    algo = DP_ALGORITHMS.get(p.dp_mode)
+    counts = stage_param_counts(m, [(0, 4), (4, 8)])
+    wte = m.vocab_size * m.d_model
+    expected = 0
+    for stage in range(2):
+        n = counts[stage] - (wte if stage == 1 and algo.per_replica_params else 0)  # DiLoCo strips the head's copy
+        # Chunk 0's buffer: blocks, wpe, then wte (ravel_pytree's key order).
+        wte_at = counts[1] - wte - 2 * m.d_model + m.seq_len * m.d_model
+        traffic = algo.traffic(p, n, p.dp, wte if stage == 0 and algo.per_replica_params else 0, wte_at)
+        per_exchange = sum(traffic.egress(r) for r in range(p.dp))
+        if algo.per_replica_params:  # DiLoCo: after the steps its schedule names (stagger: stage s offset s·H/P)
+            offset = stage * p.diloco_inner_steps // 2 if p.diloco_stagger else 0
+            n_ex = sum(1 for k in range(1, cfg.train.steps + 1)
+                       if (k + offset) % p.diloco_inner_steps == 0 or k == cfg.train.steps)
+        else:
+            n_ex = cfg.train.steps
+        expected += n_ex * per_exchange
+    reported = [json.loads(line)["dp_bytes"] for line in (out / case / "metrics.jsonl").read_text().splitlines()
+                if '"dp_bytes"' in line]
+    assert sum(reported) == expected

@@ -32,7 +32,8 @@ from jaxpipe.pipeline.schedule import make_schedule
 from jaxpipe.plan import dtfm
 from jaxpipe.plan.cluster import DTFM_CASES, dtfm_scenario, resolve_cluster, two_region_cluster
 from jaxpipe.plan.grid import grid_to_layout, launch_grid, layout_to_grid
-from jaxpipe.plan.search import ScheduleChoice, Workload, _links, evaluate, plan_layout
+from jaxpipe.plan.quality import QualityTable, parse_budget
+from jaxpipe.plan.search import AlgoChoice, ScheduleChoice, Workload, _links, evaluate, plan_layout
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -175,9 +176,10 @@ def test_chain_and_ring_by_hand():
     # (worked through step by step in the test's history: each phase 4 s).
     ring = {(0, 1): Link(0.0, 8.0), (1, 2): Link(0.0, 4.0), (2, 0): Link(1.0, 8.0)}
     assert ring_average_ends(3.0, [0.0] * 3, lambda a, b: ring[(a, b)]) == pytest.approx([8.0, 8.0, 8.0])
-    # With one link everywhere both are the single-link model's formulas.
+    # With one link everywhere both are the single-link model's formulas (members dividing the buffer's 2048
+    # rows: otherwise the exchange pads them to a multiple of the members, which dp_sync_s counts).
     link = Link(0.1, 8 * 2**20)
-    for mode, n in [("central_ps", 2), ("central_ps", 5), ("sharded_ps", 4), ("allreduce", 3)]:
+    for mode, n in [("central_ps", 2), ("central_ps", 8), ("sharded_ps", 4), ("allreduce", 4)]:
         ends = dp_average_ends(mode, 8 * 2**20, [1.0] * n, lambda a, b: link)
         assert max(ends) - 1.0 == pytest.approx(dp_sync_s(mode, n, 8 * 2**20, link))
 
@@ -189,7 +191,7 @@ def test_layout_prediction_on_a_uniform_cluster_is_the_single_pipeline_model():
     ref = plan(cfg, links=lambda a, b: (Link.of(10, 1), True))
     cluster = uniform_cluster(8, 10.0, 1.0)
     work = Workload(cfg, 4, 2, 1, 1, "gpu", 1.0)
-    got = evaluate(cluster, work, launch_grid(4, 2), ScheduleChoice("gpipe"), "central_ps", "float32",
+    got = evaluate(cluster, work, launch_grid(4, 2), ScheduleChoice("gpipe"), AlgoChoice("central_ps"), "float32",
                    _links(cluster, 0.0), {})
     assert got.iteration_s == pytest.approx(ref.iteration_s, rel=1e-9)
     assert got.prediction.bound == ref.bound
@@ -212,7 +214,7 @@ def _brute(cluster, cfg, pp, dp, settings):
     work = Workload(cfg, pp, dp, cfg.train.micro_batch_size, 1, "cpu", cfg.network.size_scale)
     pair = _links(cluster, 0.0)
     return {p: evaluate(cluster, work, [list(p[s * dp:(s + 1) * dp]) for s in range(pp)], settings.schedule,
-                        settings.dp_mode, settings.tied_dtype, pair, {}).iteration_s
+                        settings.algo, settings.tied_dtype, pair, {}).iteration_s
             for p in itertools.permutations(range(pp * dp))}
 
 
@@ -243,6 +245,65 @@ def test_search_matches_brute_force():
         assert res.best.iteration_s == pytest.approx(min(_brute(cluster, cfg, pp, dp, res.best.settings).values()),
                                                      rel=1e-9)
         assert res.best.iteration_s < res.launch.iteration_s
+
+
+QUALITY_ROWS = """
+act_codec:
+  - {codec: int8, loss_increase_pct: 0.2, source: test row}
+grad_codec:
+  - {codec: int8, loss_increase_pct: 0.2, source: test row}
+diloco:
+  - {M: 2, H: 30, outer_lr: 0.6, outer_momentum: 0.0, warmup: 0, loss_increase_pct: 0.8, source: test row}
+"""
+
+
+def _table(tmp_path):
+    (tmp_path / "q.yaml").write_text(QUALITY_ROWS)
+    return QualityTable.load(tmp_path / "q.yaml")
+
+
+def test_search_picks_diloco_across_regions_within_the_budget(tmp_path):
+    """Two regions of four ranks, 100 ms and 0.2 Gbit/s across: with a 1 % budget the search runs each
+    pipeline inside a region and DiLoCo across (its row: +0.8 %); the run line carries its settings.
+    With budget 0 (or none) no lossy choice is offered; a budget below 0 is refused."""
+    cluster = two_region_cluster(8, across=(100.0, 0.2))
+    cfg = load_config(None, [*TINY, "parallel.pp=4", "parallel.dp=2", "network.size_scale=128"])
+    table = _table(tmp_path)
+    search = ["placement", "dp_mode", "grad_codec", "act_codec"]
+    res = plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=1.0, max_loss_increase=1.0,
+                      quality=table)
+    s = res.best.settings
+    assert s.algo.dp_mode == "diloco" and s.algo.inner_steps == 30 and s.algo.loss_pct <= 1.0
+    assert "parallel.dp_mode=diloco" in s.overrides() and "parallel.diloco_outer_lr=0.6" in s.overrides()
+    for r in range(2):
+        assert len({cluster.label(s_row[r]) for s_row in res.best.grid}) == 1  # a pipeline inside one region
+    for budget in (0.0, None):
+        exact = plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.5,
+                            max_loss_increase=budget, quality=table)
+        a = exact.best.settings.algo
+        assert (a.dp_mode, a.grad_codec, a.act_codec, a.rows) == (a.dp_mode, "none", "none", ())
+        assert a.dp_mode != "diloco"
+    with pytest.raises(ConfigError, match="--max-loss-increase must be 0% or more"):
+        plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.1, max_loss_increase=-1.0,
+                    quality=table)
+    with pytest.raises(ConfigError, match="--max-loss-increase must be 0% or more"):
+        parse_budget("-1%")
+
+
+def test_pinned_keys_are_kept_and_a_missing_row_is_refused(tmp_path):
+    """`--set parallel.dp_mode=diloco`: the plan keeps DiLoCo (and its H) even where an exact mode would
+    be faster; with a budget, a pinned lossy setting the table has no row for is refused."""
+    cluster = two_region_cluster(4)
+    cfg = load_config(None, [*TINY, "parallel.pp=2", "parallel.dp=2", "network.size_scale=128",
+                             "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=7"])
+    search = ["placement", "dp_mode", "grad_codec", "act_codec", "shape"]
+    pinned = {"parallel.dp_mode", "parallel.diloco_inner_steps"}
+    res = plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.5, pinned=pinned)
+    assert "parallel.dp_mode=diloco" in res.best.settings.overrides()
+    assert "parallel.diloco_inner_steps=7" in res.best.settings.overrides()
+    with pytest.raises(ConfigError, match=r"has no diloco row with M=\d, H=7"):
+        plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.1, pinned=pinned,
+                    max_loss_increase=1.0, quality=_table(tmp_path))
 
 
 def test_faster_hosts_get_more_layers():

@@ -93,3 +93,33 @@ def test_launch_timeout_ends_every_process_of_the_job(tmp_path):
         raise AssertionError(f"the background child ({stat}) outlived the job")
     done = run(["bash", "-c", "echo out; echo err >&2; exit 3"], timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_diloco_sweep_simulates_the_reference_diloco():
+    """tools/diloco_sweep.py (M replicas vmapped in one process, the (lr, momentum) grid vmapped too) trains
+    what tests/reference.py's independent DiLoCo trains: the replicas' mean loss per step agrees for every
+    setting of the grid, and the exact-DP baseline is the single-process run."""
+    import argparse
+
+    import numpy as np
+    from reference import reference_diloco, reference_train
+    from tool_loader import load_tool
+
+    from jaxpipe.config import load_config
+
+    sweep = load_tool("diloco_sweep")
+    small = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=16", "model.vocab_size=64",
+             "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=1", "train.lr=1e-2"]
+    args = argparse.Namespace(config=None, set=small, steps=7, val_samples=16, eval_every=3)
+    ctx = sweep._setup(args)
+    exact, _ = sweep.run_exact(args, ctx, set())
+    rows = sweep.run_diloco(args, ctx, 2, 3, [0.4, 1.0], [0.0, 0.9], None, 0, exact["final"])
+    base = [*small, "train.steps=7", "train.decay_steps=7", "parallel.pp=1"]
+    ref_exact, _, _ = reference_train(load_config(None, [*base, "parallel.dp=1"]))
+    assert abs(exact["train_last100"] - float(np.mean(ref_exact))) < 1e-5
+    for row in rows:
+        cfg = load_config(None, [*base, "parallel.dp=2", "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=3",
+                                 f"parallel.diloco_outer_lr={row['outer_lr']}",
+                                 f"parallel.diloco_outer_momentum={row['outer_momentum']}"])
+        losses, _, _ = reference_diloco(cfg, [range(0, 2)])
+        np.testing.assert_allclose(row["train_losses"], losses, rtol=2e-5, err_msg=str(row["outer_lr"]))

@@ -27,6 +27,7 @@ import numpy as np
 from jaxpipe.comm import quant
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.quant import ErrorFeedback
+from jaxpipe.comm.traffic import tied_traffic
 from jaxpipe.comm.transport.device import wait_stream
 
 _TAG = 77
@@ -36,12 +37,11 @@ WIRE_DTYPES = ("float32", "bfloat16", "int8")  # parallel.tied_grad_dtype
 
 
 def wire_bytes_per_end(vocab: int, d_model: int, wire_dtype: str) -> int:
-    """Bytes one end sends per step for a [vocab, d_model] gradient in `wire_dtype`: the tied exchange's
-    traffic, stated once (the trainer's counters, the first log line and the cost model read it).
+    """Bytes one end sends per step for a [vocab, d_model] gradient in `wire_dtype`, as the tied
+    exchange's traffic description (jaxpipe.comm.traffic.tied_traffic) states them: the trainer's
+    counters, the first log line, the cost model and the layout search read that one description.
     Zero traffic where both ends share a rank (`gpipe_ring`, one stage) is the caller's to know."""
-    if wire_dtype == "int8":
-        return vocab * quant.row_bytes(d_model, "int8")
-    return vocab * d_model * (2 if wire_dtype == "bfloat16" else 4)
+    return tied_traffic(vocab, d_model, wire_dtype).egress(0)
 
 
 class TiedExchange:
@@ -178,16 +178,11 @@ class NcclPairSum:
     With two ranks a + b = b + a exactly, so both ends get identical bits."""
 
     def __init__(self, comm: Any):
-        import cupy
-        from cupy.cuda import nccl
+        from jaxpipe.comm import nccl as nccl_setup
 
-        self._cupy, self._nccl = cupy, nccl
-        rank = self._rank = comm.Get_rank()
-        uid = nccl.get_unique_id() if rank == 0 else None
-        uid = comm.bcast(uid, root=0)
-        cupy.cuda.Device(0).use()
-        self._comm = nccl.NcclCommunicator(2, uid, rank)
-        self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._cupy, self._nccl = nccl_setup.load()
+        self._rank = comm.Get_rank()
+        self._comm, self._stream = nccl_setup.group_communicator(comm)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cp = self._cupy

@@ -9,6 +9,9 @@ with three ways to move the bytes:
   write, and a phase ends with a wait for every send;
 - `DeviceCollectives` (jaxpipe.dp.nccl): the same operations on the GPU buffers, no host copy.
 
+`jaxpipe.dp.base.make_collectives` picks one (this module never imports jaxpipe.dp.nccl, which builds
+on it).
+
 Arrays go in and come out as JAX arrays on this rank's device. Every operation counts the bytes
 this rank puts on DP links (`sent`), by the pattern the emulated version uses, whichever backend
 moves them, so the metrics and the cost model agree on what a mode sends.
@@ -20,12 +23,13 @@ are needed; the root is always DP rank 0, the stage's parameter server.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import numpy as np
 from mpi4py import MPI
 
+from jaxpipe.comm import traffic
 from jaxpipe.comm.netem import NetworkEmulator, transfer_chunks
 
 
@@ -44,27 +48,13 @@ class Collectives(ABC):
         self.size, self.rank = int(self.comm.Get_size()), int(self.comm.Get_rank())
         self.sent = 0
 
-    # ---- byte accounting (the emulated patterns) --------------------------------------------------
-    # One-way delays in a row per operation: -k means k·(n-1).
-    HOPS: ClassVar[dict[str, int]] = {"reduce": -1, "bcast": -1, "reduce_scatter": -1, "allreduce": -2,
-                                      "gather": 1, "allgather": 1, "alltoall": 1}
-
+    # ---- byte accounting (the emulated patterns: jaxpipe.comm.traffic) -----------------------------
     def egress(self, op: str, nbytes: int) -> int:
-        """The bytes this member sends in `op` on a buffer of `nbytes` (the emulated pattern)."""
-        n, me = self.size, self.rank
-        return int({
-            "reduce": nbytes * (me > 0),  # chain n-1 -> ... -> 0
-            "bcast": nbytes * (me < n - 1),  # chain 0 -> ... -> n-1
-            "reduce_scatter": nbytes * (n - 1) // n,  # ring
-            "allreduce": 2 * nbytes * (n - 1) // n,  # ring reduce-scatter + ring all-gather
-            "gather": nbytes * (me > 0),  # every member to the root
-            "allgather": nbytes * (n - 1),  # my piece to every other member
-            "alltoall": nbytes * (n - 1) // n,  # row j to member j
-        }[op])
+        """The bytes this member sends in `op` on a buffer of `nbytes`."""
+        return traffic.egress(op, nbytes, self.size, self.rank)
 
     def hops(self, op: str) -> int:
-        h = self.HOPS[op]
-        return h if h > 0 else -h * (self.size - 1)
+        return traffic.hops(op, self.size)
 
     def _count(self, op: str, nbytes: int) -> None:
         self.sent += self.egress(op, nbytes)
@@ -314,16 +304,3 @@ class Emulated(Collectives):
             p2p.send(a[(me + k) % n], (me + k) % n, tag=60000)
         p2p.wait(recvs)
         return _dev(out, x)
-
-
-def make_collectives(transport: str, comm: Any, net: NetworkEmulator | None, world_rank_of: Any) -> Collectives:
-    """The backend for a DP group: NCCL on the GPUs with `parallel.transport=nccl` (then link
-    emulation only paces it), else the emulated algorithms when links are emulated, else MPI's."""
-    if transport == "nccl" and jax.default_backend() == "gpu":
-        from jaxpipe.dp.nccl import NcclCollectives
-
-        return NcclCollectives(comm, net, world_rank_of)
-    if net is not None:
-        return Emulated(comm, net, world_rank_of)
-    return HostMPI(comm)
-

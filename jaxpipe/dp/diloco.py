@@ -41,9 +41,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
+from jaxpipe.comm.traffic import NONE, Traffic, Transfer
+from jaxpipe.config import Config, ParallelConfig
 from jaxpipe.dp import quant
 from jaxpipe.dp.base import DataParallel, DPContext, Trees
-from jaxpipe.dp.exchange import Exchange
+from jaxpipe.dp.exchange import PATTERNS, Exchange, padded_rows
+from jaxpipe.errors import ConfigError
+from jaxpipe.registry import DP_ALGORITHMS
 
 _TIED_TAG = 78
 
@@ -65,10 +69,40 @@ def _add(a: jax.Array, b: jax.Array) -> jax.Array:
     return a + b
 
 
+@DP_ALGORITHMS.register
 class DiLoCo(DataParallel):
     name = "diloco"
     syncs_every_step = False
     per_replica_params = True
+    lossy = True
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        super().validate_config(cfg)
+        p = cfg.parallel
+        if isinstance(p.dp, int) and p.dp < 2:
+            raise ConfigError(f"parallel.dp_mode={cls.name} needs parallel.dp >= 2: DiLoCo's outer step averages "
+                              f"replicas, and parallel.dp is {p.dp} (raise parallel.dp, or use "
+                              f"parallel.dp_mode=central_ps)")
+        if p.diloco_exchange not in PATTERNS or not PATTERNS[p.diloco_exchange].sends_back:
+            raise ConfigError(f"parallel.diloco_exchange: {p.diloco_exchange!r} is not one of central_ps, sharded_ps")
+
+    @classmethod
+    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0,
+                wte_offset: int = 0) -> Traffic:
+        """The outer step's exchange every H steps on the step's critical path, plus on the first stage
+        the step of the tied `wte` sent on to the LM head's stage (as it came back: coded)."""
+        if dp < 2:
+            return NONE
+        rows = padded_rows(n_elements, dp)
+        moves = PATTERNS[p.diloco_exchange].transfers(rows, p.grad_codec, dp)
+        if wte_elements:
+            # The rows holding `wte` (elements wte_offset.. of the buffer), whole rows as they came back.
+            rows_wte = -(-(wte_offset % quant.CHUNK + wte_elements) // quant.CHUNK)
+            moves += (Transfer("p2p", rows_wte * quant.row_bytes(p.grad_codec)),)
+        return Traffic(f"diloco H={p.diloco_inner_steps} {p.diloco_exchange}"
+                       + (f" + {p.grad_codec}" if p.grad_codec != "none" else ""), moves,
+                       every=p.diloco_inner_steps, size=dp)
 
     def __init__(self, ctx: DPContext):
         super().__init__(ctx)

@@ -20,10 +20,10 @@ from typing import Any
 
 import jax
 
+from jaxpipe.comm import nccl as nccl_setup
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.transport.device import wait_stream
 from jaxpipe.dp.collectives import Collectives
-from jaxpipe.errors import ConfigError
 
 
 class DeviceCollectives(Collectives):
@@ -134,22 +134,12 @@ class NcclCollectives(DeviceCollectives):
     name = "nccl"
 
     def __init__(self, comm: Any, net: NetworkEmulator | None = None, world_rank_of: Any = None):
-        try:
-            import cupy
-            from cupy.cuda import nccl
-        except ImportError as e:
-            raise ConfigError(
-                f"parallel.transport=nccl needs CuPy with NCCL ({e}); use parallel.transport=mpi") from None
+        self._cp, self._nccl = nccl_setup.load()
         super().__init__(comm, net, world_rank_of)
-        self._cp, self._nccl = cupy, nccl
-        uid = nccl.get_unique_id() if self.rank == 0 else None
-        uid = self.comm.bcast(uid, root=0)
-        cupy.cuda.Device(0).use()
-        self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
-        self._stream = cupy.cuda.Stream(non_blocking=True)
+        self._comm, self._stream = nccl_setup.group_communicator(self.comm)
 
     def _type(self, buf: Any) -> int:
-        return {"float32": self._nccl.NCCL_FLOAT32, "uint8": self._nccl.NCCL_UINT8}[buf.dtype.name]
+        return nccl_setup.nccl_type(buf)
 
     def _buf(self, x: jax.Array) -> Any:
         self._cp.cuda.Device(0).use()

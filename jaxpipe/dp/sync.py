@@ -23,14 +23,26 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxpipe.comm.traffic import NONE, Traffic
+from jaxpipe.config import ParallelConfig
 from jaxpipe.dp.base import DataParallel, DPContext, Trees
-from jaxpipe.dp.exchange import Exchange
+from jaxpipe.dp.exchange import AllreducePattern, CentralPattern, Exchange, Pattern, ShardedPattern, padded_rows
+from jaxpipe.registry import DP_ALGORITHMS
 
 
 class GradSync(DataParallel):
     """The exact algorithms: every step, every replica gets the replicas' average gradient."""
 
-    mode: ClassVar[str] = "?"
+    pattern: ClassVar[type[Pattern]]
+
+    @classmethod
+    def traffic(cls, p: ParallelConfig, n_elements: int, dp: int, wte_elements: int = 0,
+                wte_offset: int = 0) -> Traffic:
+        if dp < 2:
+            return NONE
+        rows = padded_rows(n_elements, dp)
+        return Traffic(cls.name + (f" + {p.grad_codec}" if p.grad_codec != "none" else ""),
+                       cls.pattern.transfers(rows, p.grad_codec, dp), size=dp)
 
     def __init__(self, ctx: DPContext):
         super().__init__(ctx)
@@ -47,7 +59,7 @@ class GradSync(DataParallel):
             return
         flat, unravel = ravel_pytree(params)
         self._unravel = jax.jit(unravel)
-        self.exchange = Exchange(self.mode, self.codec, self.coll, int(flat.size))
+        self.exchange = Exchange(self.pattern(), self.codec, self.coll, int(flat.size))
         if self._saved is not None:
             self.exchange.load_state(self._saved)
 
@@ -89,28 +101,27 @@ class GradSync(DataParallel):
             self.coll.close()
 
 
+@DP_ALGORITHMS.register
 class CentralPS(GradSync):
-    name = mode = "central_ps"
+    name = "central_ps"
+    pattern = CentralPattern
 
 
+@DP_ALGORITHMS.register
 class ShardedPS(GradSync):
-    name = mode = "sharded_ps"
+    name = "sharded_ps"
+    pattern = ShardedPattern
 
 
+@DP_ALGORITHMS.register
 class Allreduce(GradSync):
-    name = mode = "allreduce"
-
-
-DP_MODES: dict[str, type[GradSync]] = {"central_ps": CentralPS, "sharded_ps": ShardedPS, "allreduce": Allreduce}
+    name = "allreduce"
+    pattern = AllreducePattern
 
 
 def algorithm(dp_mode: str) -> type[DataParallel]:
     """The class `parallel.dp_mode` names (its class attributes are known before set-up)."""
-    if dp_mode == "diloco":
-        from jaxpipe.dp.diloco import DiLoCo
-
-        return DiLoCo
-    return DP_MODES[dp_mode]
+    return DP_ALGORITHMS.get(dp_mode)
 
 
 def make_data_parallel(ctx: DPContext) -> DataParallel:

@@ -22,13 +22,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
 from jaxpipe.comm.codec import wire_nbytes
 from jaxpipe.comm.message import ArraySpec, Kind
 from jaxpipe.comm.netem import transfer_chunks
-from jaxpipe.comm.tied import wire_bytes_per_end
+from jaxpipe.comm.traffic import Traffic, tied_traffic
 from jaxpipe.config import Config
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.partition import Partition, StageCosts, config_partition, stage_cost
@@ -163,6 +164,37 @@ def collective_s(op: str, dp: int, nbytes: float, link: Link, n_chunks: int | No
     return link.transfer_s(egress) + hop
 
 
+_COLLECTIVE = {"reduce": "chain", "bcast": "chain", "reduce_scatter": "ring_reduce_scatter",
+               "allreduce": "ring_allreduce", "gather": "gather", "allgather": "allgather", "alltoall": "alltoall"}
+
+
+def traffic_s(traffic: Traffic, link: Link, n_chunks: int | None = None) -> float:
+    """One exchange of `traffic` (jaxpipe.comm.traffic: what the algorithm says it sends) over `link`
+    between every pair of its members; `n_chunks`: how many pieces a chain cuts its buffer into."""
+    if traffic.size < 2 and not any(t.op == "p2p" for t in traffic.transfers):
+        return 0.0
+    total = 0.0
+    for t in traffic.transfers:
+        if t.op == "p2p":
+            total += link.transfer_s(t.nbytes) + link.delay_s + link.per_message_s
+        elif traffic.size > 1:
+            total += collective_s(_COLLECTIVE[t.op], traffic.size, t.nbytes, link, n_chunks)
+    return total
+
+
+def dp_traffic(mode: str, dp: int, grad_bytes: float, codec: str = "none", *, inner_steps: int = 1,
+               exchange: str = "central_ps", wte_bytes: float = 0.0) -> Traffic:
+    """The traffic the DP algorithm `mode` (its class in jaxpipe.registry.DP_ALGORITHMS) describes for a
+    rank with `grad_bytes` of float32 parameters (`wte_bytes` of them the tied embedding's)."""
+    from jaxpipe.config import ParallelConfig
+    from jaxpipe.registry import DP_ALGORITHMS
+
+    keys: dict[str, Any] = dict(dp=dp, dp_mode=mode, grad_codec=codec, diloco_inner_steps=inner_steps,
+                                diloco_exchange=exchange)
+    p = ParallelConfig(**keys)
+    return DP_ALGORITHMS.get(mode).traffic(p, int(grad_bytes // 4), dp, int(wte_bytes // 4))
+
+
 def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int | None = None,
               codec: str = "none") -> float:
     """Time to average `grad_bytes` (float32) over `dp` replicas with jaxpipe's algorithm on these links
@@ -170,19 +202,7 @@ def dp_sync_s(mode: str, dp: int, grad_bytes: float, link: Link, n_chunks: int |
     `codec`: parallel.grad_codec). Encoding and decoding are not counted (device work)."""
     if dp <= 1:
         return 0.0
-    if codec == "none":
-        if mode == "central_ps":  # Pipelined chain reduce to the server, then chain broadcast back.
-            return 2 * collective_s("chain", dp, grad_bytes, link, n_chunks)
-        if mode == "sharded_ps":  # Ring reduce-scatter, direct all-gather of the averaged shards.
-            return (collective_s("ring_reduce_scatter", dp, grad_bytes, link)
-                    + collective_s("allgather", dp, grad_bytes / dp, link))
-        return collective_s("ring_allreduce", dp, grad_bytes, link)
-    wire = codec_bytes(codec, grad_bytes)
-    if mode == "central_ps":  # Gather to the server; chain broadcast of its quantised result.
-        return collective_s("gather", dp, wire, link) + collective_s("chain", dp, wire, link, n_chunks)
-    if mode == "sharded_ps":  # All-to-all of the quantised rows, all-gather of the owners' results.
-        return collective_s("alltoall", dp, wire, link) + collective_s("allgather", dp, wire / dp, link)
-    return collective_s("allgather", dp, wire, link)  # allreduce: every member sums every message
+    return traffic_s(dp_traffic(mode, dp, grad_bytes, codec), link, n_chunks)
 
 
 def diloco_sync_s(exchange: str, dp: int, grad_bytes: float, link: Link, codec: str = "none",
@@ -190,8 +210,10 @@ def diloco_sync_s(exchange: str, dp: int, grad_bytes: float, link: Link, codec: 
     """One DiLoCo outer step of a stage: the pseudo-gradients' exchange and the step back
     (`exchange`: parallel.diloco_exchange), plus, on the first stage, the step of the tied `wte`
     (`wte_bytes` of float32) sent on to the LM head's stage through the same egress."""
-    tied = link.transfer_s(codec_bytes(codec, wte_bytes)) + link.delay_s + link.per_message_s if wte_bytes else 0.0
-    return dp_sync_s(exchange, dp, grad_bytes, link, n_chunks, codec) + tied
+    if dp <= 1:
+        return 0.0
+    return traffic_s(dp_traffic("diloco", dp, grad_bytes, codec, exchange=exchange, wte_bytes=wte_bytes), link,
+                     n_chunks)
 
 
 @dataclass
@@ -390,13 +412,13 @@ def estimated_codec_times(cfg: Config, platform: str = "gpu", bytes_per_s: float
 
 
 def tied_bytes_per_end(cfg: Config) -> float:
-    """The tied exchange's bytes per end and step (jaxpipe.comm.tied states them), where its ends are
-    on two ranks; `predict` charges nothing where they share one (gpipe_ring). 0 with an untied head
-    (model.tie_embeddings off): there is no tied exchange at all."""
+    """The tied exchange's bytes per end and step (its traffic description, jaxpipe.comm.traffic), where
+    its ends are on two ranks; `predict` charges nothing where they share one (gpipe_ring). 0 with an
+    untied head (model.tie_embeddings off): there is no tied exchange at all."""
     m = cfg.model
     if not m.tie_embeddings:
         return 0.0
-    return float(wire_bytes_per_end(m.vocab_size, m.d_model, cfg.parallel.tied_grad_dtype))
+    return float(tied_traffic(m.vocab_size, m.d_model, cfg.parallel.tied_grad_dtype).egress(0))
 
 
 def plan(cfg: Config, stage_times: Sequence[StageTime] | None = None, link: Link | None = None,
@@ -566,6 +588,8 @@ def predict_layout(
     tied_bytes: float = 0.0,
     optimizer_s: float = 0.0,
     cache: dict | None = None,
+    dp_every: int = 1,
+    dp_overlap_steps: int = 0,
 ) -> LayoutPrediction:
     """The iteration of D replicas placed on hosts: `grid[s][r]` is the host (world rank) of pipeline
     rank s of replica r, `times[r]` replica r's per-chunk times (its hosts' speeds), `pair(a, b)` the
@@ -573,7 +597,10 @@ def predict_layout(
     Each replica's pipeline is simulated on its own links; the tied exchange runs per replica once both
     its ends are done; each stage's DP average starts per member when that member is done; then the
     gradient-norm allreduce along each pipeline (2·log2(P) of its longest delay) and the update.
-    `cache` (a dict kept across calls) reuses simulations of identical replicas."""
+    `cache` (a dict kept across calls) reuses simulations of identical replicas. `dp_every`: the DP
+    exchange runs once per that many steps (DiLoCo's H): its time counts 1/dp_every per step;
+    `dp_overlap_steps`: it runs behind that many steps (Streaming DiLoCo's tau), so only what exceeds
+    their pipelines' time is waited for."""
     lowered = schedule if isinstance(schedule, Lowered) else lower(schedule)
     sched = lowered.schedule
     directed = sorted({(a, b) for a, b in lowered.links} | {(b, a) for a, b in lowered.links})
@@ -609,6 +636,9 @@ def predict_layout(
         hop = lambda i, j, s=s: pair(grid[s][i], grid[s][j])  # noqa: E731
         ends = dp_average_ends(dp_mode, grads[s], done[s], hop, grad_chunks[s] if grad_chunks else None) \
             if D > 1 else done[s]
+        if dp_every > 1 or dp_overlap_steps:
+            hidden = dp_overlap_steps * max(sim.makespan for sim in sims)
+            ends = [d + max(0.0, e - d - hidden) / dp_every for d, e in zip(done[s], ends, strict=True)]
         finish.append(ends)
     bits = max(0, (P - 1).bit_length())
     ckey = ("control", tuple(map(tuple, grid)))

@@ -37,7 +37,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -45,14 +45,19 @@ from typing import Any
 import numpy as np
 
 from jaxpipe.comm.cluster import Cluster
+from jaxpipe.comm.codec import wire_nbytes
+from jaxpipe.comm.message import Kind
 from jaxpipe.comm.netem import transfer_chunks
+from jaxpipe.comm.traffic import tied_traffic
 from jaxpipe.config import Config
+from jaxpipe.dp import quant
 from jaxpipe.errors import ConfigError
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.costmodel import (
     LayoutPrediction,
     Link,
     StageTime,
+    act_spec,
     compute_dtype_name,
     predict_layout,
 )
@@ -60,10 +65,11 @@ from jaxpipe.pipeline.partition import Partition, StageCosts, balanced, resolve_
 from jaxpipe.pipeline.schedule import Lowered, make_schedule
 from jaxpipe.plan import dtfm
 from jaxpipe.plan.grid import Grid, grid_to_layout, launch_grid
+from jaxpipe.plan.quality import QualityTable, Row
 
 # ---- What may be searched ---------------------------------------------------------------------------
 
-SEARCHABLE = ("shape", "micro_batch", "schedule", "dp_mode", "tied_dtype", "placement")
+SEARCHABLE = ("shape", "micro_batch", "schedule", "dp_mode", "grad_codec", "act_codec", "tied_dtype", "placement")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,67 @@ ALL_SCHEDULES = (ScheduleChoice("gpipe"), ScheduleChoice("1f1b"), ScheduleChoice
                  ScheduleChoice("zb_h1"), ScheduleChoice("interleaved_1f1b", 0, 2))
 
 
+@dataclass(frozen=True)
+class AlgoChoice:
+    """The DP algorithm and the codecs: what may cost loss. `rows`: the quality-table rows relied on."""
+
+    dp_mode: str = "central_ps"
+    grad_codec: str = "none"
+    act_codec: str = "none"
+    inner_steps: int = 0  # DiLoCo's H
+    outer_lr: float = 0.0
+    outer_momentum: float = 0.0
+    exchange: str = "central_ps"  # DiLoCo's exchange pattern
+    rows: tuple[Row, ...] = ()
+    act_grad_codec: str | None = None  # None: act_codec's (a user-set one is kept)
+    fragments: int = 1  # Streaming DiLoCo's F and tau
+    overlap_steps: int = 0
+
+    @property
+    def diloco(self) -> bool:
+        return self.dp_mode in ("diloco", "streaming_diloco")
+
+    @property
+    def every(self) -> int:
+        """Steps per exchange of one rank (Streaming DiLoCo: one fragment each H / F steps)."""
+        return max(1, self.inner_steps // max(1, self.fragments)) if self.diloco else 1
+
+    @property
+    def dp_fraction(self) -> float:
+        """The share of the rank's parameters one exchange moves."""
+        return 1.0 / max(1, self.fragments)
+
+    @property
+    def loss_pct(self) -> float:
+        """What the budget is charged: the rows' increases, a measured decrease counting as none."""
+        return sum(max(0.0, r.loss_pct) for r in self.rows)
+
+    @property
+    def pattern(self) -> str:
+        """The exchange pattern the layout model times (allreduce runs as the sharded PS's ring)."""
+        mode = self.exchange if self.diloco else self.dp_mode
+        return "central_ps" if mode == "central_ps" else "sharded_ps"
+
+    def overrides(self) -> list[str]:
+        out = [f"parallel.dp_mode={self.dp_mode}", f"parallel.grad_codec={self.grad_codec}",
+               f"parallel.act_codec={self.act_codec}",
+               f"parallel.act_grad_codec={self.act_grad_codec or self.act_codec}"]
+        if self.diloco:
+            out += [f"parallel.diloco_inner_steps={self.inner_steps}", f"parallel.diloco_outer_lr={self.outer_lr:g}",
+                    f"parallel.diloco_outer_momentum={self.outer_momentum:g}",
+                    f"parallel.diloco_exchange={self.exchange}"]
+        if self.dp_mode == "streaming_diloco":
+            out += [f"parallel.diloco_fragments={self.fragments}",
+                    f"parallel.diloco_overlap_steps={self.overlap_steps}"]
+        return out
+
+    def describe(self) -> str:
+        s = self.dp_mode + (f" H={self.inner_steps} (outer lr {self.outer_lr:g}, momentum {self.outer_momentum:g})"
+                            if self.diloco else "")
+        s += f" + {self.grad_codec}" if self.grad_codec != "none" else ""
+        return s + (f" | act codec {self.act_codec}" if self.act_codec != "none" else "")
+
+
 @dataclass
 class Settings:
     """Everything besides the layout that decides an iteration (what `--set` would change)."""
@@ -89,21 +156,26 @@ class Settings:
     dp: int
     micro_batch: int
     schedule: ScheduleChoice
-    dp_mode: str
+    algo: AlgoChoice
     tied_dtype: str
     partition: tuple[int, ...]
+
+    @property
+    def dp_mode(self) -> str:
+        return self.algo.dp_mode
 
     def overrides(self) -> list[str]:
         s = self.schedule
         return [f"parallel.pp={self.pp}", f"parallel.dp={self.dp}", f"train.micro_batch_size={self.micro_batch}",
                 f"parallel.schedule={s.name}", f"parallel.extra_warmup={s.extra_warmup}",
-                f"parallel.virtual_stages={s.virtual_stages}", f"parallel.dp_mode={self.dp_mode}",
+                f"parallel.virtual_stages={s.virtual_stages}", *self.algo.overrides(),
                 f"parallel.tied_grad_dtype={self.tied_dtype}",
                 f"parallel.partition=[{','.join(map(str, self.partition))}]"]
 
     def describe(self) -> str:
         return (f"PP {self.pp} x DP {self.dp} | {self.schedule.describe()} | micro-batch {self.micro_batch} | "
-                f"dp {self.dp_mode} | tied gradient {self.tied_dtype} | layers per chunk {list(self.partition)}")
+                f"dp {self.algo.describe()} | tied gradient {self.tied_dtype} | "
+                f"layers per chunk {list(self.partition)}")
 
 
 @dataclass
@@ -190,6 +262,13 @@ class Workload:
     def rank_of(self, chunk: int) -> int:
         return chunk % self.pp
 
+    def act_factor(self, codec: str) -> float:
+        """Wire bytes of a pipeline message with `codec` over those of the compute dtype."""
+        if codec == "none":
+            return 1.0
+        spec = act_spec(self.cfg, self.platform)
+        return wire_nbytes(codec, Kind.ACT, spec) / spec.nbytes
+
     @cache  # noqa: B019 - one Workload per (shape, micro-batch) lives for one plan
     def partition(self, weights: tuple[float, ...]) -> Partition:
         """Per-rank `weights` (speed of the slowest host of each stage's DP group)."""
@@ -230,7 +309,12 @@ class Workload:
 
     def tied_bytes(self, dtype: str) -> float:
         m = self.cfg.model
-        return (2.0 if dtype == "bfloat16" else 4.0) * m.vocab_size * m.d_model * self.size_scale
+        return float(tied_traffic(m.vocab_size, m.d_model, dtype).egress(0)) * self.size_scale
+
+
+def grad_factor(codec: str) -> float:
+    """Wire bytes of the DP exchange with `parallel.grad_codec` over float32's (jaxpipe.dp.quant's rows)."""
+    return quant.row_bytes(codec) / quant.row_bytes("none")
 
 
 def stage_weights(cluster: Cluster, grid: Grid) -> tuple[float, ...]:
@@ -254,14 +338,17 @@ class BoundObjective:
     """jaxpipe's closed-form estimate of one layout's iteration (see the module docstring); `swap`
     applies a move and rescores only what it touches, `undo` takes the last move back."""
 
-    def __init__(self, cluster: Cluster, mats: _Matrices, work: Workload, grid: Grid, dp_modes: Sequence[str],
+    def __init__(self, cluster: Cluster, mats: _Matrices, work: Workload, grid: Grid, algos: Sequence[AlgoChoice],
                  tied_dtypes: Sequence[str], overlap: bool = True):
-        """`overlap`: a schedule that runs forwards and backwards at once (1F1B and its kin) may be chosen."""
+        """`overlap`: a schedule that runs forwards and backwards at once (1F1B and its kin) may be chosen.
+        Each DP choice is scored by its traffic: its pattern's bytes (codec applied), once per H steps."""
         self.cluster, self.m, self.w = cluster, mats, work
         self.overlap = overlap
         self.P, self.D = len(grid), len(grid[0])
         self.grid = [list(row) for row in grid]
-        self.modes = sorted({"chain" if m == "central_ps" else "ring" for m in dp_modes})
+        self.modes = sorted({("chain" if a.pattern == "central_ps" else "ring",
+                              grad_factor(a.grad_codec) * a.dp_fraction, a.every) for a in algos})
+        self.msg_factor = min(work.act_factor(a.act_codec) for a in algos)
         self.tied_bytes = min(work.tied_bytes(d) for d in tied_dtypes)
         self.hetero = cluster.speed is not None and len(set(cluster.speed)) > 1
         self._reload()
@@ -284,7 +371,7 @@ class BoundObjective:
     # components (plain loops and comparisons: these run for every move)
     def _pipe(self, r: int) -> float:
         g, lat, inv, sp = self.grid, self.m.lat, self.m.inv, self.m.speed
-        M, nbytes, F, B = self.w.M, self.w.msg_bytes, self.f, self.b
+        M, nbytes, F, B = self.w.M, self.w.msg_bytes * self.msg_factor, self.f, self.b
         fill = mf = mb = mfb = mtf = mtb = 0.0
         prev = -1
         for s in range(self.P):
@@ -327,13 +414,18 @@ class BoundObjective:
         worst = max(max(map(lat[a].__getitem__, hosts)) for a in hosts)
         return 2 * (self.P - 1).bit_length() * worst
 
-    def _dp(self, s: int, mode: str) -> float:
+    def _dp(self, s: int, key: tuple[str, float, int]) -> float:
         D = self.D
         if D == 1:
             return 0.0
+        mode, factor, every = key
+        return self._dp_once(s, mode, factor) / every
+
+    def _dp_once(self, s: int, mode: str, factor: float) -> float:
+        D = self.D
         g, lat, inv = self.grid[s], self.m.lat, self.m.inv
         if mode == "chain":
-            cb, total, worst = self.chunk_bytes[s], 0.0, 0.0
+            cb, total, worst = self.chunk_bytes[s] * factor, 0.0, 0.0
             a = g[0]
             for i in range(1, D):
                 b = g[i]
@@ -345,7 +437,7 @@ class BoundObjective:
                     worst = down
                 a = b
             return total + 2 * (self.n_chunks[s] - 1) * worst
-        sb, total, worst_tx, best_x = self.seg_bytes[s], 0.0, 0.0, math.inf
+        sb, total, worst_tx, best_x = self.seg_bytes[s] * factor, 0.0, 0.0, math.inf
         a = g[D - 1]
         for b in g:
             tx = sb * inv[a][b]
@@ -658,7 +750,7 @@ def polish(cluster: Cluster, work: Workload, cand: Candidate, pair: Callable[[in
                 continue
             grid = [list(row) for row in cand.grid]
             grid[s1][r1], grid[s2][r2] = grid[s2][r2], grid[s1][r1]
-            c = evaluate(cluster, work, grid, s.schedule, s.dp_mode, s.tied_dtype, pair, cache_, optimizer_s)
+            c = evaluate(cluster, work, grid, s.schedule, s.algo, s.tied_dtype, pair, cache_, optimizer_s)
             evals += 1
             if c is not None and c.iteration_s < cand.iteration_s * (1 - 1e-9):
                 cand, improved = c, True
@@ -713,7 +805,119 @@ def _links(cluster: Cluster, per_message_s: float) -> Callable[[int, int], Link]
     return lambda a, b: table[a][b]
 
 
-def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoice, dp_mode: str, tied_dtype: str,
+def config_algo(cfg: Config) -> AlgoChoice:
+    p = cfg.parallel
+    diloco = p.dp_mode in ("diloco", "streaming_diloco")
+    streaming = p.dp_mode == "streaming_diloco"
+    return AlgoChoice(p.dp_mode, p.grad_codec, p.act_codec, p.diloco_inner_steps if diloco else 0,
+                      p.diloco_outer_lr, p.diloco_outer_momentum, p.diloco_exchange, act_grad_codec=p.act_grad_codec,
+                      fragments=p.diloco_fragments if streaming else 1,
+                      overlap_steps=p.diloco_overlap_steps if streaming else 0)
+
+
+def algo_choices(cfg: Config, dp: int, search: Sequence[str], pinned: Collection[str], budget: float | None,
+                 table: QualityTable) -> list[AlgoChoice]:
+    """The DP algorithms and codecs the search may choose for `dp` replicas. A key in `pinned` keeps the
+    config's value (the user set it). A lossy choice the search makes needs a quality-table row and
+    `budget` (percent) > 0, and the rows of one choice must add up to at most the budget; a pinned
+    lossy choice is the user's and is not refused by the budget, but with a budget its row must exist."""
+    p = cfg.parallel
+    priced = budget is not None and budget > 0
+
+    def free(key: str, what: str) -> bool:
+        return what in search and f"parallel.{key}" not in pinned
+
+    def rows_for(kind: str, chosen: bool, **key: Any) -> tuple[Row, ...] | None:
+        """() lossless, the row(s) of a lossy setting, None when it may not be offered."""
+        if not chosen:  # pinned by the user
+            return (table.one(kind, **key),) if budget is not None else ()
+        if not priced:
+            return None
+        rows = table.of(kind, **key)
+        return (min(rows, key=lambda r: r.loss_pct),) if rows else None
+
+    acts: list[tuple[str, tuple[Row, ...]]] = []
+    for codec in (["none", "int8", "float8", "int4"] if free("act_codec", "act_codec") else [p.act_codec]):
+        rows = () if codec == "none" else rows_for("act_codec", free("act_codec", "act_codec"), codec=codec)
+        if rows is not None:
+            acts.append((codec, rows))
+    grads: list[tuple[str, tuple[Row, ...]]] = []
+    for codec in (["none", "bfloat16", "int8", "int4"] if free("grad_codec", "grad_codec") else [p.grad_codec]):
+        rows = () if codec == "none" else rows_for("grad_codec", free("grad_codec", "grad_codec"), codec=codec)
+        if rows is not None and (codec == "none" or dp > 1):
+            grads.append((codec, rows))
+    bases: list[AlgoChoice] = []
+    modes = ["central_ps", "sharded_ps", "diloco", "streaming_diloco"] if free("dp_mode", "dp_mode") else [p.dp_mode]
+    for mode in modes:
+        if mode not in ("diloco", "streaming_diloco"):
+            bases.append(AlgoChoice(mode))
+            continue
+        if dp < 2:
+            continue
+        chosen = free("dp_mode", "dp_mode")
+        key: dict[str, Any] = {"M": dp}
+        for k, name in (("H", "diloco_inner_steps"), ("outer_lr", "diloco_outer_lr"),
+                        ("outer_momentum", "diloco_outer_momentum")):
+            if f"parallel.{name}" in pinned or not chosen:
+                key[k] = getattr(p, name)
+        if not chosen and budget is None:
+            bases.append(dataclasses.replace(config_algo(cfg), grad_codec="none", act_codec="none",
+                                             act_grad_codec=None))
+            continue
+        if chosen and not priced:
+            continue
+        if mode == "streaming_diloco":
+            for k, name in (("fragments", "diloco_fragments"), ("overlap_steps", "diloco_overlap_steps")):
+                if f"parallel.{name}" in pinned or not chosen:
+                    key[k] = getattr(p, name)
+        found = table.of(mode, **key) if chosen else [table.one(mode, **key)]
+        for r in found:
+            extra = dict(r.key)
+            bases.append(AlgoChoice(mode, inner_steps=int(r.get("H")), outer_lr=float(r.get("outer_lr")),
+                                    outer_momentum=float(r.get("outer_momentum")), exchange=p.diloco_exchange,
+                                    rows=(r,), fragments=int(extra.get("fragments", 1)),
+                                    overlap_steps=int(extra.get("overlap_steps", 0))))
+    out = []
+    for b in bases:
+        for gc, grows in grads:
+            for ac, arows in acts:
+                a = dataclasses.replace(b, grad_codec=gc, act_codec=ac, rows=b.rows + grows + arows,
+                                        act_grad_codec=p.act_grad_codec if "parallel.act_grad_codec" in pinned
+                                        else None)
+                if a.rows and budget is not None and a.loss_pct > budget + 1e-9 and _search_made(a, pinned):
+                    continue
+                out.append(a)
+    return _undominated(out, cfg)
+
+
+def _search_made(a: AlgoChoice, pinned: Collection[str]) -> bool:
+    """Whether the search (not the user) made one of `a`'s lossy choices."""
+    return ((a.diloco and "parallel.dp_mode" not in pinned)
+            or (a.grad_codec != "none" and "parallel.grad_codec" not in pinned)
+            or (a.act_codec != "none" and "parallel.act_codec" not in pinned))
+
+
+def _undominated(algos: list[AlgoChoice], cfg: Config) -> list[AlgoChoice]:
+    """Drops a choice that another beats or equals on every count: pipeline bytes, DP bytes per step
+    and loss (bfloat16 gradients against int8's, say)."""
+    def cost(a: AlgoChoice) -> tuple[float, float, float, str]:
+        act = {"none": 1.0, "int4": 0.25}.get(a.act_codec, 0.5)
+        hidden = 0.5 if a.overlap_steps else 1.0  # an overlapped exchange is not dominated by a blocking one
+        return act, grad_factor(a.grad_codec) * a.dp_fraction * hidden / a.every, a.loss_pct, a.pattern
+
+    costs = [cost(a) for a in algos]
+    keep = []
+    for i, a in enumerate(algos):
+        ci = costs[i]
+        beaten = any(j != i and costs[j][3] == ci[3] and
+                     all(x <= y for x, y in zip(costs[j][:3], ci[:3], strict=True)) and
+                     (costs[j][:3] != ci[:3] or j < i) for j in range(len(algos)))
+        if not beaten:
+            keep.append(a)
+    return keep
+
+
+def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoice, algo: AlgoChoice, tied_dtype: str,
              pair: Callable[[int, int], Link], cache_: dict, optimizer_s: float = 0.0) -> Candidate | None:
     """jaxpipe's full prediction of one layout with one set of settings (None: the schedule does not fit)."""
     lowered = _lowered(choice, work.pp, work.M)
@@ -726,10 +930,13 @@ def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoic
     times = [[StageTime(t.fwd / cluster.speed_of(grid[work.rank_of(c)][r]), t.bwd / cluster.speed_of(
         grid[work.rank_of(c)][r]), t.input_frac) for c, t in enumerate(times0)] for r in range(work.dp)]
     grads, chunks = work.grads(weights)
-    pred = predict_layout(lowered, grid, times, work.msg_bytes, pair, dp_mode=dp_mode, grad_bytes=grads,
-                          grad_chunks=chunks, tied_bytes=work.tied_bytes(tied_dtype), optimizer_s=optimizer_s,
-                          cache=cache_)
-    settings = Settings(work.pp, work.dp, work.micro_batch, choice, dp_mode, tied_dtype, tuple(work.partition(
+    gf = grad_factor(algo.grad_codec)
+    pred = predict_layout(lowered, grid, times, work.msg_bytes * work.act_factor(algo.act_codec), pair,
+                          dp_mode=algo.pattern, grad_bytes=[g * gf * algo.dp_fraction for g in grads],
+                          grad_chunks=chunks,
+                          tied_bytes=work.tied_bytes(tied_dtype), optimizer_s=optimizer_s, cache=cache_,
+                          dp_every=algo.every, dp_overlap_steps=algo.overlap_steps)
+    settings = Settings(work.pp, work.dp, work.micro_batch, choice, algo, tied_dtype, tuple(work.partition(
         weights).counts))
     return Candidate(settings, [list(r) for r in grid], pred)
 
@@ -738,14 +945,18 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
                 search: Sequence[str] = SEARCHABLE, time_budget_s: float | None = None, seed: int = 0,
                 platform: str = "gpu", stage_times: Sequence[StageTime] | None = None, per_message_s: float = 0.0,
                 optimizer_s: float = 0.0, objective: str = "jaxpipe", dtfm_sizes: dtfm.DtfmSizes | None = None,
-                log: Callable[[str], None] | None = None, fixed_grid: Grid | None = None) -> PlanResult:
+                log: Callable[[str], None] | None = None, fixed_grid: Grid | None = None,
+                pinned: Collection[str] = (), max_loss_increase: float | None = None,
+                quality: QualityTable | None = None) -> PlanResult:
     """Plans a job on `ranks` of `cluster` (default: all; world rank k of the job runs on cluster rank
     ranks[k]) for `cfg`: the layout, and whatever of SEARCHABLE `search` names (the rest comes from
     `cfg`). `stage_times` (per chunk, measured for the config's shape and micro-batch at nominal speed)
     replaces the roofline estimate and fixes shape and micro-batch. `objective="dtfm"` anneals the
     layouts on DT-FM's cost model (`dtfm_sizes`) instead of jaxpipe's bound; the settings are still
     chosen by jaxpipe's simulation. `fixed_grid` (with "placement" not searched) scores that layout
-    instead of the launch order. Raises ConfigError when nothing fits."""
+    instead of the launch order. `pinned`: the keys the user set (`--set`): never changed. The DP
+    algorithm and the codecs are searched within `max_loss_increase` (percent; None or 0: lossless
+    choices only), priced from `quality` (default: the shipped table). Raises ConfigError when nothing fits."""
     t_start = time.perf_counter()
     ranks = list(range(cluster.n)) if ranks is None else [int(r) for r in ranks]
     if len(set(ranks)) != len(ranks) or not all(0 <= r < cluster.n for r in ranks):
@@ -767,8 +978,16 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
                           f"train.global_batch_size = {cfg.train.global_batch_size})")
     schedules = list(ALL_SCHEDULES) if "schedule" in search else [
         ScheduleChoice(p.schedule, p.extra_warmup, p.virtual_stages)]
+    if max_loss_increase is not None and not max_loss_increase >= 0:
+        raise ConfigError(f"--max-loss-increase must be 0% or more (the loss the plan may add), got "
+                          f"{max_loss_increase}")
+    table = quality or QualityTable.load()
     # Under emulation (and in the model) allreduce is the sharded PS's ring, so searching one covers both.
-    dp_modes = ["central_ps", "sharded_ps"] if "dp_mode" in search else [p.dp_mode]
+    algos_of = {dp: algo_choices(cfg, dp, search, pinned, max_loss_increase, table) for _, dp in shapes}
+    shapes = [s for s in shapes if algos_of[s[1]]]
+    if not shapes:
+        raise ConfigError(f"plan: parallel.dp_mode={p.dp_mode} fits none of the searched shapes (DiLoCo needs "
+                          f"parallel.dp >= 2)")
     # A bfloat16 tied gradient is never slower; it is simulated, and kept only where it saves >= 1%.
     tied_dtypes = ["bfloat16"] if "tied_dtype" in search else [p.tied_grad_dtype]
     mats = _Matrices(sub, per_message_s)
@@ -801,7 +1020,7 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
             if objective == "dtfm":
                 obj: Any = DtfmObjective(sub, grid, dtfm_sizes or dtfm.DtfmSizes.of_workload(cfg, pp, dp))
             else:
-                obj = BoundObjective(sub, mats, v1, grid, dp_modes, tied_dtypes,
+                obj = BoundObjective(sub, mats, v1, grid, algos_of[dp], tied_dtypes,
                                      overlap=any(c.name != "gpipe" for c in schedules))
             if "placement" not in search or pp * dp == 1:
                 found.append((obj.value(), grid, name))
@@ -856,9 +1075,9 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
             if not fits(choice, v1):
                 continue
             work = workload(v1.pp, v1.dp, v1.micro_batch, choice.virtual_stages)
-            for mode in dp_modes:
+            for algo in algos_of[v1.dp]:
                 for td in tied_dtypes:
-                    c = evaluate(sub, work, grid, choice, mode, td, pair, cache_, optimizer_s)
+                    c = evaluate(sub, work, grid, choice, algo, td, pair, cache_, optimizer_s)
                     if c is None:
                         continue
                     stats["layouts_simulated"] += 1
@@ -883,15 +1102,15 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
                 if not fits(choice, work):
                     continue
                 w2 = workload(s0.pp, s0.dp, s0.micro_batch, choice.virtual_stages)
-                for mode in dp_modes:
+                for algo in algos_of[s0.dp]:
                     for td in tied_dtypes:
-                        c = evaluate(sub, w2, best.grid, choice, mode, td, pair, cache_, optimizer_s)
+                        c = evaluate(sub, w2, best.grid, choice, algo, td, pair, cache_, optimizer_s)
                         if c is not None and c.iteration_s < best.iteration_s - 1e-12:
                             best = c
     if "tied_dtype" in search and best.settings.tied_dtype == "bfloat16":  # rounding only where it pays
         s = best.settings
         exact = evaluate(sub, workload(s.pp, s.dp, s.micro_batch, s.schedule.virtual_stages), best.grid, s.schedule,
-                         s.dp_mode, "float32", pair, cache_, optimizer_s)
+                         s.algo, "float32", pair, cache_, optimizer_s)
         if exact is not None and exact.iteration_s <= 1.01 * best.iteration_s:
             best = exact
     shape = (best.settings.pp, best.settings.dp)
@@ -899,7 +1118,7 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
     if launch is None:  # the best shape's launch order, with the best settings
         s = best.settings
         launch = evaluate(sub, workload(s.pp, s.dp, s.micro_batch, s.schedule.virtual_stages),
-                          launch_grid(s.pp, s.dp), s.schedule, s.dp_mode, s.tied_dtype, pair, cache_, optimizer_s)
+                          launch_grid(s.pp, s.dp), s.schedule, s.algo, s.tied_dtype, pair, cache_, optimizer_s)
         assert launch is not None
     launch_config = None
     if (p.pp * p.replicas == n and cfg.num_microbatches >= 1 and
@@ -907,13 +1126,13 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
         try:
             work = workload(p.pp, p.replicas, cfg.train.micro_batch_size, p.virtual_stages)
             launch_config = evaluate(sub, work, launch_grid(p.pp, p.replicas),
-                                     ScheduleChoice(p.schedule, p.extra_warmup, p.virtual_stages), p.dp_mode,
+                                     ScheduleChoice(p.schedule, p.extra_warmup, p.virtual_stages), config_algo(cfg),
                                      p.tied_grad_dtype, pair, cache_, optimizer_s)
         except ConfigError:
             launch_config = None
     s = best.settings
     launch_same = evaluate(sub, workload(s.pp, s.dp, s.micro_batch, s.schedule.virtual_stages),
-                           launch_grid(s.pp, s.dp), s.schedule, s.dp_mode, s.tied_dtype, pair, cache_, optimizer_s)
+                           launch_grid(s.pp, s.dp), s.schedule, s.algo, s.tied_dtype, pair, cache_, optimizer_s)
     stats["seconds"] = time.perf_counter() - t_start
     return PlanResult(sub, ranks, best, launch, launch_config, launch_same, stats)
 
@@ -950,6 +1169,8 @@ def format_plan(res: PlanResult, sizes: dtfm.DtfmSizes | None = None, placement_
            f"{st['seconds']:.1f} s",
            f"chosen: {b.settings.describe()}",
            f"  predicted iteration {b.iteration_s:.3f} s; {b.prediction.explanation}",
+           *([f"  loss priced at +{b.settings.algo.loss_pct:.2f} % (rows added) from the quality table:"]
+             + [f"    {r.describe()}" for r in b.settings.algo.rows] if b.settings.algo.rows else []),
            f"launch order, same shape, its best settings: {lo.iteration_s:.3f} s ({lo.prediction.bound}-bound): "
            f"{lo.iteration_s / b.iteration_s:.2f}x the chosen layout's time"]
     if res.launch_same is not None and res.launch_same.settings != lo.settings:

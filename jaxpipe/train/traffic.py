@@ -20,8 +20,8 @@ import numpy as np
 
 from jaxpipe.comm.codec import Codec, Delta, DeltaStore, RowQuant, make_codec
 from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey
-from jaxpipe.comm.tied import wire_bytes_per_end
 from jaxpipe.comm.topology import Topology
+from jaxpipe.comm.traffic import tied_traffic
 from jaxpipe.config import Config
 from jaxpipe.data.source import TokenFileSource, TokenSource, replica_sample_indices
 from jaxpipe.pipeline.partition import Partition
@@ -62,8 +62,8 @@ def pipeline_codecs(cfg: Config, topo: Topology, schedule: Schedule, partition: 
 
 
 def tied_wire_bytes(cfg: Config) -> int:
-    """Bytes one end of the tied embedding sends per step (`parallel.tied_grad_dtype`; jaxpipe.comm.tied)."""
-    return wire_bytes_per_end(cfg.model.vocab_size, cfg.model.d_model, cfg.parallel.tied_grad_dtype)
+    """Bytes one end of the tied embedding sends per step (`parallel.tied_grad_dtype`)."""
+    return tied_traffic(cfg.model.vocab_size, cfg.model.d_model, cfg.parallel.tied_grad_dtype).egress(0)
 
 
 def _messages(lowered: Lowered) -> dict[Op, int]:

@@ -43,8 +43,7 @@ from jaxpipe.comm.topology import Topology, read_placement
 from jaxpipe.comm.transport import ThreadedTransport, make_transport
 from jaxpipe.config import Config, effective_warmup, resolve_world
 from jaxpipe.data.source import TokenSource, make_source, replica_sample_indices
-from jaxpipe.dp.base import DataParallel, DPContext
-from jaxpipe.dp.collectives import make_collectives
+from jaxpipe.dp.base import DataParallel, DPContext, make_collectives
 from jaxpipe.dp.sync import make_data_parallel
 from jaxpipe.errors import CheckpointError, NonFiniteError, Preempted, agree
 from jaxpipe.model.gpt import Params, compute_dtype, model_flops_per_token
@@ -308,7 +307,7 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
         topo.dp_comm, net, dp_rank_of, p, place_trees,
         collectives=lambda: f.dp_collectives(p.transport, topo.dp_comm, net, dp_rank_of),
         stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last, tied=topo.tied,
-        tied_first=0 in chunks, tied_peer=tied_peer))
+        tied_first=0 in chunks, tied_peer=tied_peer, chunk_layers={c: partition.stage(c) for c in chunks}))
     # -- compressed pipeline traffic: this rank's codecs (jaxpipe.train.traffic), checked before compiling.
     act_spec, place = programs[chunks[0]].act_spec, programs[chunks[0]].place_input
     codecs, codec_state = pipeline_codecs(cfg, topo, schedule, partition, source, act_spec, place)

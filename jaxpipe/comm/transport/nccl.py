@@ -10,12 +10,12 @@ import jax
 import numpy as np
 from mpi4py import MPI
 
+from jaxpipe.comm import nccl as nccl_setup
 from jaxpipe.comm.codec import Codec
 from jaxpipe.comm.message import HEADER_LEN, ArraySpec, Kind, MsgKey, tag
 from jaxpipe.comm.netem import NetworkEmulator
 from jaxpipe.comm.transport.base import ThreadedTransport, require_thread_multiple
 from jaxpipe.comm.transport.device import as_bytes_on_device, from_bytes_on_device, wait_stream, wire_view
-from jaxpipe.errors import ConfigError
 
 
 class ReadyHandshake(ThreadedTransport):
@@ -89,12 +89,7 @@ class Nccl(ReadyHandshake):
         """`links`: the pairs of pipeline ranks that exchange messages (the same list on every
         rank; by default neighbours in a line, and with several chunks per rank the last rank and
         the first too)."""
-        try:
-            import cupy
-            from cupy.cuda import nccl
-        except ImportError as e:
-            raise ConfigError(
-                f"parallel.transport=nccl needs CuPy with NCCL ({e}); use parallel.transport=mpi") from None
+        cupy, nccl = nccl_setup.load()
         self._cupy, self._nccl = cupy, nccl
         n = comm.Get_size()
         pairs = sorted({(min(a, b), max(a, b)) for a, b in (links or [(i, i + 1) for i in range(n - 1)])})
@@ -106,13 +101,8 @@ class Nccl(ReadyHandshake):
             if stage not in (lo, hi):
                 continue
             for src, dst in ((lo, hi), (hi, lo)):
-                uid = nccl.get_unique_id() if stage == lo else None
-                if stage == lo:
-                    comm.send(uid, dest=hi, tag=900 + src)
-                else:
-                    uid = comm.recv(source=lo, tag=900 + src)
-                self._comms[(src, dst)] = nccl.NcclCommunicator(2, uid, 0 if stage == lo else 1)
-                self._streams[(src, dst)] = cupy.cuda.Stream(non_blocking=True)
+                self._comms[(src, dst)] = nccl_setup.pair_communicator(comm, stage, lo, hi, tag=900 + src)
+                self._streams[(src, dst)] = nccl_setup.new_stream()
         super().__init__(comm, stage, world_rank_of, net, codecs)
 
     def _nccl_rank(self, link: tuple[int, int]) -> int:
