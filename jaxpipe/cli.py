@@ -116,9 +116,6 @@ def _parser() -> argparse.ArgumentParser:
                       help="also predict the original DT-FM's five network settings for this config, and rank every "
                            "schedule x pipeline codec for the configured network, priced in loss from the shipped "
                            "quality table (jaxpipe/plan/quality.yaml)")
-    plan.add_argument("--max-loss-increase", type=float, default=1.0, metavar="PCT",
-                      help="with --sweep: the loss budget, in percent of the validation loss over no compression "
-                           "(default 1.0); the fastest choice within it is marked")
     plan.add_argument("--show-schedule", action="store_true",
                       help="print the configured schedule: each rank's actions placed in time with unit costs "
                            "('.' marks idle time), then its lowered actions with receives and sends")
@@ -275,7 +272,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                             for label, delay, rate in ORIGINAL_SETTINGS]))
         net = cfg.network
         where = f"{net.delay_ms:g} ms, {net.rate_gbit:g} Gbit/s" if net.enabled else "unlimited links"
-        print(format_sweep(sweep(cfg, platform=args.platform), args.max_loss_increase, where))
+        from jaxpipe.plan.quality import parse_budget
+
+        budget = parse_budget(args.max_loss_increase)
+        print(format_sweep(sweep(cfg, platform=args.platform), 1.0 if budget is None else budget, where))
 
 
 def _param_counts(cfg: Any) -> str:
@@ -412,9 +412,10 @@ def _add_placement_args(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--objective", choices=["jaxpipe", "dtfm"], default="jaxpipe",
                       help="with --cluster: anneal layouts on jaxpipe's cost model (default) or on DT-FM's")
     plan.add_argument("--seed", type=int, default=0, help="with --cluster: the search's random seed")
-    plan.add_argument("--max-loss-increase", metavar="X%", help="with --cluster: lossy choices (DiLoCo, codecs) the "
-                      "search may make, priced from the measured quality table, adding at most X%% to the loss "
-                      "(default: none; keys given with --set are kept as set)")
+    plan.add_argument("--max-loss-increase", metavar="X%", help="the loss budget, priced from the measured quality "
+                      "table: with --cluster, lossy choices (DiLoCo, codecs) the search may make, adding at most X%% "
+                      "to the loss (default: none; keys given with --set are kept as set); with --sweep, the budget "
+                      "within which the fastest schedule x codec is marked (default: 1%%)")
     plan.add_argument("--quality-table", metavar="FILE", help="with --cluster: the quality table to price lossy "
                       "choices with (default: the one shipped, jaxpipe/plan/quality.yaml)")
 

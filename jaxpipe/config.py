@@ -532,9 +532,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.num_microbatches} micro-batches per replica: at most 4096 (raise train.micro_batch_size)"
         )
-    for key, registry in REGISTERED:  # the chosen class's own rules (parallel.extra_warmup for 1f1b, ...)
-        section, name = key.split(".")
-        registry.validate(getattr(getattr(cfg, section), name), cfg, key)
+    chosen = [(key, registry, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+              for key, registry in REGISTERED]
+    for key, registry, value in chosen:  # every key names a class before any class's rules run
+        registry.get(value, key)
+    for key, registry, value in chosen:  # the chosen class's own rules (parallel.extra_warmup for 1f1b, ...)
+        registry.validate(value, cfg, key)
     if p.stage_remat is not None:
         if len(p.stage_remat) != p.pp:
             raise ConfigError(f"parallel.stage_remat has {len(p.stage_remat)} entries, need parallel.pp = {p.pp}")

@@ -248,12 +248,10 @@ def test_search_matches_brute_force():
 
 
 QUALITY_ROWS = """
-act_codec:
-  - {codec: int8, loss_increase_pct: 0.2, source: test row}
-grad_codec:
-  - {codec: int8, loss_increase_pct: 0.2, source: test row}
-diloco:
-  - {M: 2, H: 30, outer_lr: 0.6, outer_momentum: 0.0, warmup: 0, loss_increase_pct: 0.8, source: test row}
+- {parallel.act_codec: int8, parallel.act_grad_codec: int8, loss_increase_pct: 0.2, source: test row}
+- {parallel.grad_codec: int8, loss_increase_pct: 0.2, source: test row}
+- {parallel.dp_mode: diloco, parallel.dp: 2, parallel.diloco_inner_steps: 30, parallel.diloco_outer_lr: 0.6,
+   parallel.diloco_outer_momentum: 0.0, loss_increase_pct: 0.8, source: test row}
 """
 
 
