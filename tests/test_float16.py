@@ -148,9 +148,12 @@ FLOAT16_REFUSED: dict[str, str] = {}
 # DiLoCo's replicas decide on their own (replica 1 alone skips step DP_FAULT_STEP), so these runs meet
 # reference_diloco with per-replica loss scales instead: exchange -> bounds (loss, norm, parameter atol).
 DILOCO_H = 3
+# Losses: measured within 2.2e-5 of the reference at step 8 (jax 0.10.2: two float16 replicas, an outer
+# step and a skipped step behind it), so 5e-5; a step applied or skipped wrongly moves them by > 1e-3.
+DILOCO_LOSS_RTOL = 5e-5
 FLOAT16_DILOCO: dict[str, tuple[float, float, float]] = {
-    "central_ps": (LOSS_RTOL, NORM_RTOL, PARAM_ATOL),
-    "sharded_ps": (LOSS_RTOL, NORM_RTOL, PARAM_ATOL),
+    "central_ps": (DILOCO_LOSS_RTOL, NORM_RTOL, PARAM_ATOL),
+    "sharded_ps": (DILOCO_LOSS_RTOL, NORM_RTOL, PARAM_ATOL),
 }
 
 
