@@ -252,7 +252,8 @@ class RuntimeConfig:
     # `first_step_timeout_s` instead. 0 = no deadline.
     comm_timeout_s: float = 300.0
     first_step_timeout_s: float = 1800.0
-    # SIGTERM/SIGINT: every rank stops after the current step and commits a checkpoint; a job still running
+    # SIGTERM/SIGINT: every rank stops at a step boundary (after the step in which the world learns of the
+    # signal: without runtime.step_barrier, a step later) and commits a checkpoint; a job still running
     # this long after the signal exits without it (spot reclaim and Slurm's KillWait allow 30-120 s).
     preempt_grace_s: float = 120.0
     # A world barrier at the start of every step, as the original timed its iterations (tools/bench.py and

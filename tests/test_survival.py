@@ -133,25 +133,26 @@ def train_cmd(n: int | str, overrides: list[str], metrics_out: Path) -> list[str
 @pytest.mark.mpi
 def test_sigterm_on_one_rank_checkpoints_every_stage_and_supervise_resumes_bit_identically(tmp_path,
                                                                                           tmp_path_factory):
-    """SIGTERM to rank 1 alone during step 2 of 3 (PP=2 x DP=2): every rank stops after step 2, the
-    checkpoint of step 2 holds every stage's items, the job exits 75; `supervise` (with no restarts
-    to spend: a preemption costs none) resumes it, and step 3 and the final parameters are bit for
-    bit those of the uninterrupted run."""
+    """SIGTERM to rank 1 alone during step 1 of 3 (PP=2 x DP=2): the world learns of it with step 1's
+    sums, read after step 2 (no step barrier: they are read a step late), so every rank stops after
+    step 2, the checkpoint of step 2 holds every stage's items, the job exits 75; `supervise` (with no
+    restarts to spend: a preemption costs none) resumes it, and step 3 and the final parameters are bit
+    for bit those of the uninterrupted run."""
     ref_losses, ref_params = uninterrupted(tmp_path_factory)
     ckpt = tmp_path / "ckpt"
-    env, marker = fault_env(tmp_path, "pause@step=2,rank=1")
+    env, marker = fault_env(tmp_path, "pause@step=1,rank=1")
     base = [*MODEL, *TRAIN, "parallel.pp=2", "parallel.dp=auto", f"train.checkpoint_dir={ckpt}",
             "train.checkpoint_every=3", "runtime.preempt_grace_s=60"]
     cmd = [PY, "-m", "jaxpipe", "supervise", "--max-restarts", "0", "--delay", "0", "--",
            *train_cmd(4, base, tmp_path / "m.jsonl")]
     job = Job(cmd, env)
-    job.until(lambda: fired(marker), "the pause at step 2")
+    job.until(lambda: fired(marker), "the pause at step 1")
     note = fired(marker)
     os.kill(int(note.split()[1]), signal.SIGTERM)  # rank 1's own process, not the launcher
     job.until(lambda: "SIGTERM received" in job.stderr, "rank 1's notice")
     release(marker, note)
     assert job.wait() == 0, job.stdout + job.stderr
-    assert ("jaxpipe: rank 1 (stage 1 of 2, replica 0): SIGTERM received at step 2, " in job.stderr
+    assert ("jaxpipe: rank 1 (stage 1 of 2, replica 0): SIGTERM received at step 1, " in job.stderr
             and job.stderr.count("SIGTERM received") == 1), job.stderr
     step2 = ckpt / "step_00000002"
     said = re.search(rf"preempted: SIGTERM on rank 1; every rank stopped after step 2, checkpoint {step2} "

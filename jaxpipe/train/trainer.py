@@ -158,6 +158,7 @@ class StepMetrics:
     dp_s: float = 0.0  # the data-parallel part of the step (sync + outer step), on the slowest rank
     nonfinite_replicas: int = 0  # pipelines whose step was not finite (all or none unless DiLoCo)
     loss_scale: float = 1.0  # the scale this step's loss was multiplied by
+    scale_after: float = 1.0  # the loss scale after this step's update (its report may come a step later)
     preempted: bool = False  # some rank had a SIGTERM/SIGINT when the step's loss sum started: all stop now
     pipe_bytes: int = 0  # activations and their gradients put on links this step, all ranks
     tied_bytes: int = 0  # the tied-embedding exchange's, all ranks
@@ -454,7 +455,8 @@ def do_step(run: Run, state: TrainState, step: int, batch: StepBatch) -> tuple[T
     scale = run.scaler.scale
     run.scaler.update(finite)
     bad = [s for s in range(p.pp) if not np.isfinite(parts[s]).all()]
-    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad, loss_scale=scale)
+    metrics = StepMetrics(step + 1, float("nan"), norm, lr, dt, finite, sq_total, bad, loss_scale=scale,
+                          scale_after=run.scaler.scale)
     return TrainState(params, opt_state, updates), metrics, (loss_req, buf, send, dp_req, buf_s, send_s)
 
 
@@ -499,7 +501,7 @@ def report(run: Run, m: StepMetrics, skipped: str | None) -> None:
     if run.reporter and skipped is not None:
         run.log(f"step {m.step:>5} | skipped: {skipped}; no update on "
                 + ("any rank" if run.dp.syncs_every_step else "this replica's ranks (DiLoCo: each replica decides)")
-                + (f" (loss scale now {run.scaler.scale:g})" if run.scaler.dynamic else ""))
+                + (f" (loss scale now {m.scale_after:g})" if run.scaler.dynamic else ""))
     if run.reporter and ((m.step - 1) % cfg.train.log_every == 0 or m.step == cfg.train.steps):
         run.log(f"step {m.step:>5} | loss {m.loss:.4f} | {m.iter_time_s:.3f} s | {tokens / m.iter_time_s:,.0f} tok/s"
                 f"{_throughput_text(run, m)} | grad norm {m.grad_norm:.3f} | lr {m.lr:.2e}")
@@ -565,9 +567,7 @@ def start_observing(run: Run, state: TrainState, start_step: int, observe: Obser
 
 
 def observe_step(run: Run, observer: Observer, m: StepMetrics) -> None:
-    """After a step and its hooks: the trace's step ends, TensorBoard and the progress line get it."""
-    if TRACE.enabled:
-        TRACE.end_step(m.iter_time_s)
+    """Once a step's world sums are read: TensorBoard and the progress line get it."""
     if not run.reporter:
         return
     cfg = run.cfg
@@ -668,6 +668,8 @@ def _train(cfg: Config, comm: Any, metrics_out: str | Path | None, log: Callable
             while len(late) > (0 if now else 1):
                 preempted |= _conclude_step(run, result, observer, *late.pop(0))
             run.hooks.after_step(step + 1, state.params, state.opt_state, run.metrics_file)
+            if TRACE.enabled:  # This step's span ends here, whenever its world sums are read.
+                TRACE.end_step(metrics.iter_time_s)
             if preempted and step + 1 < cfg.train.steps:
                 run.hooks.stop_preempted(step + 1, state.params, state.opt_state)
     except BaseException as e:
