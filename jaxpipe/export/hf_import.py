@@ -130,14 +130,9 @@ def check_tensors(model: ModelConfig, tensors: _Tensors, prefix: str) -> str:
 
 
 def _nest(flat: dict[str, np.ndarray], item: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.removeprefix(item + "/").split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+    from jaxpipe.train.checkpoint import unflatten
+
+    return unflatten({key.removeprefix(item + "/"): value for key, value in flat.items()})
 
 
 def _items(model: ModelConfig, tensors: _Tensors, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:

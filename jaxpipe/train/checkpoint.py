@@ -131,7 +131,8 @@ def check_compatible(state: Mapping[str, Any], model: ModelConfig, ckpt: str | P
 # ---- Per-layer items ---------------------------------------------------------------------------------
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a/b': x} -> {'a': {'b': x}}: a per-layer item's tree from its '/'-joined keys."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
         node = out
@@ -146,7 +147,7 @@ def _per_item(model: ModelConfig, spec: StageSpec, tree: Params) -> dict[str, di
     """A stage-shaped tree as {item: nested per-layer tree}, without the head's copy of `wte`."""
     flat = flatten_per_layer(model, spec.layers, spec.first, spec.last, tree)
     flat.pop("head/wte", None)
-    return _unflatten({k: np.asarray(v) for k, v in flat.items()})
+    return unflatten({k: np.asarray(v) for k, v in flat.items()})
 
 
 def _key_name(k: Any) -> str:
