@@ -31,6 +31,14 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.dtype)
 
 
+def block_setup(cfg: ModelConfig) -> tuple[jnp.dtype, int, int, Any, Any]:
+    """What every block kind starts from: compute dtype, heads, head width, the weight initialiser and
+    the residual projections' (GPT-2/3 scale them by 1/sqrt(2 * n_layer) so depth does not grow the
+    stream; LLaMA's blocks keep the same rule)."""
+    return (compute_dtype(cfg), cfg.n_head, cfg.d_model // cfg.n_head, nn.initializers.normal(cfg.init_std),
+            nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer)))
+
+
 def _attention_impl(cfg: ModelConfig) -> Literal["xla", "cudnn"]:
     """cuDNN flash attention on GPU in half precision (~1.5x XLA's on H100), XLA elsewhere."""
     if cfg.attention != "auto":
@@ -94,11 +102,7 @@ class Block(nn.Module):
 
     def setup(self) -> None:
         cfg = self.cfg
-        dtype = compute_dtype(cfg)
-        n_head, d_head = cfg.n_head, cfg.d_model // cfg.n_head
-        init = nn.initializers.normal(cfg.init_std)
-        # GPT-2/3 scale the residual projections by 1/sqrt(2 * n_layer) so depth does not grow the stream.
-        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        dtype, n_head, d_head, init, out_init = block_setup(cfg)
         self.ln_1 = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype)
         self.qkv = nn.DenseGeneral((3, n_head, d_head), dtype=dtype, kernel_init=init)
         self.proj = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dtype, kernel_init=out_init)

@@ -70,13 +70,10 @@ class LlamaBlock(nn.Module):
     cfg: ModelConfig
 
     def setup(self) -> None:
-        from jaxpipe.model.gpt import compute_dtype
+        from jaxpipe.model.gpt import block_setup
 
         cfg = self.cfg
-        dtype = compute_dtype(cfg)
-        n_head, d_head = cfg.n_head, cfg.d_model // cfg.n_head
-        init = nn.initializers.normal(cfg.init_std)
-        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        dtype, n_head, d_head, init, out_init = block_setup(cfg)
         self.ln_1 = nn.RMSNorm(epsilon=cfg.ln_eps, dtype=dtype)
         self.q = nn.DenseGeneral((n_head, d_head), use_bias=False, dtype=dtype, kernel_init=init)
         self.kv = nn.DenseGeneral((2, cfg.kv_heads, d_head), use_bias=False, dtype=dtype, kernel_init=init)
