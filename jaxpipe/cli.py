@@ -408,7 +408,9 @@ def _add_placement_args(plan: argparse.ArgumentParser) -> None:
                       help=f"with --cluster: what to choose, comma-separated (default all: {','.join(SEARCHABLE)}); "
                            "the rest comes from the config")
     plan.add_argument("--time-budget", type=float, metavar="S", help="with --cluster: seconds for the layout search "
-                      "(default: 5 + 0.3 s per rank, at most 30)")
+                      "(default: 2 + 0.25 s per rank, at most 20)")
+    plan.add_argument("--max-moves", type=int, metavar="N", help="with --cluster: search N annealing moves instead of "
+                      "for a time (no clock: the same plan on any machine, for a given --seed)")
     plan.add_argument("--objective", choices=["jaxpipe", "dtfm"], default="jaxpipe",
                       help="with --cluster: anneal layouts on jaxpipe's cost model (default) or on DT-FM's")
     plan.add_argument("--seed", type=int, default=0, help="with --cluster: the search's random seed")
@@ -438,7 +440,8 @@ def _cmd_plan_cluster(args: argparse.Namespace) -> None:
     pinned = {parse_override(o)[0] for o in args.overrides}  # what the user set is never changed
     table = QualityTable.load(args.quality_table) if args.quality_table else None
     res = plan_layout(cluster, cfg, search=[w.strip() for w in args.search.split(",") if w.strip()],
-                      time_budget_s=args.time_budget, seed=args.seed, platform=args.platform, stage_times=times,
+                      time_budget_s=args.time_budget, max_moves=args.max_moves, seed=args.seed,
+                      platform=args.platform, stage_times=times,
                       objective=args.objective, dtfm_sizes=ANCHOR_SIZES, log=log, pinned=pinned,
                       max_loss_increase=parse_budget(args.max_loss_increase), quality=table)
     if args.placement_out:

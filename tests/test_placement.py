@@ -227,7 +227,7 @@ def test_search_finds_the_known_optimum_of_four_ranks_in_two_regions():
     cluster = two_region_cluster(4)
     cfg = load_config(None, [*TINY, "parallel.pp=2", "parallel.dp=2", "network.size_scale=128",
                              "train.global_batch_size=64"])
-    res = plan_layout(cluster, cfg, search=["placement"], platform="cpu", time_budget_s=1.0)
+    res = plan_layout(cluster, cfg, search=["placement"], platform="cpu", max_moves=3000)
     brute = _brute(cluster, cfg, 2, 2, res.best.settings)
     assert res.best.iteration_s == pytest.approx(min(brute.values()), rel=1e-9)
     for r in range(2):  # each replica inside one region
@@ -241,7 +241,7 @@ def test_search_matches_brute_force():
     for pp, dp in [(4, 1), (2, 2)]:
         cfg = load_config(None, [*TINY, f"parallel.pp={pp}", f"parallel.dp={dp}", "network.size_scale=128"])
         res = plan_layout(cluster, cfg, search=["placement", "dp_mode", "schedule"], platform="cpu",
-                          time_budget_s=1.0)
+                          max_moves=3000)
         assert res.best.iteration_s == pytest.approx(min(_brute(cluster, cfg, pp, dp, res.best.settings).values()),
                                                      rel=1e-9)
         assert res.best.iteration_s < res.launch.iteration_s
@@ -268,7 +268,7 @@ def test_search_picks_diloco_across_regions_within_the_budget(tmp_path):
     cfg = load_config(None, [*TINY, "parallel.pp=4", "parallel.dp=2", "network.size_scale=128"])
     table = _table(tmp_path)
     search = ["placement", "dp_mode", "grad_codec", "act_codec"]
-    res = plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=1.0, max_loss_increase=1.0,
+    res = plan_layout(cluster, cfg, search=search, platform="cpu", max_moves=3000, max_loss_increase=1.0,
                       quality=table)
     s = res.best.settings
     assert s.algo.dp_mode == "diloco" and s.algo.inner_steps == 30 and s.algo.loss_pct <= 1.0
@@ -276,16 +276,18 @@ def test_search_picks_diloco_across_regions_within_the_budget(tmp_path):
     for r in range(2):
         assert len({cluster.label(s_row[r]) for s_row in res.best.grid}) == 1  # a pipeline inside one region
     for budget in (0.0, None):
-        exact = plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.5,
+        exact = plan_layout(cluster, cfg, search=search, platform="cpu", max_moves=2000,
                             max_loss_increase=budget, quality=table)
         a = exact.best.settings.algo
         assert (a.dp_mode, a.grad_codec, a.act_codec, a.rows) == (a.dp_mode, "none", "none", ())
         assert a.dp_mode != "diloco"
     with pytest.raises(ConfigError, match="--max-loss-increase must be 0% or more"):
-        plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.1, max_loss_increase=-1.0,
+        plan_layout(cluster, cfg, search=search, platform="cpu", max_moves=100, max_loss_increase=-1.0,
                     quality=table)
     with pytest.raises(ConfigError, match="--max-loss-increase must be 0% or more"):
         parse_budget("-1%")
+    with pytest.raises(ConfigError, match="plan: the move budget must be at least 1 move, got 0"):
+        plan_layout(cluster, cfg, search=search, platform="cpu", max_moves=0)
 
 
 def test_pinned_keys_are_kept_and_a_missing_row_is_refused(tmp_path):
@@ -296,11 +298,11 @@ def test_pinned_keys_are_kept_and_a_missing_row_is_refused(tmp_path):
                              "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=7"])
     search = ["placement", "dp_mode", "grad_codec", "act_codec", "shape"]
     pinned = {"parallel.dp_mode", "parallel.diloco_inner_steps"}
-    res = plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.5, pinned=pinned)
+    res = plan_layout(cluster, cfg, search=search, platform="cpu", max_moves=2000, pinned=pinned)
     assert "parallel.dp_mode=diloco" in res.best.settings.overrides()
     assert "parallel.diloco_inner_steps=7" in res.best.settings.overrides()
     with pytest.raises(ConfigError, match=r"has no diloco row with M=\d, H=7"):
-        plan_layout(cluster, cfg, search=search, platform="cpu", time_budget_s=0.1, pinned=pinned,
+        plan_layout(cluster, cfg, search=search, platform="cpu", max_moves=100, pinned=pinned,
                     max_loss_increase=1.0, quality=_table(tmp_path))
 
 
@@ -310,11 +312,11 @@ def test_faster_hosts_get_more_layers():
     base = uniform_cluster(2, 0.1, 100.0)
     cluster = Cluster(base.hosts, base.delay_ms, base.bandwidth_gbit, speed=(1.0, 3.0))
     cfg = load_config(None, ["model.n_layer=8", "parallel.pp=2", "parallel.dp=1"])
-    res = plan_layout(cluster, cfg, search=["placement"], time_budget_s=0.5)
+    res = plan_layout(cluster, cfg, search=["placement"], max_moves=2000)
     fast_stage = [row[0] for row in res.best.grid].index(1)
     counts = res.best.settings.partition
     assert counts[fast_stage] > counts[1 - fast_stage]
-    even = plan_layout(base, cfg, search=["placement"], time_budget_s=0.5)
+    even = plan_layout(base, cfg, search=["placement"], time_budget_s=0.2)  # the clock's budget (2 layouts: any speed)
     assert res.best.iteration_s < even.best.iteration_s
 
 
@@ -324,7 +326,10 @@ def test_plan_for_surviving_ranks():
     cfg = load_config(None, [*TINY, "parallel.pp=2", "parallel.dp=2", "network.size_scale=128",
                              "train.global_batch_size=64"])
     survivors = [7, 2, 4, 1]
-    res = plan_layout(cluster, cfg, ranks=survivors, search=["placement"], platform="cpu", time_budget_s=0.5)
+    res = plan_layout(cluster, cfg, ranks=survivors, search=["placement"], platform="cpu", max_moves=2000)
+    again = plan_layout(cluster, cfg, ranks=survivors, search=["placement"], platform="cpu", max_moves=2000)
+    # A move budget, no clock: the same search, move for move, on any machine.
+    assert (again.best.grid, again.stats["layouts_scored"]) == (res.best.grid, res.stats["layouts_scored"])
     assert res.ranks == survivors and sorted(res.layout) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert res.cluster == cluster.permuted(survivors)  # world rank k of the new job is cluster rank survivors[k]
     for s, row in enumerate(res.best.grid):
@@ -345,7 +350,7 @@ def test_plan_cli_writes_a_placement_training_accepts(tmp_path):
     out = tmp_path / "placement.yaml"
     r = subprocess.run([sys.executable, "-m", "jaxpipe", "plan", "--cluster", str(DATA / "cluster4.yaml"),
                         "--set", "parallel.pp=2", "--set", "parallel.dp=2", "--set", "model.n_layer=4",
-                        "--platform", "cpu", "--time-budget", "1", "--search", "placement,dp_mode",
+                        "--platform", "cpu", "--max-moves", "3000", "--search", "placement,dp_mode",
                         "--placement-out", str(out), "--json"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -566,9 +566,14 @@ class DtfmObjective:
             self.edge[e] = v
 
 
-def anneal(obj: Any, rng: random.Random, seconds: float, max_moves: int = 10**9) -> tuple[float, Grid, int]:
+def anneal(obj: Any, rng: random.Random, seconds: float | None, max_moves: int | None = None
+           ) -> tuple[float, Grid, int]:
     """Simulated annealing over swaps of two cells, on `obj.score()`; returns the best `obj.value()`
-    seen, its grid and the moves made. Temperature falls geometrically from 3% to 0.01% of the start."""
+    seen, its grid and the moves made. Temperature falls geometrically from 3% to 0.01% of the start,
+    over `seconds` of the clock or over `max_moves` moves, whichever runs out first. A move budget alone
+    (`seconds=None`) makes the search the same on every machine: the same seed, the same result."""
+    if seconds is None and max_moves is None:
+        raise ValueError("anneal needs seconds or max_moves")
     P, D = obj.P, obj.D
     if P * D < 2:
         return obj.value(), [list(r) for r in obj.grid], 0
@@ -576,12 +581,15 @@ def anneal(obj: Any, rng: random.Random, seconds: float, max_moves: int = 10**9)
     best_v, best_grid = obj.value(), [list(r) for r in obj.grid]
     t_hi, t_lo = 0.03 * cur, 1e-4 * cur
     start = time.perf_counter()
+    limit = max_moves if max_moves is not None else 10**12
     moves, frac = 0, 0.0
-    while moves < max_moves:
-        if moves % 256 == 0:
+    while moves < limit:
+        if seconds is not None and moves % 256 == 0:
             frac = (time.perf_counter() - start) / seconds if seconds > 0 else 1.0
             if frac >= 1.0:
                 break
+        if max_moves is not None:
+            frac = max(frac, moves / max_moves) if seconds is not None else moves / max_moves
         temp = t_hi * (t_lo / t_hi) ** frac
         c1 = obj.critical(rng) if rng.random() < 0.5 else (rng.randrange(P), rng.randrange(D))
         c2 = (rng.randrange(P), rng.randrange(D))
@@ -721,16 +729,19 @@ def seed_grids(cluster: Cluster, P: int, D: int, mats: _Matrices, work: Workload
 
 
 def polish(cluster: Cluster, work: Workload, cand: Candidate, pair: Callable[[int, int], Link], cache_: dict,
-           optimizer_s: float, rng: random.Random, seconds: float) -> tuple[Candidate, int]:
+           optimizer_s: float, rng: random.Random, seconds: float | None, max_evals: int | None = None
+           ) -> tuple[Candidate, int]:
     """First-improvement swaps of two cells, each scored by the full simulation (replicas a swap
     leaves alone come from the cache): every pair of cells while there are few, else random pairs
-    with one cell on the slowest replica or DP group. Returns the best candidate and the evaluations."""
+    with one cell on the slowest replica or DP group; until no swap helps, `seconds` pass or
+    `max_evals` simulations are spent. Returns the best candidate and the evaluations."""
     s = cand.settings
     P, D = len(cand.grid), len(cand.grid[0])
     cells = [(i, j) for i in range(P) for j in range(D)]
-    deadline = time.perf_counter() + seconds
+    deadline = time.perf_counter() + seconds if seconds is not None else math.inf
+    evals_left = max_evals if max_evals is not None else math.inf
     evals, improved = 0, True
-    while improved and time.perf_counter() < deadline:
+    while improved and time.perf_counter() < deadline and evals < evals_left:
         improved = False
         if len(cells) <= 16:
             trials = list(itertools.combinations(cells, 2))
@@ -744,7 +755,7 @@ def polish(cluster: Cluster, work: Workload, cand: Candidate, pair: Callable[[in
                 a = (rng.randrange(P), worst_r) if rng.random() < 0.5 else (worst_s, rng.randrange(D))
                 trials.append((a, rng.choice(cells)))
         for (s1, r1), (s2, r2) in trials:
-            if time.perf_counter() >= deadline:
+            if time.perf_counter() >= deadline or evals >= evals_left:
                 break
             if (s1, r1) == (s2, r2):
                 continue
@@ -759,6 +770,12 @@ def polish(cluster: Cluster, work: Workload, cand: Candidate, pair: Callable[[in
 
 
 # ---- The plan ----------------------------------------------------------------------------------------------
+
+
+# Moves of the move budget per simulation of the polish: a simulated layout costs about as much as
+# this many bound-scored moves, so a move budget splits its work between the two levels as the
+# clock budget does (4/5 annealing, 1/5 polish).
+POLISH_MOVES = 300
 
 
 def default_budget(n: int) -> float:
@@ -942,8 +959,9 @@ def evaluate(cluster: Cluster, work: Workload, grid: Grid, choice: ScheduleChoic
 
 
 def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = None, *,
-                search: Sequence[str] = SEARCHABLE, time_budget_s: float | None = None, seed: int = 0,
-                platform: str = "gpu", stage_times: Sequence[StageTime] | None = None, per_message_s: float = 0.0,
+                search: Sequence[str] = SEARCHABLE, time_budget_s: float | None = None,
+                max_moves: int | None = None, seed: int = 0, platform: str = "gpu",
+                stage_times: Sequence[StageTime] | None = None, per_message_s: float = 0.0,
                 optimizer_s: float = 0.0, objective: str = "jaxpipe", dtfm_sizes: dtfm.DtfmSizes | None = None,
                 log: Callable[[str], None] | None = None, fixed_grid: Grid | None = None,
                 pinned: Collection[str] = (), max_loss_increase: float | None = None,
@@ -956,7 +974,10 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
     chosen by jaxpipe's simulation. `fixed_grid` (with "placement" not searched) scores that layout
     instead of the launch order. `pinned`: the keys the user set (`--set`): never changed. The DP
     algorithm and the codecs are searched within `max_loss_increase` (percent; None or 0: lossless
-    choices only), priced from `quality` (default: the shipped table). Raises ConfigError when nothing fits."""
+    choices only), priced from `quality` (default: the shipped table). The layout search runs for
+    `time_budget_s` seconds (default: `default_budget`) or, given `max_moves` (and no `time_budget_s`),
+    for that many annealing moves and a simulation per POLISH_MOVES of them, with no clock: the same
+    plan on any machine. Raises ConfigError when nothing fits."""
     t_start = time.perf_counter()
     ranks = list(range(cluster.n)) if ranks is None else [int(r) for r in ranks]
     if len(set(ranks)) != len(ranks) or not all(0 <= r < cluster.n for r in ranks):
@@ -1004,8 +1025,9 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
             combos.append((pp, dp, mb))
     if not combos:
         raise ConfigError("plan: train.micro_batch_size does not divide the per-replica batch of any shape")
-    budget = time_budget_s if time_budget_s is not None else default_budget(n)
-    anneal_budget = budget if "placement" in search else 0.0
+    if max_moves is not None and max_moves < 1:
+        raise ConfigError(f"plan: the move budget must be at least 1 move, got {max_moves}")
+    budget = time_budget_s if time_budget_s is not None else None if max_moves is not None else default_budget(n)
     stats: dict[str, Any] = {"shapes": [list(s) for s in shapes], "layouts_scored": 0, "layouts_simulated": 0,
                              "objective": objective}
     per_combo: list[tuple[Workload, list[tuple[float, Grid, str]]]] = []
@@ -1025,7 +1047,9 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
             if "placement" not in search or pp * dp == 1:
                 found.append((obj.value(), grid, name))
                 continue
-            value, best_grid, moves = anneal(obj, rng, anneal_budget / len(combos) / len(seeds))
+            runs = len(combos) * len(seeds)
+            value, best_grid, moves = anneal(obj, rng, None if budget is None else budget / runs,
+                                             None if max_moves is None else max(1, max_moves // runs))
             stats["layouts_scored"] += moves
             found.append((value, best_grid, name))
         found.sort(key=lambda x: x[0])
@@ -1094,7 +1118,9 @@ def plan_layout(cluster: Cluster, cfg: Config, ranks: Sequence[int] | None = Non
         # hides, where the tied pair sits) the simulation sees: swaps of the winner, simulated.
         s0 = best.settings
         work = workload(s0.pp, s0.dp, s0.micro_batch, s0.schedule.virtual_stages)
-        polished, evals = polish(sub, work, best, pair, cache_, optimizer_s, rng, 0.25 * budget)
+        polished, evals = polish(sub, work, best, pair, cache_, optimizer_s, rng,
+                                 None if budget is None else 0.25 * budget,
+                                 None if max_moves is None else max(1, max_moves // POLISH_MOVES))
         stats["layouts_simulated"] += evals
         if polished is not best:
             best = polished
