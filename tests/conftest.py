@@ -7,11 +7,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
-from mpi_util import TINY_JOB_STEPS, configure_test_environment, launch_once, run_mpi
+from mpi_util import TINY_JOB_STEPS, configure_test_environment, launch_once, run_mpi, want_cases
 
 # Before JAX starts its backend: this process (the single-process references) compiles with the same
 # XLA flags and the same persistent cache as the ranks the tests launch.
 configure_test_environment()
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    want_cases(items)
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,19 @@ def shared_dir(tmp_path_factory: Any) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+# Which cases of each shared launch (tests/test_mpi.py `group_run`) the tests collected in this pytest run
+# read, from their `reads_cases` marks (filled by tests/conftest.py once collection is done; every
+# pytest-xdist worker collects the same tests, so every worker agrees on what a launch trains).
+WANTED: dict[str, set[str]] = {}
+
+
+def want_cases(items: list[Any]) -> None:
+    WANTED.clear()
+    for item in items:
+        for mark in item.iter_markers("reads_cases"):
+            WANTED.setdefault(mark.args[0], set()).update(mark.args[1:])
+
+
 def launch_once(tmp_path_factory: Any, name: str, launch: Callable[[Path], Finished]) -> tuple[Finished, Path]:
     """`launch(out)` once per pytest run, whichever test (in whichever xdist worker) asks first; the
     others wait for it and read what it left in `out` (its exit status and output saved beside it)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import MODEL, TRAIN, launch_once, run_mpi, sets
+from mpi_util import MODEL, TRAIN, WANTED, launch_once, run_mpi, sets
 from reference import reference_diloco, reference_train
 
 from jaxpipe.comm.codec import wire_nbytes
@@ -138,19 +138,33 @@ def finetune_sets(tmp_path_factory, name: str) -> list[str]:
 ENV = {2: {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}}
 
 
-def group_run(n: int, tmp_path_factory):
-    """One launch trains every layout of the group, once per pytest run (the first test to ask pays;
-    tests/test_survival.py reads group 4's too)."""
+def reads(n: int, *names: str) -> pytest.MarkDecorator:
+    """The mark of a test that reads these cases of group `n`'s launch: the launch trains only the cases
+    that the tests collected in this pytest run read (tests/conftest.py gathers the marks), so a file or
+    test run alone launches no more than it needs."""
+    return pytest.mark.reads_cases(f"group{n}", *names)
+
+
+def group_run(n: int, tmp_path_factory, *names: str):
+    """One launch trains every wanted layout of the group (see `reads`), once per pytest run (the first
+    test to ask pays; tests/test_survival.py reads group 4's too). `names`: the cases the caller reads."""
+    wanted = WANTED.get(f"group{n}", set())
+    assert set(names) <= wanted, f"cases {sorted(set(names) - wanted)} of group {n}: mark the test with reads()"
+    every = {**GROUPS[n], **DP_CASES.get(n, {}), **CHECKED_APART.get(n, {}), **FINETUNE.get(n, {})}
+    assert wanted <= every.keys(), f"no such case of group {n}: {sorted(wanted - every.keys())}"
     cases = {name: {"set": MODEL + TRAIN + extra, "handshake": name in HANDSHAKE, "nccl_dp": name in NCCL_DP}
-             for name, extra in {**GROUPS[n], **DP_CASES.get(n, {}), **CHECKED_APART.get(n, {})}.items()}
-    cases.update({name: {"set": finetune_sets(tmp_path_factory, name)} for name in FINETUNE.get(n, {})})
+             for name, extra in {**GROUPS[n], **DP_CASES.get(n, {}), **CHECKED_APART.get(n, {})}.items()
+             if name in wanted}
+    cases.update({name: {"set": finetune_sets(tmp_path_factory, name)} for name in FINETUNE.get(n, {})
+                  if name in wanted})
     return launch_once(tmp_path_factory, f"group{n}", lambda out: run_mpi(
         n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(cases)], timeout=1200, env=ENV.get(n)))
 
 
-@pytest.mark.parametrize(("n", "layout"), [(n, name) for n, group in GROUPS.items() for name in group])
+@pytest.mark.parametrize(("n", "layout"), [pytest.param(n, name, marks=reads(n, name))
+                                            for n, group in GROUPS.items() for name in group])
 def test_pipeline_equals_single_process(tmp_path_factory, n, layout):
-    run, out = group_run(n, tmp_path_factory)
+    run, out = group_run(n, tmp_path_factory, layout)
     assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, ref_norms, ref_params = reference()
     case = out / layout
@@ -175,10 +189,11 @@ def test_pipeline_equals_single_process(tmp_path_factory, n, layout):
         np.testing.assert_array_equal(wte, got["embed/wte"])
 
 
+@reads(2, "pp2_tied_bfloat16")
 def test_bfloat16_tied_gradient_exchange(tmp_path_factory):
     """The tied embedding's gradient crosses the wire in bfloat16: both copies of `wte` must still
     be bit-identical, and training must stay close to (but, being rounded, not equal to) float32."""
-    run, out = group_run(2, tmp_path_factory)
+    run, out = group_run(2, tmp_path_factory, "pp2_tied_bfloat16")
     assert run.returncode == 0, run.stderr[-20000:]
     case = out / "pp2_tied_bfloat16"
     ref_losses, _, ref_params = reference()
@@ -234,14 +249,15 @@ BAD_INPUT = {
 BAD_INPUT_ENV = {"rank_on_other_platform": {hostcheck.FAKE_PLATFORM_ENV: "1:gpu"}}
 
 
-@pytest.mark.parametrize(("n", "layout"), [(n, name) for n, group in FINETUNE.items() for name in group])
+@pytest.mark.parametrize(("n", "layout"), [pytest.param(n, name, marks=reads(n, name))
+                                            for n, group in FINETUNE.items() for name in group])
 def test_finetuning_equals_single_process(tmp_path_factory, n, layout):
     """Fine-tuning an imported LLaMA (whose forward equals transformers', tests/test_hf_import.py) at PP=2
     and PP=2 × DP=2 equals plain optax AdamW on the whole model from the same weights, step by step."""
     from jaxpipe.train import checkpoint
     from jaxpipe.train.finetune import load_config as load_finetune
 
-    run, out = group_run(n, tmp_path_factory)
+    run, out = group_run(n, tmp_path_factory, layout)
     assert run.returncode == 0, run.stderr[-20000:]
     cfg = load_finetune(None, finetune_sets(tmp_path_factory, layout))
     ckpt = Path(cfg.train.init_from)
@@ -343,12 +359,13 @@ def _replicas_agree(ranks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     return got
 
 
+@reads(4, "pp2xdp2_sharded_ps_int8", "pp2xdp2_sharded_ps_int8_nccl_dp")
 def test_int8_gradients_with_error_feedback(tmp_path_factory):
     """PP=2 x DP=2, sharded PS, int8 gradients: replicas and both copies of `wte` stay bit-identical
     (each end averages its own part of the tied gradient before the sum), training stays within the
     quantisation's reach of float32, and the NCCL collectives' protocol (CPU stand-in: device arrays
     only, blocking collectives and grouped point-to-point) computes exactly what MPI computes."""
-    run, out = group_run(4, tmp_path_factory)
+    run, out = group_run(4, tmp_path_factory, "pp2xdp2_sharded_ps_int8", "pp2xdp2_sharded_ps_int8_nccl_dp")
     assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, _, ref_params = reference()
     result = json.loads((out / "pp2xdp2_sharded_ps_int8" / "result.json").read_text())
@@ -363,10 +380,10 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated",
-                                  "pp2xdp2_streaming_diloco"])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=reads(4, c)) for c in [
+    "pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated", "pp2xdp2_streaming_diloco"]])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
-    run, out = group_run(4, tmp_path_factory)
+    run, out = group_run(4, tmp_path_factory, case)
     assert run.returncode == 0, run.stderr[-20000:]
     cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
     losses, norms, replicas = reference_diloco(cfg, [range(0, 4), range(4, 8)])
@@ -450,9 +467,10 @@ def _case_params(case: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     return got, tied
 
 
-@pytest.mark.parametrize(("pp", "name"), [(pp, name) for pp in (2, 4) for name in CODECS])
+@pytest.mark.parametrize(("pp", "name"), [pytest.param(pp, name, marks=reads(pp, f"pp{pp}_codec_{name}"))
+                                         for pp in (2, 4) for name in CODECS])
 def test_codec_pipeline_equals_reference(tmp_path_factory, pp, name):
-    run, out = group_run(pp, tmp_path_factory)
+    run, out = group_run(pp, tmp_path_factory, f"pp{pp}_codec_{name}")
     assert run.returncode == 0, run.stderr[-20000:]
     ref_losses, ref_norms, ref_params = codec_reference(pp, name)
     case = out / f"pp{pp}_codec_{name}"
@@ -568,8 +586,8 @@ def test_probe_network_recovers_an_emulated_matrix(tmp_path):
                 assert got.bandwidth_gbit[i][j] == pytest.approx(want.bandwidth_gbit[i][j], rel=0.10), (i, j, "rate")
 
 
-@pytest.mark.parametrize("case", ["pp2xdp2_sharded_ps_int8", "pp2xdp2_diloco_central_nccl_dp",
-                                  "pp2xdp2_diloco_sharded_stagger_emulated"])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=reads(4, c)) for c in [
+    "pp2xdp2_sharded_ps_int8", "pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated"]])
 def test_traffic_description_equals_the_bytes_the_run_reports(tmp_path_factory, case):
     """Each DP algorithm's `traffic` (jaxpipe.comm.traffic), summed over the exchanges its schedule runs and
     over the ranks, is the `dp_bytes` the run reports (the collectives count with the same formula, so this
@@ -578,7 +596,7 @@ def test_traffic_description_equals_the_bytes_the_run_reports(tmp_path_factory, 
     from jaxpipe.model.layout import stage_param_counts
     from jaxpipe.registry import DP_ALGORITHMS
 
-    run, out = group_run(4, tmp_path_factory)
+    run, out = group_run(4, tmp_path_factory, case)
     assert run.returncode == 0, run.stderr[-20000:]
     cfg = load_config(None, MODEL + TRAIN + DP_CASES[4][case])
     p, m = cfg.parallel, cfg.model

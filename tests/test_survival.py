@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from mpi_util import MODEL, REPO, TRAIN, mpiexec, sets
 from mpi_util import test_env as mpi_env
-from test_mpi import group_run, reference
+from test_mpi import group_run, reads, reference
 from test_reliability import ENDS_WITHIN_S, faulty_job
 
 from jaxpipe.cli import main
@@ -112,11 +112,14 @@ def metrics(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
 
 
+UNINTERRUPTED = "pp2xdp2_central_ps"
+
+
 def uninterrupted(tmp_path_factory) -> tuple[list[float], dict[str, np.ndarray]]:
     """Losses and final parameters of test_mpi's uninterrupted PP=2 x DP=2 run (3 steps)."""
-    run, out = group_run(4, tmp_path_factory)
+    run, out = group_run(4, tmp_path_factory, UNINTERRUPTED)
     assert run.returncode == 0, run.stderr[-5000:]
-    case = out / "pp2xdp2_central_ps"
+    case = out / UNINTERRUPTED
     params: dict[str, np.ndarray] = {}
     for f in sorted(case.glob("rank*.npz")):
         params.update((k, v) for k, v in np.load(f).items() if k != "head/wte")
@@ -131,6 +134,7 @@ def train_cmd(n: int | str, overrides: list[str], metrics_out: Path) -> list[str
 
 
 @pytest.mark.mpi
+@reads(4, UNINTERRUPTED)
 def test_sigterm_on_one_rank_checkpoints_every_stage_and_supervise_resumes_bit_identically(tmp_path,
                                                                                           tmp_path_factory):
     """SIGTERM to rank 1 alone during step 1 of 3 (PP=2 x DP=2): the world learns of it with step 1's
@@ -282,6 +286,7 @@ def test_supervise_elastic_relaunches_on_the_usable_hosts(tmp_path, capsys):
 
 
 @pytest.mark.mpi
+@reads(4, UNINTERRUPTED)
 def test_lost_host_restarts_on_fewer_replicas_and_the_losses_continue(tmp_path, tmp_path_factory):
     """PP=2 x DP=2 on hosts A and B (2 slots each); the rank of stage 1 on B (rank 3) is killed in
     step 2 and B stops answering its probe. `supervise --elastic` relaunches on A alone: PP=2 x DP=1
