@@ -14,9 +14,27 @@ from mpi_util import TINY_JOB_STEPS, configure_test_environment, launch_once, ru
 configure_test_environment()
 
 
+# Shared launches that tests reach through a fixture (the others through `reads_cases` marks).
+LAUNCH_OF_FIXTURE = {"tiny_job": "tiny_job", "straight": "training_run"}
+
+
+def pytest_itemcollected(item):
+    """Under `pytest -n 2` (`--dist loadgroup`, pyproject.toml) the tests that read one shared launch go
+    to one worker together: the other worker then never sits blocked on the launch's lock, it runs
+    other tests meanwhile."""
+    launches = {m.args[0] for m in item.iter_markers("reads_cases")}
+    launches |= {LAUNCH_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in LAUNCH_OF_FIXTURE}
+    if launches:
+        item.add_marker(pytest.mark.xdist_group("+".join(sorted(launches))))
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(config, items):
     want_cases(items)
+    # Tests that launch processes first, in-process ones last: the long ones start early and the
+    # short ones fill the end of both workers' queues (xdist hands out groups of a shared launch first,
+    # the most tests first, then single tests in this order).
+    items.sort(key=lambda item: item.get_closest_marker("mpi") is None)
 
 
 @pytest.fixture(scope="session")

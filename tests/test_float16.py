@@ -219,6 +219,7 @@ def launch(n: int, tmp_path_factory):
 
 
 @pytest.mark.mpi
+@pytest.mark.reads_cases("float16_2")
 def test_float16_pipeline_equals_single_process(tmp_path_factory):
     """PP=2 in float16, 3 steps at the default loss scale: the float16 single-process reference's
     losses, gradient norms and parameters (to float16's rounding, see the module's docstring)."""
@@ -233,6 +234,7 @@ def test_float16_pipeline_equals_single_process(tmp_path_factory):
 
 
 @pytest.mark.mpi
+@pytest.mark.reads_cases("float16_2")
 def test_overflow_skips_halves_recovers_and_grows(tmp_path_factory):
     """A loss scale far too high: float16 gradients overflow for real, every rank skips the same steps
     and keeps the same scale as the single process that applies the same rule (its own overflows), and
@@ -252,6 +254,7 @@ def test_overflow_skips_halves_recovers_and_grows(tmp_path_factory):
 
 
 @pytest.mark.mpi
+@pytest.mark.reads_cases("float16_2")
 def test_float16_resume_is_bit_identical(tmp_path_factory):
     """The overflow run stopped after step 5 and resumed: the checkpoint holds the loss scale and its
     good-step count, and steps 6-8 (losses, skips, scales, parameters) are the uninterrupted run's bits."""
@@ -335,6 +338,7 @@ def test_codec_check_catches_a_codec_that_hides_an_overflow():
 
 
 @pytest.mark.mpi
+@pytest.mark.reads_cases("float16_4")
 @pytest.mark.parametrize("name", list(FLOAT16_RUNS))
 def test_choice_trains_float16(tmp_path_factory, name):
     """PP=2 x DP=2 in float16 through real overflows, and a NaN on one replica's gradients in step 5:
@@ -347,6 +351,7 @@ def test_choice_trains_float16(tmp_path_factory, name):
 
 
 @pytest.mark.mpi
+@pytest.mark.reads_cases("float16_4")
 @pytest.mark.parametrize("exchange", list(FLOAT16_DILOCO))
 def test_diloco_trains_float16(tmp_path_factory, exchange):
     """DiLoCo (H = 3) at PP=2 x DP=2 in float16 through real overflows and the NaN on replica 1 in step 5:
@@ -376,6 +381,7 @@ def test_diloco_trains_float16(tmp_path_factory, exchange):
 
 
 @pytest.mark.mpi
+@pytest.mark.reads_cases("float16_2")
 def test_docs_float16_lines_are_what_the_code_does(tmp_path_factory):
     """docs/gpus.md's float16 section: its defaults are the config's, CPU float16 products are float32
     products rounded to float16 as it says, and its example skip lines have the form the overflow run logs."""

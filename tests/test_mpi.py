@@ -322,6 +322,7 @@ def test_bad_input_fails_on_every_rank(case):
                         "same parallel.act_codec and parallel.act_grad_codec"),
     ],
 )
+@pytest.mark.reads_cases("transport_checks")
 def test_transport_checks_every_message(tmp_path_factory, mode, expected):
     if mode == "deadline":  # It aborts the job, printing to stderr: a launch of its own.
         run = run_mpi(2, ["tests/mpi_transport_check.py", mode], timeout=120)
