@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import MODEL, TRAIN, WANTED, launch_once, run_mpi, sets
+from mpi_util import MODEL, TRAIN, WANTED, launch_once, refusals, refused, run_mpi, sets
 from reference import reference_diloco, reference_train
 
 from jaxpipe.comm.codec import wire_nbytes
@@ -279,24 +279,44 @@ def test_finetuning_equals_single_process(tmp_path_factory, n, layout):
     assert cfg.model.arch == "llama" and cfg.model.tie_embeddings == tied
 
 
+INIT_FROM_REFUSED = "init_from_disagreeing_model_key"
+
+
+@pytest.mark.reads_cases("refusals2", INIT_FROM_REFUSED)
 def test_init_from_refuses_disagreeing_model_keys_on_every_rank(tmp_path_factory):
     ckpt = finetune_checkpoint(tmp_path_factory, False)
-    run = run_mpi(2, ["-m", "jaxpipe", "train", *sets(["parallel.pp=2", f"train.init_from={ckpt}",
-                                                       "model.n_kv_head=4"])], timeout=120)
+    run, out = _refusals(tmp_path_factory, 2)
+    assert run.returncode == 0, run.stdout + run.stderr  # the launch ran its cases (each refused in-process)
     message = (f"jaxpipe: error: train.init_from={ckpt}: the run adopts the checkpoint's model section, and "
                f"model.n_kv_head=4 (the checkpoint's is 2) disagrees with it: drop it")
-    assert run.returncode != 0
-    assert run.stderr.count(message) == 2, run.stderr  # once per rank, before anything compiled
-    assert "step " not in run.stdout
+    for rank in refused(out, INIT_FROM_REFUSED, 2):
+        assert rank["code"] != 0
+        assert rank["stderr"].count(message) == 1, rank["stderr"]  # on every rank, before anything compiled
+        assert "step " not in rank["stdout"]
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_fails_on_every_rank(case):
-    n, overrides, message = BAD_INPUT[case]
-    run = run_mpi(n, ["-m", "jaxpipe", "train", *sets(overrides)], timeout=120, env=BAD_INPUT_ENV.get(case))
-    assert run.returncode != 0
-    assert run.stderr.count("jaxpipe: error: " + message) == n, run.stderr  # once per rank
-    assert "step " not in run.stdout  # nothing trained
+def _refusals(tmp_path_factory, n: int):
+    """Every bad input of `n` ranks (BAD_INPUT, and the fine-tuning refusal), in one launch."""
+    def bad(name: str):
+        return lambda _files: {"argv": ["train", *sets(BAD_INPUT[name][1])], "env": BAD_INPUT_ENV.get(name, {})}
+
+    cases = {name: bad(name) for name, (m, _, _) in BAD_INPUT.items() if m == n}
+    if n == 2:
+        cases[INIT_FROM_REFUSED] = lambda _files: {"argv": ["train", *sets([
+            "parallel.pp=2", f"train.init_from={finetune_checkpoint(tmp_path_factory, False)}", "model.n_kv_head=4"])]}
+    return refusals(tmp_path_factory, f"refusals{n}", n, cases)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.reads_cases(f"refusals{BAD_INPUT[c][0]}", c))
+                                  for c in BAD_INPUT])
+def test_bad_input_fails_on_every_rank(tmp_path_factory, case):
+    n, _, message = BAD_INPUT[case]
+    run, out = _refusals(tmp_path_factory, n)
+    assert run.returncode == 0, run.stdout + run.stderr  # the launch ran its cases (each refused in-process)
+    for rank in refused(out, case, n):
+        assert rank["code"] != 0
+        assert rank["stderr"].count("jaxpipe: error: " + message) == 1, rank["stderr"]  # on every rank
+        assert "step " not in rank["stdout"]  # nothing trained
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import MODEL, REPO, TRAIN, mpiexec, run_mpi, sets
+from mpi_util import MODEL, REPO, TRAIN, mpiexec, refusals, refused, run_mpi, sets
 from mpi_util import test_env as mpi_env
 from reference import reference_train
 from test_mpi import reference as unskipped_reference  # cached: test_mpi computes it too
@@ -322,18 +322,33 @@ BAD_INPUT = {
 }
 
 
+def _refusals(tmp_path_factory):
+    """Every bad input, in one launch of 2 ranks (each case's files made in its own directory first)."""
+    def bad(name: str):
+        overrides, make, _ = BAD_INPUT[name]
+
+        def case(files: Path) -> dict:
+            if make is not None:
+                make(files)
+            fill = {"tmp": str(files)}
+            return {"argv": ["train", *sets([o.format(**fill) for o in [*MODEL, *TRAIN, *PP2, *overrides]]),
+                             "--resume", "auto"]}
+        return case
+
+    return refusals(tmp_path_factory, "reliability_refusals", 2, {name: bad(name) for name in BAD_INPUT})
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_refused_before_training_on_every_rank(tmp_path, case):
-    overrides, make, message = BAD_INPUT[case]
-    if make is not None:
-        make(tmp_path)
-    fill = {"tmp": str(tmp_path)}
-    args = ["-m", "jaxpipe", "train", *sets([o.format(**fill) for o in [*MODEL, *TRAIN, *PP2, *overrides]])]
-    run = run_mpi(2, [*args, "--resume", "auto"], timeout=120)
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.count(f"jaxpipe: error: {message.format(**fill)}") == 2, run.stderr  # once per rank
-    assert "step " not in run.stdout
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.reads_cases("reliability_refusals", c))
+                                  for c in BAD_INPUT])
+def test_bad_input_is_refused_before_training_on_every_rank(tmp_path_factory, case):
+    run, out = _refusals(tmp_path_factory)
+    assert run.returncode == 0, run.stdout + run.stderr  # the launch ran its cases (each refused in-process)
+    message = BAD_INPUT[case][2].format(tmp=out / "files" / case)
+    for rank in refused(out, case, 2):
+        assert rank["code"] == 2, rank["stderr"]
+        assert rank["stderr"].count(f"jaxpipe: error: {message}") == 1, rank["stderr"]  # on every rank
+        assert "step " not in rank["stdout"]
 
 
 def test_token_file_checks_every_window_it_reads(tmp_path):
