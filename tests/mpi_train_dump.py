@@ -6,10 +6,18 @@ global rank 0 also writes `result.json` with per-step losses and gradient norms 
 what the run logged. With `--cases JSON` ({name: {"set": [...], "handshake": bool, "nccl_dp": bool,
 "resume": PATH}}) one launch trains each case in turn, into OUT/<name>/ (a case may resume from an
 earlier one's checkpoint); rank 0 also writes `metrics.jsonl` there (per-step rows: bytes on the links included).
+
+A case {"argv": [...], "env": {...}} instead runs the command line's own entry point (`jaxpipe.cli.main`,
+what `python -m jaxpipe` runs) with those arguments and environment variables: the tests' bad inputs, many
+in one launch (start-up paid once). Every rank writes OUT/<name>/rank<r>.json with its exit status and what
+it printed. A case that aborts instead of refusing ends the whole launch, and so fails every test reading it.
 """
 
 import argparse
+import io
 import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +67,35 @@ def run_case(overrides: list[str], handshake: bool, out: Path, nccl_dp: bool = F
         (out / "log.txt").write_text("".join(line + "\n" for line in log))
 
 
+def run_command(argv: list[str], env: dict[str, str], out: Path) -> None:
+    from jaxpipe.cli import main
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    printed, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with redirect_stdout(printed), redirect_stderr(err):
+            main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{MPI.COMM_WORLD.Get_rank()}.json").write_text(json.dumps(
+        {"code": code, "stdout": printed.getvalue(), "stderr": err.getvalue()}))
+    MPI.COMM_WORLD.Barrier()  # the next case starts on every rank together
+
+
 if args.cases:
     for name, case in json.loads(args.cases).items():
+        if "argv" in case:
+            run_command(case["argv"], case.get("env", {}), Path(args.out) / name)
+            continue
         run_case(case["set"], case.get("handshake", False), Path(args.out) / name, case.get("nccl_dp", False),
                  case.get("resume"))
 else:

@@ -119,17 +119,17 @@ def launch_once(tmp_path_factory: Any, name: str, launch: Callable[[Path], Finis
 def refusals(tmp_path_factory: Any, launch: str, n: int,
              cases: dict[str, Callable[[Path], dict[str, Any]]]) -> tuple[Finished, Path]:
     """Bad inputs refused by `jaxpipe train`, one after another in one launch of `n` ranks
-    (tests/mpi_bad_input.py), once per pytest run. `cases[name](files)` gives {"argv": [...], "env": {...}}
-    and may write what the case needs into `files` (out/files/<name>); only the cases that the collected
-    tests read (their `reads_cases(launch, name)` marks) are made and run. Each rank's exit status and
-    output: `refused(out, name, n)`."""
+    (tests/mpi_train_dump.py's "argv" cases), once per pytest run. `cases[name](files)` gives
+    {"argv": [...], "env": {...}} and may write what the case needs into `files` (out/files/<name>);
+    only the cases that the collected tests read (their `reads_cases(launch, name)` marks) are made
+    and run. Each rank's exit status and output: `refused(out, name, n)`."""
     def start(out: Path) -> Finished:
         made = {}
         for name in sorted(WANTED.get(launch, set()) & cases.keys()):
             files = out / "files" / name
             files.mkdir(parents=True)
             made[name] = cases[name](files)
-        return run_mpi(n, ["tests/mpi_bad_input.py", "--out", str(out), "--cases", json.dumps(made)], timeout=600)
+        return run_mpi(n, ["tests/mpi_train_dump.py", "--out", str(out), "--cases", json.dumps(made)], timeout=600)
 
     return launch_once(tmp_path_factory, launch, start)
 
