@@ -100,6 +100,10 @@ DP_CASES = {
         # Fragment 1 (layers 1, 3, 5, 7) starts after steps 2 and 6, fragment 0 after 4; each merges two steps
         # later (alpha 0.5); after step 7 everything merges and both take a blocking outer step.
         "pp2xdp2_streaming_diloco": STREAMING,
+        # DiLoCo with the LM head back on rank 0 (issue 24): both copies of `wte` on one rank, summed there,
+        # through the outer steps (the balanced partition: gpipe_ring cuts pp + 1 chunks).
+        "pp2xdp2_diloco_gpipe_ring": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=gpipe_ring",
+                                      "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"],
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
@@ -364,7 +368,7 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated",
-                                  "pp2xdp2_streaming_diloco"])
+                                  "pp2xdp2_streaming_diloco", "pp2xdp2_diloco_gpipe_ring"])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
     run, out = group_run(4, tmp_path_factory)
     assert run.returncode == 0, run.stderr[-20000:]
