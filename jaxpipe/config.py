@@ -129,7 +129,8 @@ class ParallelConfig:
     # -- Compressed pipeline traffic (jaxpipe.comm.codec; the choices: jaxpipe.registry.ACT_CODECS) --
     # Wire format of activations (forward) and of their gradients (backward) between ranks: none (the
     # compute dtype), bfloat16, float8 (e4m3 forward, e5m2 backward), int8, int4 (two per byte, a scale
-    # per act_int4_group values) or int4_row (a scale per token row); float8, int8 and int4_row with an
+    # per act_int4_group values), int4_sr (int4 rounded stochastically in training: unbiased; meant for the
+    # gradients) or int4_row (a scale per token row); float8, int8 and int4_row with an
     # absmax scale per token row. Encoded and decoded on the device.
     act_codec: str = "none"
     act_grad_codec: str = "none"

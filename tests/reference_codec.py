@@ -7,7 +7,10 @@ every boundary a `jax.custom_vjp` function stands for the message pair: forward,
 replaced by what the receiver decodes (the quantise/dequantise round trip of
 `jaxpipe.comm.quant`, or in delta mode the copy plus the round trip of the change, per micro-batch:
 absolute int8 while any of its samples has no copy); backward, the gradient is replaced by its
-round trip in the gradient codec. The tied embedding keeps one copy per end, each end's gradient
+round trip in the gradient codec. `int4_sr` rounds stochastically with the noise the pipeline draws
+for the same message, derived here on its own from the documented recipe (train.seed, then the
+replica, step, micro-batch within the replica, kind and receiving chunk folded in; evaluation to
+nearest). The tied embedding keeps one copy per end, each end's gradient
 rounded to int8 with its own error-feedback residue before the two are added.
 """
 
@@ -32,13 +35,13 @@ F32 = jnp.float32
 
 def _format(name: str, backward: bool, group: int) -> tuple[str, int]:
     """(quant format, values per scale; 0 = per row) of codec `name`."""
-    return {"int8": ("int8", 0), "int4": ("int4", group), "int4_row": ("int4", 0),
+    return {"int8": ("int8", 0), "int4": ("int4", group), "int4_sr": ("int4", group), "int4_row": ("int4", 0),
             "float8": ("float8_e5m2" if backward else "float8_e4m3", 0)}[name]
 
 
 def roundtrip(name: str, backward: bool, group: int = 32):
     """x -> what the far end decodes, for codec `name` (parallel.act_codec / act_grad_codec; int4's
-    scale per `group` values of a row, parallel.act_int4_group)."""
+    scale per `group` values of a row, parallel.act_int4_group), rounding to nearest (evaluation)."""
     if name == "none":
         return lambda x: x
     if name == "bfloat16":
@@ -47,9 +50,27 @@ def roundtrip(name: str, backward: bool, group: int = 32):
     return lambda x: quant.roundtrip(x, fmt, g)
 
 
-def _boundary(act_rt, grad_rt, delta_fmt):
+def _stochastic(x, ids, kind: int, chunk: int, group: int):
+    """int4_sr's round trip of the messages of a whole batch `x`: micro-batch j's rows (ids[j] =
+    seed, replica, step, micro-batch) with noise from that message's key."""
+    xs = x.reshape(ids.shape[0], -1, *x.shape[1:])
+
+    def one(xm, idm):
+        k = jax.random.key(idm[0])
+        for v in (idm[1], idm[2], idm[3], kind, chunk):
+            k = jax.random.fold_in(k, v)
+        return quant.roundtrip(xm, "int4", group, jax.random.uniform(k, xm.shape, F32))
+
+    return jax.vmap(one)(xs, ids).reshape(x.shape)
+
+
+def _boundary(act_rt, grad_rt, delta_fmt, chunk: int, act_sr: int = 0, grad_sr: int = 0):
+    """The message pair between chunk `chunk` - 1 and `chunk`; `act_sr` / `grad_sr`: int4_sr's group
+    in that direction (0: the round trip `act_rt` / `grad_rt`)."""
     @jax.custom_vjp
-    def f(x, copy, first):
+    def f(x, copy, first, ids):
+        if act_sr:
+            return _stochastic(x, ids, 0, chunk, act_sr)
         if delta_fmt is None:
             return act_rt(x)
         fmt, g = delta_fmt
@@ -58,11 +79,11 @@ def _boundary(act_rt, grad_rt, delta_fmt):
         delta = quant.saturate(copy.astype(F32) + change, x.dtype)
         return jnp.where(first[:, None, None], absolute, delta)
 
-    def fwd(x, copy, first):
-        return f(x, copy, first), None
+    def fwd(x, copy, first, ids):
+        return f(x, copy, first, ids), ids
 
-    def bwd(_, g):
-        return grad_rt(g), None, None
+    def bwd(ids, g):
+        return (_stochastic(g, ids, 1, chunk - 1, grad_sr) if grad_sr else grad_rt(g)), None, None, None
 
     f.defvjp(fwd, bwd)
     return f
@@ -86,7 +107,9 @@ def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]],
     params = [init_stage_params(m, t.seed, range(a, b), a == 0, b == m.n_layer) for a, b in ranges]
     g = p.act_int4_group
     delta_fmt = _format(p.act_codec, False, g) if p.act_delta else None
-    boundary = _boundary(roundtrip(p.act_codec, False, g), roundtrip(p.act_grad_codec, True, g), delta_fmt)
+    sr = {name: g if name == "int4_sr" else 0 for name in (p.act_codec, p.act_grad_codec)}
+    boundaries = [_boundary(roundtrip(p.act_codec, False, g), roundtrip(p.act_grad_codec, True, g), delta_fmt,
+                            i + 1, sr[p.act_codec], sr[p.act_grad_codec]) for i in range(n - 1)]
     int8_tied = p.tied_grad_dtype == "int8"
     bf16_tied = p.tied_grad_dtype == "bfloat16"
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), make_adamw(t))
@@ -98,18 +121,18 @@ def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]],
     source = make_source(cfg.data, m)
     shape = (cfg.train.global_batch_size, m.seq_len, m.d_model)
 
-    def loss_fn(ps, inputs, targets, copies, first):
+    def loss_fn(ps, inputs, targets, copies, first, ids):
         x, hats = inputs, []
         for i, (mod, sp) in enumerate(zip(mods, ps, strict=True)):
             x = mod.apply({"params": sp}, x)
             if i < n - 1:
-                x = boundary(x, copies[i], first)
+                x = boundaries[i](x, copies[i], first, ids)
                 hats.append(jax.lax.stop_gradient(x))
         return next_token_loss(x, targets), hats
 
     @jax.jit
-    def step_fn(ps, opt_state, residues, inputs, targets, copies, first):
-        (loss, hats), grads = jax.value_and_grad(loss_fn, has_aux=True)(ps, inputs, targets, copies, first)
+    def step_fn(ps, opt_state, residues, inputs, targets, copies, first, ids):
+        (loss, hats), grads = jax.value_and_grad(loss_fn, has_aux=True)(ps, inputs, targets, copies, first, ids)
         g_embed, g_head = grads[0]["wte"], grads[-1]["wte"]
         if int8_tied:
             s_embed, r_embed = _ef(g_embed, residues[0])
@@ -142,8 +165,11 @@ def reference_train_codec(cfg: Config, ranges: Sequence[tuple[int, int]],
         copies = [np.stack([s.get((replica[r], windows[r]), np.zeros(shape[1:], np.float32))
                             for r in range(len(idx))]) for s in stores]
         samples = source.samples(idx)
+        per_replica = cfg.batch_per_replica // mb  # micro-batches per replica
+        ids = np.array([(t.seed, j // per_replica, step, j % per_replica)
+                        for j in range(t.global_batch_size // mb)], np.uint32)
         params, opt_state, residues, loss, norm, hats = step_fn(params, opt_state, residues, samples[:, :-1],
-                                                                samples[:, 1:], copies, jnp.asarray(first))
+                                                                samples[:, 1:], copies, jnp.asarray(first), ids)
         if p.act_delta:
             for s, h in zip(stores, hats, strict=True):
                 h = np.asarray(h)

@@ -45,6 +45,7 @@ from jaxpipe.comm.codec import (
     Identity,
     Int4,
     Int4Row,
+    Int4SR,
     Int8,
 )
 from jaxpipe.config import ParallelConfig, TrainConfig, load_config
@@ -100,6 +101,7 @@ FLOAT16_CODECS: dict[str, tuple[Callable[[], Codec], float]] = {
     "Int8": (Int8, 0.5 / 127 * 1.01),
     "Int4": (Int4, 0.5 / 7 * 1.01),
     "Int4Row": (Int4Row, 0.5 / 7 * 1.01),
+    "Int4SR": (Int4SR, 1 / 7 * 1.01),  # rounded stochastically: up to a whole step
     "Float8E4M3": (Float8E4M3, 2.0**-4 * 1.01),
     "Float8E5M2": (Float8E5M2, 2.0**-3 * 1.01),
     "Delta": (_DeltaEnds, 0.5 / 127 * 1.01),
@@ -138,12 +140,19 @@ FLOAT16_RUNS: dict[str, tuple[list[str], float, float, float, bool]] = {
                              True),
     "act_float8_grad_bf16": (["parallel.act_codec=float8", "parallel.act_grad_codec=bfloat16"], 2.5e-4, 4e-3, 3e-2,
                              True),
+    # The LM head back on rank 0 (issue 24): the tied sum local to rank 0, the overflow's skips and the
+    # other replica's NaN seen there too, both copies of `wte` bit-identical. Measured: losses 2.3e-6,
+    # norms 2.4e-4, parameters 1.5e-3 (one element, layer_1/proj/bias, whose gradient sits near Adam's
+    # eps: another partition's float16 roundings), the rest within 3.1e-4.
+    "gpipe_ring": (["parallel.schedule=gpipe_ring"], LOSS_RTOL, NORM_RTOL, 5e-3, True),
 }
 # Choices whose float16 handling is checked at the codec level instead (test_codec_accepts_float16):
 # delta mode needs token data, and the multi-rank float16 runs use the synthetic stream.
 FLOAT16_CODEC_LEVEL = {"parallel.act_delta=true": "Delta",
                        # int4 with a scale per row: int4's float16 run (act_int4) with other scales.
-                       "parallel.act_codec=int4_row": "Int4Row", "parallel.act_grad_codec=int4_row": "Int4Row"}
+                       "parallel.act_codec=int4_row": "Int4Row", "parallel.act_grad_codec=int4_row": "Int4Row",
+                       # int4's groups rounded stochastically: int4's float16 run with another rounding.
+                       "parallel.act_codec=int4_sr": "Int4SR", "parallel.act_grad_codec=int4_sr": "Int4SR"}
 FLOAT16_REFUSED: dict[str, str] = {}
 # DiLoCo's replicas decide on their own (replica 1 alone skips step DP_FAULT_STEP), so these runs meet
 # reference_diloco with per-replica loss scales instead: exchange -> bounds (loss, norm, parameter atol).

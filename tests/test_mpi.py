@@ -100,6 +100,10 @@ DP_CASES = {
         # Fragment 1 (layers 1, 3, 5, 7) starts after steps 2 and 6, fragment 0 after 4; each merges two steps
         # later (alpha 0.5); after step 7 everything merges and both take a blocking outer step.
         "pp2xdp2_streaming_diloco": STREAMING,
+        # DiLoCo with the LM head back on rank 0 (issue 24): both copies of `wte` on one rank, summed there,
+        # through the outer steps (the balanced partition: gpipe_ring cuts pp + 1 chunks).
+        "pp2xdp2_diloco_gpipe_ring": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=gpipe_ring",
+                                      "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"],
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
@@ -402,7 +406,8 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=reads(4, c)) for c in [
-    "pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated", "pp2xdp2_streaming_diloco"]])
+    "pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated", "pp2xdp2_streaming_diloco",
+    "pp2xdp2_diloco_gpipe_ring"]])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
     run, out = group_run(4, tmp_path_factory, case)
     assert run.returncode == 0, run.stderr[-20000:]
@@ -432,18 +437,28 @@ CODECS = {  # act_codec, act_grad_codec, tied_grad_dtype
     "float8": ("float8", "float8", "bfloat16"),
     "int8": ("int8", "int8", "int8"),
     "int4": ("int4", "int4", "float32"),
+    # Stochastic rounding both ways (issue 24): every message's noise from its own key, which the reference
+    # derives on its own: at PP=4 (three boundaries' chunk numbers) and at PP=2 x DP=2 (the replica's).
+    "int4_sr": ("int4_sr", "int4_sr", "float32"),
 }
+# (world size, pp, dp) of each codec's cases: every codec at PP=2 and PP=4, int4_sr as above.
+CODEC_LAYOUTS = {name: [(2, 2, 1), (4, 4, 1)] for name in CODECS} | {"int4_sr": [(4, 4, 1), (4, 2, 2)]}
 
 
-def codec_case(pp: int, name: str) -> list[str]:
+def codec_case(pp: int, name: str, dp: int = 1) -> list[str]:
     act, grad, tied = CODECS[name]
     ranges = json.dumps([list(r) for r in CODEC_RANGES[pp]])
-    return [f"parallel.pp={pp}", "parallel.dp=1", f"parallel.partition={ranges}", f"parallel.act_codec={act}",
+    return [f"parallel.pp={pp}", f"parallel.dp={dp}", f"parallel.partition={ranges}", f"parallel.act_codec={act}",
             f"parallel.act_grad_codec={grad}", f"parallel.tied_grad_dtype={tied}"]
 
 
-for _pp in (2, 4):
-    GROUPS[_pp].update({f"pp{_pp}_codec_{name}": codec_case(_pp, name) for name in CODECS})
+def codec_layout(pp: int, dp: int, name: str) -> str:
+    return f"pp{pp}{f'xdp{dp}' if dp > 1 else ''}_codec_{name}"
+
+
+for _name, _layouts in CODEC_LAYOUTS.items():
+    for _n, _pp, _dp in _layouts:
+        GROUPS[_n][codec_layout(_pp, _dp, _name)] = codec_case(_pp, _name, _dp)
 # int8 at PP=4 over the NCCL transport's protocol (uint8 wires through the ready handshake) and its tied
 # exchange (the int8 wire all-gathered as bytes, as NcclPairSum.exchange does on GPUs).
 HANDSHAKE.add("pp4_codec_int8")
@@ -468,10 +483,10 @@ def assert_closer_to(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], oth
 
 
 @cache
-def codec_reference(pp: int, name: str):
+def codec_reference(pp: int, name: str, dp: int = 1):
     from reference_codec import reference_train_codec
 
-    return reference_train_codec(load_config(None, MODEL + TRAIN + codec_case(pp, name)), CODEC_RANGES[pp])
+    return reference_train_codec(load_config(None, MODEL + TRAIN + codec_case(pp, name, dp)), CODEC_RANGES[pp])
 
 
 def _case_params(case: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
@@ -488,28 +503,42 @@ def _case_params(case: Path) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     return got, tied
 
 
-@pytest.mark.parametrize(("pp", "name"), [pytest.param(pp, name, marks=reads(pp, f"pp{pp}_codec_{name}"))
-                                         for pp in (2, 4) for name in CODECS])
-def test_codec_pipeline_equals_reference(tmp_path_factory, pp, name):
-    run, out = group_run(pp, tmp_path_factory, f"pp{pp}_codec_{name}")
+@pytest.mark.parametrize(("n", "pp", "dp", "name"),
+                         [pytest.param(n, pp, dp, name, marks=reads(n, codec_layout(pp, dp, name)))
+                          for name, layouts in CODEC_LAYOUTS.items() for n, pp, dp in layouts])
+def test_codec_pipeline_equals_reference(tmp_path_factory, n, pp, dp, name):
+    run, out = group_run(n, tmp_path_factory, codec_layout(pp, dp, name))
     assert run.returncode == 0, run.stderr[-20000:]
-    ref_losses, ref_norms, ref_params = codec_reference(pp, name)
-    case = out / f"pp{pp}_codec_{name}"
+    ref_losses, ref_norms, ref_params = codec_reference(pp, name, dp)
+    case = out / codec_layout(pp, dp, name)
     result = json.loads((case / "result.json").read_text())
-    np.testing.assert_allclose(result["losses"], ref_losses, rtol=5e-5)
-    np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=5e-4)
     got, tied = _case_params(case)
-    assert_closer_to(got, ref_params, reference()[2], CODEC_PARAM_ATOL[name], name)
+    if name == "int4_sr":
+        # Step 1's loss and norm and step 2's loss see only noise drawn before any rounding flip could
+        # matter: equal to 2e-7 (the same noise; another noise, nearest rounding's, moves them by 1.6e-3,
+        # 6.6e-3 and 7.0e-4). Later, a value on a floor boundary (see above) lands a whole int4 quantum
+        # apart and Adam spreads it: measured at PP=4 within 2.0e-4 (losses), 3.1e-3 (norms) and 8.4e-3
+        # (parameters, against 2.8e-2 from nearest rounding's reference); at PP=2 x DP=2 within 1.2e-7.
+        np.testing.assert_allclose(result["losses"][:2], ref_losses[:2], rtol=2e-6)
+        np.testing.assert_allclose(result["grad_norms"][:1], ref_norms[:1], rtol=2e-6)
+        np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-3)
+        np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=1e-2)
+        for k, v in ref_params.items():
+            np.testing.assert_allclose(got[k], v, rtol=0, atol=2e-2, err_msg=k)
+    else:
+        np.testing.assert_allclose(result["losses"], ref_losses, rtol=5e-5)
+        np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=5e-4)
+        assert_closer_to(got, ref_params, reference()[2], CODEC_PARAM_ATOL[name], name)
     for wte in tied:  # both copies of the tied embedding stay bit-identical, whatever its wire
         np.testing.assert_array_equal(wte, got["embed/wte"])
     rows = [json.loads(line) for line in (case / "metrics.jsonl").read_text().splitlines()]
     act, grad, tied_dtype = CODECS[name]
     spec = ArraySpec((2, 32, 64), "float32")
     per_msg = {k: wire_nbytes(c, k, spec) + 64 for k, c in ((Kind.ACT, act), (Kind.GRAD, grad))}
-    messages = 4 * (pp - 1)  # per direction: M = 4 micro-batches over pp - 1 boundaries
+    messages = 4 * (pp - 1)  # per direction: 4 micro-batches (M x replicas) over pp - 1 boundaries
     assert rows[-1]["pipe_bytes"] == messages * (per_msg[Kind.ACT] + per_msg[Kind.GRAD])
     tied_row = {"float32": 4 * 64, "bfloat16": 2 * 64, "int8": 64 + 2}[tied_dtype]
-    assert rows[-1]["tied_bytes"] == 2 * 128 * tied_row  # both ends, vocabulary 128 rows
+    assert rows[-1]["tied_bytes"] == dp * 2 * 128 * tied_row  # both ends, vocabulary 128 rows
 
 
 def _delta_data(tmp: Path) -> tuple[Path, Path]:

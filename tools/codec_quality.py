@@ -7,6 +7,10 @@ pipeline's evaluation takes it (the activation codec at every boundary, the firs
 
     python tools/codec_quality.py --config configs/tiny_text.yaml --set parallel.pp=4 \\
         --codec none,none --codec int4_row,int4_row --codec int4,int4 --out runs/codec_quality.json
+
+A codec named `int4_sr` rounds stochastically with each message's own noise (train.seed, replica, step,
+micro-batch, direction, chunk), as the pipeline does: `--codec int4,int4_sr` (int4 activations, their
+gradients rounded stochastically), `--codec int4_sr,int4_sr`; a third field sets act_int4_group.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny_text.yaml")
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
     ap.add_argument("--codec", action="append", required=True, metavar="ACT,GRAD[,GROUP]",
-                    help="activation and gradient codec (and int4's act_int4_group)")
+                    help="activation and gradient codec (and int4's act_int4_group), e.g. int4,int4_sr")
     ap.add_argument("--out", default="runs/codec_quality.json")
     args = ap.parse_args()
     results = {}

@@ -6,6 +6,8 @@ model's predictions, and checks the cost model against the original's own number
     python tools/reproduce_seed.py --model-only        # only the cost model vs the original's tables
     python tools/reproduce_seed.py --platform cpu --tables pp --codecs none,bfloat16,int8,int4,delta-int4
                                                        # the PP table once per pipeline codec, one launch
+    python tools/reproduce_seed.py --platform cpu --tables pp --codecs none,int8,int4_row,int4 \
+        --schedules gpipe,gpipe_ring                   # ... per schedule too (one launch and calibration each)
 
 For each table it first runs the configuration with the network off, measuring every stage's
 forward and backward time per micro-batch (alone, no communication), the real transport's time per
@@ -72,6 +74,7 @@ CODEC_SETS = {
     "float8": ["parallel.act_codec=float8", "parallel.act_grad_codec=float8"],
     "int8": ["parallel.act_codec=int8", "parallel.act_grad_codec=int8"],
     "int4": ["parallel.act_codec=int4", "parallel.act_grad_codec=int4"],
+    "int4_row": ["parallel.act_codec=int4_row", "parallel.act_grad_codec=int4_row"],
     "delta-int4": ["parallel.act_codec=int4", "parallel.act_delta=true", "parallel.act_grad_codec=int8"],
 }
 # With codecs the CPU messages are charged 256x, so that bfloat16's 32 KiB message stands for GPT-3 XL's
@@ -176,13 +179,18 @@ def _mpirun(n: int, args: list[str], timeout: float) -> None:
 
 
 def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
-              rows_wanted: list[int] | None = None, codecs: list[str] | None = None) -> list[dict]:
+              rows_wanted: list[int] | None = None, codecs: list[str] | None = None,
+              schedule: str | None = None) -> list[dict]:
+    """One launch: the calibration, then every (codec, setting); `schedule` replaces the table's
+    parallel.schedule (its own calibration: each schedule has its own chunks and stage times)."""
     from jaxpipe.config import load_config
     from jaxpipe.pipeline.costmodel import CodecTimes
 
     n, spec = PLATFORMS[platform][name]
     iters = PLATFORMS[platform]["iters"]
     config, overrides = _split(spec)
+    if schedule:
+        overrides = [*overrides, f"parallel.schedule={schedule}"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if codecs:
@@ -224,11 +232,13 @@ def run_table(name: str, platform: str, fp16_reference: bool, timeout: float,
         codec_s = CodecTimes(*result["codec_s"][codec]) if codec else None
         pred = plan(row_cfg, times, Link.of(delay, rate, per_msg), optimizer_s=other, platform=platform,
                     codec_times=codec_s)
-        rows.append({"setting": label, "codec": codec, "original_s": (ref_pp if name == "pp" else ref_dp)[i],
+        rows.append({"setting": label, "codec": codec, "schedule": cfg.parallel.schedule,
+                     "original_s": (ref_pp if name == "pp" else ref_dp)[i],
                      "measured_s": measured, "predicted_s": pred.iteration_s,
                      "predicted_sync_s": pred.sync_s, "measured_sync_s": r.get("sync_s"), "bound": pred.bound,
                      "iter_times": r["iter_times"]})
-        print(f"  ran {name} {codec or ''} {label}: {measured:.3f} s (predicted {pred.iteration_s:.3f} s)", flush=True)
+        print(f"  ran {name} {cfg.parallel.schedule} {codec or ''} {label}: {measured:.3f} s "
+              f"(predicted {pred.iteration_s:.3f} s)", flush=True)
     if codecs:
         print("  codec encode/decode ms per message (act enc, act dec, grad enc, grad dec): " + "; ".join(
             f"{c} " + ",".join(f"{v * 1e3:.2f}" for v in result["codec_s"][c]) for c in codecs), flush=True)
@@ -267,12 +277,12 @@ def print_model_check() -> bool:
 
 def print_codec_table(name: str, platform: str, rows: list[dict]) -> None:
     bf16 = {r["setting"]: r["measured_s"] for r in rows if r["codec"] == "bfloat16"}
-    print(f"\n{name.upper()} ({platform}) | codec | network | measured s | predicted s | measured/predicted | bound | "
-          f"iteration / bfloat16's")
+    print(f"\n{name.upper()} ({platform}) | schedule | codec | network | measured s | predicted s | "
+          f"measured/predicted | bound | iteration / bfloat16's")
     for r in rows:
         over = f"{r['measured_s'] / bf16[r['setting']]:.2f}" if r["setting"] in bf16 else "-"
-        print(f"{r['codec']:10s} | {r['setting']:28s} | {r['measured_s']:.3f} | {r['predicted_s']:.3f} | "
-              f"{r['measured_s'] / r['predicted_s']:.2f} | {r['bound']} | {over}")
+        print(f"{r['schedule']:10s} | {r['codec']:10s} | {r['setting']:28s} | {r['measured_s']:.3f} | "
+              f"{r['predicted_s']:.3f} | {r['measured_s'] / r['predicted_s']:.2f} | {r['bound']} | {over}")
     if rows:
         worst = max(r["measured_s"] / r["predicted_s"] for r in rows)
         print(f"worst measured/predicted {worst:.2f} (target <= 1.15)")
@@ -296,6 +306,8 @@ def main() -> None:
     parser.add_argument("--json-out", help="write all rows here")
     parser.add_argument("--codecs", help=f"comma-separated pipeline codecs ({', '.join(CODEC_SETS)}): the tables "
                         "run once per codec in the same launch, with each codec's iteration over bfloat16's")
+    parser.add_argument("--schedules", help="comma-separated parallel.schedule values (e.g. gpipe,gpipe_ring): "
+                        "each table once per schedule, a launch and a calibration each (default: the table's)")
     args = parser.parse_args()
     if args.cmd == "worker":
         worker(args)
@@ -308,8 +320,10 @@ def main() -> None:
     for name in args.tables.split(","):
         print(f"\nrunning the {name} table on {args.platform} ...", flush=True)
         rows = [int(i) for i in args.rows.split(",")] if args.rows else None
-        results[name] = run_table(name, args.platform, fp16, args.timeout, rows,
-                                  args.codecs.split(",") if args.codecs else None)
+        results[name] = []
+        for schedule in (args.schedules.split(",") if args.schedules else [None]):
+            results[name] += run_table(name, args.platform, fp16, args.timeout, rows,
+                                       args.codecs.split(",") if args.codecs else None, schedule)
     for name, rows in results.items():
         if args.codecs:
             print_codec_table(name, args.platform, rows)

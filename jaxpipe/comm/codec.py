@@ -11,8 +11,9 @@ instead of decoding garbage.
 `key` (the message's step, micro-batch, kind and chunk) is passed to both ends so that a stateful
 codec can keep per-sample state (`Delta`).
 
-The quantising codecs (`float8`, `int8`, `int4`, `int4_row`; `jaxpipe.comm.quant`) scale every token
-row (the last axis) by its absmax, `int4` every group of `parallel.act_int4_group` values of it, and
+The quantising codecs (`float8`, `int8`, `int4`, `int4_sr`, `int4_row`; `jaxpipe.comm.quant`) scale
+every token row (the last axis) by its absmax, `int4` (and `int4_sr`, rounded stochastically) every
+group of `parallel.act_int4_group` values of it, and
 put one uint8 array on the wire, shaped [samples, bytes per sample] (each row's or group's values, then
 its bfloat16 scale): a dtype every transport carries (host-staged MPI, CUDA-aware MPI and NCCL alike),
 split along the batch like the activation when a stage spans several devices. `float8` is e4m3 for
@@ -58,8 +59,9 @@ class Codec(ABC):
     delta_capable: ClassVar[bool] = False  # can carry parallel.act_delta's changes
 
     @classmethod
-    def make(cls, kind: Kind, cfg: Config | None = None) -> Codec:
-        """The instance for messages of `kind` under `cfg` (None: the defaults)."""
+    def make(cls, kind: Kind, cfg: Config | None = None, replica: int = 0) -> Codec:
+        """The instance for messages of `kind` under `cfg` (None: the defaults) on data-parallel
+        replica `replica` (a codec that draws random numbers draws other ones per replica)."""
         return cls()
 
     @classmethod
@@ -211,7 +213,7 @@ class Int4(_Int4Rows):
         self.group = group
 
     @classmethod
-    def make(cls, kind: Kind, cfg: Config | None = None) -> Codec:
+    def make(cls, kind: Kind, cfg: Config | None = None, replica: int = 0) -> Codec:
         return cls(cfg.parallel.act_int4_group if cfg is not None else INT4_GROUP)
 
     @classmethod
@@ -223,6 +225,76 @@ class Int4(_Int4Rows):
                               f"model.d_model ({d}), e.g. 32 or 64; parallel.act_codec=int4_row keeps one scale "
                               f"per row")
 
+
+
+def rounding_key(seed: int, replica: int, key: MsgKey) -> tuple[int, ...]:
+    """The integers a stochastically rounded message's noise is drawn from: the run's seed, then the
+    data-parallel replica, step, micro-batch, kind and receiving chunk folded in, in this order
+    (`noise_of`). Both ends and a single-process reference can name every message's noise, and no two
+    messages of a run share it."""
+    return (seed, replica, key.step, key.microbatch, int(key.kind), key.chunk)
+
+
+def noise_of(ids: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """U[0, 1) noise for a message of `shape` from its `rounding_key` integers (traceable: the key is
+    folded inside the program that encodes, one dispatch per message)."""
+    k = jax.random.key(ids[0])
+    for i in range(1, len(ids)):
+        k = jax.random.fold_in(k, ids[i])
+    return quant.uniform_noise(k, shape)
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _encode_sr(x: jax.Array, ids: jax.Array, fmt: quant.Format, group: int) -> jax.Array:
+    b, d = _layout(x.shape)
+    noise = noise_of(ids, tuple(x.shape)).reshape(b, -1, d)
+    return quant.encode_rows(x.reshape(b, -1, d), fmt, group, noise).reshape(b, -1)
+
+
+@ACT_CODECS.register
+class Int4SR(Int4):
+    """`int4_sr`: `int4`'s groups and bytes, rounded stochastically in training (unbiased: E[decoded]
+    = the value; see jaxpipe.comm.quant). The noise of each message is drawn from `rounding_key`
+    (train.seed, the replica, the message's step, micro-batch, kind and chunk), so a reference repeats
+    it exactly. Evaluation messages (negative steps) round to nearest: validation wants the closest
+    value, not an unbiased one. Meant for the activations' gradients (`parallel.act_grad_codec`),
+    where int4's round-to-nearest zeroes every value below 1/14 of its group's absmax; on activations
+    too it is allowed (noisier forward values, but no systematic bias)."""
+
+    name, code = "int4_sr", 7
+    delta_capable = False  # the delta mode's copies follow the change's nearest rounding
+
+    def __init__(self, group: int = INT4_GROUP, seed: int = 0, replica: int = 0):
+        super().__init__(group)
+        self.seed, self.replica = seed, replica
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        p = cfg.parallel
+        if p.act_delta and p.act_codec == cls.name:
+            raise ConfigError("parallel.act_delta keeps, at both ends, what each sample's last visit delivered, "
+                              "coded to nearest; parallel.act_codec=int4_sr rounds stochastically: use "
+                              "parallel.act_codec=int4 with act_delta (int4_sr stays possible for "
+                              "parallel.act_grad_codec)")
+        if cfg.train.seed < 0:
+            raise ConfigError(f"int4_sr draws its rounding noise from train.seed: it must be 0 or more "
+                              f"(got {cfg.train.seed})")
+        super().validate_config(cfg)
+
+    @classmethod
+    def make(cls, kind: Kind, cfg: Config | None = None, replica: int = 0) -> Codec:
+        if cfg is None:
+            return cls(replica=replica)
+        return cls(cfg.parallel.act_int4_group, cfg.train.seed, replica)
+
+    def encode(self, x: jax.Array, key: MsgKey) -> jax.Array:
+        if key.step < 0:
+            return _encode(x, self.fmt, self.group)
+        ids = np.asarray(rounding_key(self.seed, self.replica, key), np.uint32)
+        return _encode_sr(x, ids, self.fmt, self.group)
+
+    def describe(self) -> str:
+        return "int4 (stochastic rounding)"
 
 
 @ACT_CODECS.register
@@ -239,7 +311,7 @@ class Float8E4M3(RowQuant):
     name, code, fmt = "float8", 4, "float8_e4m3"
 
     @classmethod
-    def make(cls, kind: Kind, cfg: Config | None = None) -> Codec:
+    def make(cls, kind: Kind, cfg: Config | None = None, replica: int = 0) -> Codec:
         return Float8E4M3() if kind == Kind.ACT else Float8E5M2()
 
     def describe(self) -> str:
@@ -465,15 +537,15 @@ class Delta(Codec):
 
 # ---- construction ------------------------------------------------------------------------------
 
-def make_codec(name: str, kind: Kind, cfg: Config | None = None) -> Codec:
+def make_codec(name: str, kind: Kind, cfg: Config | None = None, replica: int = 0) -> Codec:
     """`parallel.act_codec` (kind ACT) or `parallel.act_grad_codec` (kind GRAD) by name, with `cfg`'s
-    settings of it (None: the defaults)."""
+    settings of it (None: the defaults), for data-parallel replica `replica`."""
     if name not in ACT_CODECS:
         raise ValueError(f"unknown codec {name!r} (one of {', '.join(ACT_CODECS.names())})")
-    return ACT_CODECS.get(name).make(kind, cfg)
+    return ACT_CODECS.get(name).make(kind, cfg, replica)
 
 
-_ALL = (Identity(), BFloat16(), Int8(), Int4(), Int4Row(), Float8E4M3(), Float8E5M2())
+_ALL = (Identity(), BFloat16(), Int8(), Int4(), Int4SR(), Int4Row(), Float8E4M3(), Float8E5M2())
 
 
 def codec_name(code: int) -> str:

@@ -21,8 +21,14 @@ absmax is coarse); `group` elements cost group · bits / 8 + 2 bytes.
 
 Exactness: the scale is rounded to bfloat16 *before* the values are divided by it, so the decoder
 multiplies by exactly the scale the encoder used; values on the grid come back bit for bit. Rounding
-is to nearest (ties to even). A row holding a NaN or an infinity decodes as non-finite (its scale
-carries it), so a later non-finite check still sees the problem.
+is to nearest (ties to even), or *stochastic* for the integer formats when the caller passes `noise`
+(uniform in [0, 1), one per value): q = floor(y + u) is y rounded up with probability frac(y), so the
+decoded value is unbiased, E[decode] = x. Why: with int4's step of absmax / 7, every value below
+absmax / 14 of its group rounds to zero to nearest, a systematic shrinkage of the many small entries
+of a gradient that stochastic rounding keeps on average. The noise comes from the caller so that a
+reference can repeat it (`jaxpipe.comm.codec.Int4SR` derives it per message). A row holding a NaN or
+an infinity decodes as non-finite (its scale carries it), so a later non-finite check still sees the
+problem.
 
 **Chunks** (the data-parallel exchange, `parallel.grad_codec`: a flat float32 buffer). It is cut into
 rows of `CHUNK` elements (the last padded with zeros); each travels as one record, so a contiguous
@@ -106,13 +112,14 @@ def _scale(x: jax.Array, fmt: Format) -> jax.Array:
     return (absmax / _QMAX[fmt]).astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _values(x: jax.Array, inv: jax.Array, fmt: Format) -> jax.Array:
-    """The quantised values of rows `x` (float32) as uint8 [..., value_bytes]."""
+def _values(x: jax.Array, inv: jax.Array, fmt: Format, noise: jax.Array | None = None) -> jax.Array:
+    """The quantised values of rows `x` (float32) as uint8 [..., value_bytes]; rounded stochastically
+    with `noise` (uniform [0, 1), x's shape): floor(y + u) stays within ±qmax for |y| <= qmax."""
     qmax = _QMAX[fmt]
     y = jnp.clip(x * inv, -qmax, qmax)  # the bfloat16 scale may be a hair below absmax / qmax
     if fmt in _FLOAT8:
         return jax.lax.bitcast_convert_type(y.astype(_FLOAT8[fmt]), jnp.uint8)
-    return _pack(jnp.round(y), fmt)
+    return _pack(jnp.round(y) if noise is None else jnp.clip(jnp.floor(y + noise), -qmax, qmax), fmt)
 
 
 def _unvalues(v: jax.Array, fmt: Format) -> jax.Array:
@@ -126,17 +133,20 @@ def _grouped(x: jax.Array, group: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group, group) if group else x
 
 
-def encode_rows(x: jax.Array, fmt: Format, group: int = 0) -> jax.Array:
+def encode_rows(x: jax.Array, fmt: Format, group: int = 0, noise: jax.Array | None = None) -> jax.Array:
     """uint8 [..., row_bytes(D)] for rows `x` [..., D] of any float dtype (a scale per `group` values
-    when `group`, each group's values then its scale)."""
+    when `group`, each group's values then its scale); rounded stochastically with `noise` (uniform
+    [0, 1) float32 of x's shape; integer formats only)."""
+    if noise is not None and fmt in _FLOAT8:
+        raise ValueError(f"stochastic rounding is for the integer formats, not {fmt}")
     if group:
-        w = encode_rows(_grouped(x, group), fmt)
+        w = encode_rows(_grouped(x, group), fmt, noise=None if noise is None else _grouped(noise, group))
         return w.reshape(*x.shape[:-1], -1)
     x = x.astype(jnp.float32)
     s = _scale(x, fmt)
     # A zero row keeps scale 0 and decodes to zeros; a NaN or infinite scale makes its row decode non-finite.
     inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    values = _values(x, inv, fmt)
+    values = _values(x, inv, fmt, noise)
     scale = jax.lax.bitcast_convert_type(s[..., 0].astype(jnp.bfloat16), jnp.uint8)  # [..., 2]
     return jnp.concatenate([values, scale], axis=-1)
 
@@ -163,9 +173,15 @@ def saturate(y: jax.Array, dtype: jnp.dtype | str) -> jax.Array:
     return y.astype(dtype)
 
 
-def roundtrip(x: jax.Array, fmt: Format, group: int = 0) -> jax.Array:
-    """What the far end receives for `x`: decode(encode(x)), in x's dtype."""
-    return decode_rows(encode_rows(x, fmt, group), fmt, x.dtype, group)
+def roundtrip(x: jax.Array, fmt: Format, group: int = 0, noise: jax.Array | None = None) -> jax.Array:
+    """What the far end receives for `x`: decode(encode(x)), in x's dtype (`noise`: see encode_rows)."""
+    return decode_rows(encode_rows(x, fmt, group, noise), fmt, x.dtype, group)
+
+
+def uniform_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The stochastic rounding's u ~ U[0, 1) for values of `shape` from a PRNG key: the one draw every
+    sender and reference makes (float32, the key's default implementation)."""
+    return jax.random.uniform(key, shape, jnp.float32)
 
 
 # ---- error feedback (the one rule every compressed sender with memory follows) ---------------------

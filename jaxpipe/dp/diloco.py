@@ -186,7 +186,9 @@ class DiLoCo(DataParallel):
             trees = self.ctx.place(self._unravel(self.outer))
             if self.head_copy:  # Until it hears from the first chunk, the head keeps its `wte`.
                 last = self.ctx.last_chunk
-                wte = trees[0]["wte"] if 0 in trees else params[last]["wte"]
+                # Both chunks on one rank (gpipe_ring): the same values in a buffer of its own, as the
+                # optimizer's update donates each chunk's parameters (one buffer twice is refused).
+                wte = jnp.copy(trees[0]["wte"]) if 0 in trees else params[last]["wte"]
                 trees[last] = {**trees[last], "wte": wte}
             new.update(trees)
             self._wire_bytes += self.coll.sent - before

@@ -255,7 +255,9 @@ class StreamingDiLoCo(DiLoCo):
             trees = self.ctx.place(self._unravel(jnp.asarray(flat)))
             if self.head_copy:
                 lastc = self.ctx.last_chunk
-                trees[lastc] = {**trees[lastc], "wte": trees[0]["wte"] if 0 in trees else params[lastc]["wte"]}
+                # gpipe_ring's one rank with both chunks: a buffer of its own (updates donate each copy).
+                wte = jnp.copy(trees[0]["wte"]) if 0 in trees else params[lastc]["wte"]
+                trees[lastc] = {**trees[lastc], "wte": wte}
             new.update(trees)
         if head_end and (head_merge or last):
             assert head_wte is not None

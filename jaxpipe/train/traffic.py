@@ -45,7 +45,8 @@ def pipeline_codecs(cfg: Config, topo: Topology, schedule: Schedule, partition: 
                                                                                            list[Any]]:
     """This rank's codecs per message kind, and the state among them that checkpoints carry."""
     p = cfg.parallel
-    act, grad = make_codec(p.act_codec, Kind.ACT, cfg), make_codec(p.act_grad_codec, Kind.GRAD, cfg)
+    act = make_codec(p.act_codec, Kind.ACT, cfg, topo.replica)
+    grad = make_codec(p.act_grad_codec, Kind.GRAD, cfg, topo.replica)
     if not p.act_delta:
         return {Kind.ACT: act, Kind.GRAD: grad}, []
     assert isinstance(act, RowQuant)
