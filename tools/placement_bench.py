@@ -2,6 +2,26 @@
 
     python tools/placement_bench.py dtfm [--budget S] [--json-out rows.json]   # the five scenarios, 64 ranks
     python tools/placement_bench.py [--iters 6] [--json-out rows.json]         # the measured CPU run
+    python tools/placement_bench.py cities [--max-loss-increase X% | --set parallel.dp_mode=diloco] [--json-out f]
+    python tools/placement_bench.py exposed [--ranks 8] [--set KEY=VALUE] [--json-out f]
+
+`cities` (issue 23, "Measured on CPU"): a cluster file of two regions (default
+configs/clusters/two_regions_8.yaml: 1 ms / 100 Gbit/s inside, 100 ms / 200 Mbit/s across), the demo
+corpus model (configs/tiny_text.yaml, micro-batch 1) at PP = n/2 x DP = 2 with `network.size_scale`
+= GPT-3 XL's parameters / the model's (the bytes that cross the slow links with DiLoCo are a stage's
+parameters; the activation bytes this charges are printed next to XL's). A calibration launch
+(network off), then the layout search with those times twice: with DiLoCo allowed (a loss budget, or
+keys pinned with --set, as `jaxpipe plan`) and lossless (the best exact-DP layout). One launch then
+runs the planned layout with the network on and off, the exact-DP layout with the network on (a few
+steps: over the slow links it is slow) and off (as many steps as the planned run: its losses, which
+neither emulation nor placement change). Steady state: a window of whole rounds of H steps after two
+rounds of outer steps (compilation). Prints and writes measured vs predicted iteration, network-off /
+planned, and the losses at equal tokens.
+
+`exposed` (issue 23 item 5): Streaming DiLoCo, blocking DiLoCo at the same H, and the same layout with
+no exchange in the window, at 10 ms / 1 Gbit/s (shared egress per rank, as netem on a NIC) with XL's
+DP bytes, in one launch: the share of the iteration each adds over the no-exchange run, and the time
+inside the DP calls from the per-step metrics (`dp_s`, the slowest rank's).
 
 `dtfm`: GPT-3 XL with DT-FM's workload (configs/dtfm_xl.yaml: 8 stages x 8 replicas, 488 sequences),
 for each scenario the predicted iteration (jaxpipe's model, each layout with its best settings) of
@@ -200,11 +220,12 @@ def _steady(values: list[float], lo: int, hi: int) -> float:
 
 
 def _window(algo, skip: int | None, rounds: int, iters: int) -> tuple[int, int, int]:
-    """(steps to drop, last step of the window, steps to run): after the first outer step of every fragment
-    and its merge (their programs compile then), `rounds` whole rounds of H steps, then the run's last step
-    (its extra blocking outer step is not a steady-state step)."""
+    """(steps to drop, last step of the window, steps to run): after two rounds of outer steps of every
+    fragment and their merges (measured on CPU: the first outer step compiles, the second still pays
+    seconds more, from the third on they are steady), `rounds` whole rounds of H steps, then the run's
+    last step (its extra blocking outer step is not a steady-state step)."""
     if algo.diloco:
-        lo = skip if skip is not None else algo.inner_steps + algo.overlap_steps + 1
+        lo = skip if skip is not None else 2 * algo.inner_steps + algo.overlap_steps + 1
         hi = lo + rounds * algo.inner_steps
     else:
         lo = skip if skip is not None else 2
@@ -347,8 +368,8 @@ def cities(args: argparse.Namespace) -> None:
 
 # ---- Streaming DiLoCo's exposed DP at 10 ms / 1 Gbit/s (issue 23 item 5) -------------------------------
 
-EXPOSED_DEFAULTS = ["network.delay_ms=10", "network.rate_gbit=1", "parallel.diloco_inner_steps=50",
-                    "parallel.diloco_fragments=4", "parallel.diloco_overlap_steps=8", "parallel.grad_codec=int8"]
+EXPOSED_DEFAULTS = ["network.delay_ms=10", "network.rate_gbit=1", "parallel.diloco_inner_steps=30",
+                    "parallel.diloco_fragments=3", "parallel.diloco_overlap_steps=6", "parallel.grad_codec=int8"]
 
 
 def exposed(args: argparse.Namespace) -> None:
@@ -422,7 +443,7 @@ def main() -> None:
                        help="config overrides; in `cities` the keys set here are pinned (as `jaxpipe plan --set`)")
         q.add_argument("--size-scale", type=float, help="default: GPT-3 XL's parameters / the model's")
         q.add_argument("--rounds", type=int, default=2, help="whole rounds of H steps in the timing window")
-        q.add_argument("--skip", type=int, help="steps before the window (default: H + tau + 1, exact DP 2)")
+        q.add_argument("--skip", type=int, help="steps before the window (default: 2 H + tau + 1; without DiLoCo 2)")
         q.add_argument("--loss-window", type=int, default=10, help="steps the mean training loss is over")
         q.add_argument("--timeout", type=float, default=600)
         q.add_argument("--json-out")
