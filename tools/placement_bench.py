@@ -7,7 +7,7 @@
 
 `cities` (issue 23, "Measured on CPU"): a cluster file of two regions (default
 configs/clusters/two_regions_8.yaml: 1 ms / 100 Gbit/s inside, 100 ms / 200 Mbit/s across), the demo
-corpus model (configs/tiny_text.yaml, micro-batch 1) at PP = n/2 x DP = 2 with `network.size_scale`
+corpus model (configs/tiny_text.yaml, micro-batch 1, 32-token sequences) at PP = n/2 x DP = 2 with `network.size_scale`
 = GPT-3 XL's parameters / the model's (the bytes that cross the slow links with DiLoCo are a stage's
 parameters; the activation bytes this charges are printed next to XL's). A calibration launch
 (network off), then the layout search with those times twice: with DiLoCo allowed (a loss budget, or
@@ -184,8 +184,9 @@ def _mpirun(n: int, args: list[str], timeout: float, config: str | None = None) 
 
 # ---- Across cities (issue 23): the planned layout with DiLoCo, the network off, the best exact DP -------
 
+# Sequences of 32 tokens: with XL's DP bytes (size_scale ~789) an activation is charged 12 MiB, 1.5 x XL's.
 CITIES_DEFAULTS = ["train.checkpoint_every=0", "train.checkpoint_dir=null", "train.log_every=100000",
-                   "train.eval_every=0", "train.micro_batch_size=1"]
+                   "train.eval_every=0", "train.micro_batch_size=1", "model.seq_len=32"]
 LOSSY = ("parallel.dp_mode", "parallel.diloco_", "parallel.grad_codec", "parallel.act_codec", "parallel.act_grad_codec")
 
 
@@ -368,8 +369,8 @@ def cities(args: argparse.Namespace) -> None:
 
 # ---- Streaming DiLoCo's exposed DP at 10 ms / 1 Gbit/s (issue 23 item 5) -------------------------------
 
-EXPOSED_DEFAULTS = ["network.delay_ms=10", "network.rate_gbit=1", "parallel.diloco_inner_steps=30",
-                    "parallel.diloco_fragments=3", "parallel.diloco_overlap_steps=6", "parallel.grad_codec=int8"]
+EXPOSED_DEFAULTS = ["network.delay_ms=10", "network.rate_gbit=1", "parallel.diloco_inner_steps=20",
+                    "parallel.diloco_fragments=2", "parallel.diloco_overlap_steps=4", "parallel.grad_codec=int8"]
 
 
 def exposed(args: argparse.Namespace) -> None:
