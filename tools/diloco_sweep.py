@@ -67,6 +67,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, np.ndarray, np
     return cfg, init, tx, loss_fn, xs, ys, evaluate
 
 
+def _inner_tx(cfg: Any, scale: float) -> Any:
+    """The replicas' optimizer: the config's AdamW with its learning-rate schedule scaled by `scale`
+    (a replica sees 1/M of the global batch, so its best step size need not be exact DP's)."""
+    import dataclasses
+
+    from jaxpipe.train.optimizer import make_adamw
+    t = dataclasses.replace(cfg.train, lr=cfg.train.lr * scale, min_lr=cfg.train.min_lr * scale)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), make_adamw(t))
+
+
 def _step(tx: Any, loss_fn: Any) -> Any:
     def step(p: Any, s: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
         loss, g = jax.value_and_grad(loss_fn)(p, x, y)
@@ -104,8 +114,9 @@ def run_exact(args: argparse.Namespace, ctx: tuple, keep_at: set[int]) -> tuple[
 
 
 def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[float], mus: list[float],
-               start: tuple[Any, Any] | None, warmup: int, exact_final: float) -> list[dict]:
+               start: tuple[Any, Any] | None, warmup: int, exact_final: float, inner: float = 1.0) -> list[dict]:
     cfg, init, tx, loss_fn, xs, ys, evaluate = ctx
+    tx = tx if inner == 1.0 else _inner_tx(cfg, inner)
     grid = [(lr, mu) for mu in mus for lr in lrs]
     C = len(grid)
     lr_c = jnp.array([g[0] for g in grid], jnp.float32)
@@ -150,6 +161,7 @@ def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[f
     for c, (lr, mu) in enumerate(grid):
         final = evals[args.steps][c]
         out.append({"run": "diloco", "M": M, "H": H, "outer_lr": lr, "outer_momentum": mu, "warmup": warmup,
+                    "inner_lr_scale": inner,
                     "val": {k: v[c] for k, v in evals.items()}, "final": final, "train_last100": float(tl[c]),
                     "vs_exact_pct": 100.0 * (final / exact_final - 1.0), "train_losses": curve[:, c].tolist()})
     return out
@@ -165,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
     ap.add_argument("--momentum", type=float, nargs="+", default=[0.0, 0.9])
     ap.add_argument("--warmup", type=int, nargs="+", default=[0], help="exact-DP steps before DiLoCo starts")
+    ap.add_argument("--inner-lr", type=float, nargs="+", default=[1.0],
+                    help="the replicas' learning rate as a multiple of train.lr (and min_lr)")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--val-samples", type=int, default=192)
     ap.add_argument("--out", required=True)
@@ -180,10 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         exact, kept = run_exact(args, ctx, {w for w in args.warmup if w > 0})
         emit(exact)
         for w in args.warmup:
-            for M in args.M:
-                for H in args.H:
-                    for row in run_diloco(args, ctx, M, H, args.lr, args.momentum, kept.get(w), w, exact["final"]):
-                        emit(row)
+            for inner in args.inner_lr:
+                for M in args.M:
+                    for H in args.H:
+                        for row in run_diloco(args, ctx, M, H, args.lr, args.momentum, kept.get(w), w,
+                                              exact["final"], inner):
+                            emit(row)
 
 
 if __name__ == "__main__":
