@@ -184,7 +184,7 @@ def _mpirun(n: int, args: list[str], timeout: float, config: str | None = None) 
 
 # ---- Across cities (issue 23): the planned layout with DiLoCo, the network off, the best exact DP -------
 
-# Sequences of 32 tokens: with XL's DP bytes (size_scale ~789) an activation is charged 12 MiB, 1.5 x XL's.
+# Sequences of 32 tokens: with XL's DP bytes (size_scale 794) an activation is charged 12 MiB, 1.5 x XL's.
 CITIES_DEFAULTS = ["train.checkpoint_every=0", "train.checkpoint_dir=null", "train.log_every=100000",
                    "train.eval_every=0", "train.micro_batch_size=1", "model.seq_len=32"]
 LOSSY = ("parallel.dp_mode", "parallel.diloco_", "parallel.grad_codec", "parallel.act_codec", "parallel.act_grad_codec")
