@@ -392,6 +392,12 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+# Measured (untied LLaMA, Streaming DiLoCo): losses within 3.0e-7 and parameters within 8.9e-7 of the reference,
+# gradient norms within 1.5e-5 after the merges (steps 6 and 7); the bound still fails a wrong rule: Streaming
+# DiLoCo's losses differ from blocking DiLoCo's by up to 0.10 after the first merge (BENCHMARKS.md).
+DILOCO_NORM_RTOL = {"pp2xdp2_llama_untied_streaming_diloco": 5e-5}
+
+
 @pytest.mark.parametrize("case", ["pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated",
                                   "pp2xdp2_streaming_diloco", "pp2xdp2_llama_diloco",
                                   "pp2xdp2_llama_untied_streaming_diloco"])
@@ -402,7 +408,7 @@ def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, cas
     losses, norms, replicas = reference_diloco(cfg, [range(0, 4), range(4, 8)])
     result = json.loads((out / case / "result.json").read_text())
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
-    np.testing.assert_allclose(result["grad_norms"], norms, rtol=1e-5)
+    np.testing.assert_allclose(result["grad_norms"], norms, rtol=DILOCO_NORM_RTOL.get(case, 1e-5))
     got = _replicas_agree(_rank_params(out / case))  # after the last step's outer step: one model
     assert got.keys() == replicas[0].keys()
     for k, ref in replicas[0].items():

@@ -138,7 +138,7 @@ class DiLoCo(DataParallel):
 
     def setup(self, params: Trees) -> None:
         last = self.ctx.last_chunk
-        self.head_copy = last > 0 and last in params
+        self.head_copy = last > 0 and last in params and "wte" in params[last]  # (an untied head has none)
         flat, unravel = ravel_pytree(self._strip(params))
         self._ravel = jax.jit(lambda t: ravel_pytree(t)[0])
         self._unravel = jax.jit(unravel)
