@@ -95,7 +95,7 @@ def _stage_masks(params, stage_layers: list[range]) -> list:
             top = str(getattr(path[0], "key", path[0]))
             if top in ("wte", "wpe"):
                 return np.full(x.shape, s == 0)
-            if top == "ln_f":
+            if top in ("ln_f", "lm_head"):  # (lm_head: an untied LLaMA's head)
                 return np.full(x.shape, s == n_stages - 1)
             if top == "blocks":  # stacked [n_layer, ...]
                 rows = np.isin(np.arange(x.shape[0]), list(stage_layers[s]))

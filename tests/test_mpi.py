@@ -89,6 +89,8 @@ DILOCO = [*HALVES, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "
 STREAMING = [*HALVES, "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4",
              "parallel.diloco_fragments=2", "parallel.diloco_overlap_steps=2", "train.steps=7"]
 INT8 = [*HALVES, "parallel.dp_mode=sharded_ps", "parallel.grad_codec=int8"]
+# LLaMA blocks (RMSNorm, SwiGLU, rotary positions, grouped-query attention; no wpe) on MODEL's shape.
+LLAMA_ARCH = ["model.arch=llama", "model.n_kv_head=2", "model.d_ff=96"]
 DP_CASES = {
     4: {
         "pp2xdp2_sharded_ps_int8": INT8,
@@ -104,11 +106,17 @@ DP_CASES = {
         # through the outer steps (the balanced partition: gpipe_ring cuts pp + 1 chunks).
         "pp2xdp2_diloco_gpipe_ring": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=gpipe_ring",
                                       "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"],
+        # LLaMA with DiLoCo: tied (the head's `wte` copy gets the first stage's step), and untied with Streaming
+        # DiLoCo (the head's own `lm_head` in fragment 0 with the embedding and the final norm).
+        "pp2xdp2_llama_diloco": [*LLAMA_ARCH, *DILOCO],
+        "pp2xdp2_llama_untied_streaming_diloco": [*LLAMA_ARCH, "model.tie_embeddings=false", *STREAMING],
     },
 }
 NCCL_DP = {"pp2xdp2_sharded_ps_int8_nccl_dp", "pp2xdp2_diloco_central_nccl_dp"}
 # Other runs trained in the same launches, each checked by its own test below.
-CHECKED_APART = {2: {"pp2_tied_bfloat16": ["parallel.pp=2", "parallel.tied_grad_dtype=bfloat16"]}}
+CHECKED_APART = {2: {"pp2_tied_bfloat16": ["parallel.pp=2", "parallel.tied_grad_dtype=bfloat16"],
+                    # LLaMA under interleaved 1F1B (2 chunks per rank; the tied pair on chunks 0 and 3).
+                    "pp2_llama_interleaved_v2": ["parallel.pp=2", *INTERLEAVED, *LLAMA_ARCH]}}
 
 # ---- fine-tuning an imported LLaMA (issue 25): train.init_from, in the same launches --------------
 # (no MODEL keys: the run adopts the checkpoint's model section; an untied head means no tied exchange)
@@ -208,6 +216,28 @@ def test_bfloat16_tied_gradient_exchange(tmp_path_factory):
     np.testing.assert_array_equal(last["head/wte"], first["embed/wte"])
     diff = np.abs(first["embed/wte"] - ref_params["embed/wte"])
     assert 0 < diff.max() < 1e-3
+
+
+@reads(2, "pp2_llama_interleaved_v2")
+def test_llama_interleaved_equals_single_process(tmp_path_factory):
+    """LLaMA blocks under interleaved 1F1B at PP=2 (2 chunks per rank) equal one process training the same
+    LLaMA, step by step; the head's copy of the tied `wte` stays bit-identical."""
+    run, out = group_run(2, tmp_path_factory, "pp2_llama_interleaved_v2")
+    assert run.returncode == 0, run.stderr[-20000:]
+    cfg = load_config(None, MODEL + TRAIN + CHECKED_APART[2]["pp2_llama_interleaved_v2"])
+    assert cfg.model.arch == "llama" and cfg.parallel.virtual_stages == 2
+    ref_losses, ref_norms, ref_params = reference_train(cfg)
+    case = out / "pp2_llama_interleaved_v2"
+    result = json.loads((case / "result.json").read_text())
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=2e-6)
+    np.testing.assert_allclose(result["grad_norms"], ref_norms, rtol=2e-6)
+    got, tied_copies = _case_params(case)
+    assert tied_copies
+    for wte in tied_copies:
+        np.testing.assert_array_equal(wte, got["embed/wte"])
+    assert got.keys() == ref_params.keys()
+    for k, ref in ref_params.items():
+        np.testing.assert_allclose(got[k], ref, rtol=0, atol=2e-6, err_msg=k)
 
 
 def test_tiny_job_learns(tiny_job):
@@ -405,9 +435,15 @@ def test_int8_gradients_with_error_feedback(tmp_path_factory):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+# Measured (untied LLaMA, Streaming DiLoCo): losses within 3.0e-7 and parameters within 8.9e-7 of the reference,
+# gradient norms within 1.5e-5 after the merges (steps 6 and 7); the bound still fails a wrong rule: Streaming
+# DiLoCo's losses differ from blocking DiLoCo's by up to 0.10 after the first merge (BENCHMARKS.md).
+DILOCO_NORM_RTOL = {"pp2xdp2_llama_untied_streaming_diloco": 5e-5}
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, marks=reads(4, c)) for c in [
     "pp2xdp2_diloco_central_nccl_dp", "pp2xdp2_diloco_sharded_stagger_emulated", "pp2xdp2_streaming_diloco",
-    "pp2xdp2_diloco_gpipe_ring"]])
+    "pp2xdp2_diloco_gpipe_ring", "pp2xdp2_llama_diloco", "pp2xdp2_llama_untied_streaming_diloco"]])
 def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, case):
     run, out = group_run(4, tmp_path_factory, case)
     assert run.returncode == 0, run.stderr[-20000:]
@@ -415,7 +451,7 @@ def test_diloco_equals_independent_replicas_and_outer_step(tmp_path_factory, cas
     losses, norms, replicas = reference_diloco(cfg, [range(0, 4), range(4, 8)])
     result = json.loads((out / case / "result.json").read_text())
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
-    np.testing.assert_allclose(result["grad_norms"], norms, rtol=1e-5)
+    np.testing.assert_allclose(result["grad_norms"], norms, rtol=DILOCO_NORM_RTOL.get(case, 1e-5))
     got = _replicas_agree(_rank_params(out / case))  # after the last step's outer step: one model
     assert got.keys() == replicas[0].keys()
     for k, ref in replicas[0].items():

@@ -51,6 +51,25 @@ def test_delivery_never_early_and_in_order():
     assert delivered[-1][1] - t0 < 2.0  # and not absurdly late
 
 
+def test_drain_waits_for_its_owners_sends_only():
+    """The pipeline's flush drains the transport's sends; a DP exchange scheduled on another thread (Streaming
+    DiLoCo) far later must not hold it, and a drain of every owner still waits for both."""
+    net = NetworkEmulator(0, LinkSpec(0.0, float("inf")))
+    done: list[str] = []
+    pipe, dp = object(), object()
+    try:
+        now = net.clock()
+        net.send_at(now + 0.6, lambda: done.append("dp"), owner=dp)
+        net.send_at(now + 0.05, lambda: done.append("pipe"), owner=pipe)
+        net.drain(owner=pipe)
+        waited = net.clock() - now
+        assert done == ["pipe"] and waited < 0.5, waited
+        net.drain()
+        assert done == ["pipe", "dp"] and net.clock() - now >= 0.6 - 1e-3
+    finally:
+        net.close()
+
+
 def test_per_pair_link_slows_only_that_pair():
     slow = LinkSpec(delay_s=0.5, rate_bps=8 * MB)
     net = NetworkEmulator(0, LinkSpec(0.001, 8 * 1000 * MB), pairs={(0, 2): slow})

@@ -123,3 +123,34 @@ def test_diloco_sweep_simulates_the_reference_diloco():
                                  f"parallel.diloco_outer_momentum={row['outer_momentum']}"])
         losses, _, _ = reference_diloco(cfg, [range(0, 2)])
         np.testing.assert_allclose(row["train_losses"], losses, rtol=2e-5, err_msg=str(row["outer_lr"]))
+
+
+def test_cities_bench_window_holds_whole_rounds_and_xl_bytes():
+    """tools/placement_bench.py times DiLoCo over a window after two rounds of outer steps (compilation) that
+    holds exactly `rounds` outer steps of every fragment and ends before the run's last (extra) step; its
+    size_scale charges a stage's DP bytes as GPT-3 XL's."""
+    import dataclasses
+
+    import pytest
+    from tool_loader import load_tool
+
+    from jaxpipe.config import load_config
+    from jaxpipe.plan.search import config_algo
+
+    bench = load_tool("placement_bench")
+    text = REPO / "configs" / "tiny_text.yaml"
+    cfg = load_config(text, [*bench.CITIES_DEFAULTS, "parallel.pp=4", "parallel.dp=2",
+                                                  *bench.EXPOSED_DEFAULTS, "parallel.dp_mode=streaming_diloco"])
+    algo = config_algo(cfg)
+    H, F, tau = algo.inner_steps, algo.fragments, algo.overlap_steps
+    for rounds in (1, 2):
+        lo, hi, steps = bench._window(algo, None, rounds, 0)
+        assert lo >= 2 * H + tau and steps == hi + 1
+        window = range(lo + 1, hi + 1)  # 1-based steps
+        for f in range(F):
+            starts = [k for k in window if (k + f * H // F) % H == 0]
+            assert len(starts) == rounds, (f, starts)
+    assert bench._window(dataclasses.replace(algo, dp_mode="central_ps"), None, 2, 6) == (2, 8, 9)
+    scale = bench.xl_scale(cfg)
+    assert bench.stands_for(load_config(text, [
+        *bench.CITIES_DEFAULTS, f"network.size_scale={scale}"]))["dp_bytes_vs_xl"] == pytest.approx(1.0, abs=1e-3)

@@ -17,6 +17,11 @@ where compute is slow, a small model's messages can stand in for GPT-3 XL's 16 M
 
 The real transfer still happens, at the time the emulated link would have delivered the message;
 its own (small) duration adds on top, which the cost model accounts for as a per-message overhead.
+
+Every send names its `owner` (the transport, the tied exchange, one DP group's collectives), and
+`drain(owner=...)` waits for that owner's sends only: a DP exchange running on a thread of its own
+(Streaming DiLoCo) keeps the emulator busy for seconds, and the pipeline's end-of-step flush must not
+wait for it. The sends still share the rank's egress link, as on a real NIC.
 """
 
 from __future__ import annotations
@@ -64,10 +69,11 @@ class NetworkEmulator:
         self.matrix = ""  # the cluster file the pairs come from, if any
         self._free: dict[tuple[int, int | None], float] = {}
         self._lock = threading.Lock()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, Callable[[], None], object]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._pending = 0
+        self._owned: dict[object, int] = {}  # scheduled, not yet on the wire, per owner
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._deliver_loop, name="jaxpipe-netem", daemon=True)
@@ -108,26 +114,31 @@ class NetworkEmulator:
             self._free[key] = done
         return done + spec.delay_s
 
-    def send_at(self, due: float, put_on_wire: Callable[[], None]) -> None:
+    def send_at(self, due: float, put_on_wire: Callable[[], None], owner: object = None) -> None:
         """Runs `put_on_wire` (which must not block for long) on the delivery thread at `due`."""
         with self._cv:
             if self._error is not None:
                 raise self._error
             self._pending += 1
-            heapq.heappush(self._heap, (due, next(self._seq), put_on_wire))
+            self._owned[owner] = self._owned.get(owner, 0) + 1
+            heapq.heappush(self._heap, (due, next(self._seq), put_on_wire, owner))
             self._cv.notify_all()
 
-    def send(self, dst: int, nbytes: int, put_on_wire: Callable[[], None]) -> float:
+    def send(self, dst: int, nbytes: int, put_on_wire: Callable[[], None], owner: object = None) -> float:
         due = self.reserve(dst, nbytes)
-        self.send_at(due, put_on_wire)
+        self.send_at(due, put_on_wire, owner)
         return due
 
-    def drain(self, poll: Callable[[], Any] | None = None) -> None:
-        """Waits until every scheduled send has been put on the wire. `poll`, if given, runs about every
-        millisecond meanwhile: Open MPI moves a large message's data only inside MPI calls of the
-        sender, so a sender that waits here must keep calling MPI (e.g. `MPI.Request.Testall`)."""
+    def drain(self, poll: Callable[[], Any] | None = None, owner: object = None) -> None:
+        """Waits until every send of `owner` (None: every scheduled send) has been put on the wire.
+        `poll`, if given, runs about every millisecond meanwhile: Open MPI moves a large message's data
+        only inside MPI calls of the sender, so a sender that waits here must keep calling MPI (e.g.
+        `MPI.Request.Testall`)."""
+        def busy() -> int:
+            return self._pending if owner is None else self._owned.get(owner, 0)
+
         with self._cv:
-            while self._pending and self._error is None:
+            while busy() and self._error is None:
                 if poll is None:
                     self._cv.wait(0.1)
                     continue
@@ -154,7 +165,7 @@ class NetworkEmulator:
                     self._cv.wait(timeout if timeout is None else max(timeout, 0.0))
                 if self._closed:
                     return
-                _, _, fn = heapq.heappop(self._heap)
+                _, _, fn, owner = heapq.heappop(self._heap)
             try:
                 fn()
             except BaseException as e:  # Surfaced to whoever drains or schedules next.
@@ -162,6 +173,11 @@ class NetworkEmulator:
                     self._error = e
             with self._cv:
                 self._pending -= 1
+                left = self._owned[owner] - 1
+                if left:
+                    self._owned[owner] = left
+                else:
+                    del self._owned[owner]
                 self._cv.notify_all()
 
     def collective_latency(self, n: int, peers: list[int] | None = None) -> float:

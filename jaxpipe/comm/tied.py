@@ -106,9 +106,9 @@ class TiedExchange:
             recv = self.comm.Irecv([out, MPI.BYTE], source=1 - me, tag=_TAG)
             sends: list[Any] = []
             self.net.send(self.peer, raw.nbytes,
-                          lambda: sends.append(self.comm.Isend([raw, MPI.BYTE], dest=1 - me, tag=_TAG)))
+                          lambda: sends.append(self.comm.Isend([raw, MPI.BYTE], dest=1 - me, tag=_TAG)), owner=self)
             recv.Wait()
-            self.net.drain()
+            self.net.drain(owner=self)
             MPI.Request.Waitall(sends)
         return theirs_buf
 

@@ -193,7 +193,7 @@ class _P2P:
     def send(self, buf: np.ndarray, dst: int, tag: int) -> None:
         self.bufs.append(buf)
         self.net.send(self.world_rank_of(dst), buf.nbytes,
-                      lambda: self.reqs.append(self.comm.Isend([buf, _mpi_type(buf)], dest=dst, tag=tag)))
+                      lambda: self.reqs.append(self.comm.Isend([buf, _mpi_type(buf)], dest=dst, tag=tag)), owner=self)
 
     def recv(self, buf: np.ndarray, src: int, tag: int) -> None:
         self.comm.Recv([buf, _mpi_type(buf)], source=src, tag=tag)
@@ -204,7 +204,7 @@ class _P2P:
     def wait(self, recvs: list[Any] | None = None) -> None:
         if recvs:
             MPI.Request.Waitall(recvs)
-        self.net.drain(poll=(lambda: MPI.Request.Testall(list(self.reqs))) if self.POLL else None)
+        self.net.drain(poll=(lambda: MPI.Request.Testall(list(self.reqs))) if self.POLL else None, owner=self)
         MPI.Request.Waitall(self.reqs)
         self.reqs, self.bufs = [], []
 

@@ -138,7 +138,7 @@ class DiLoCo(DataParallel):
 
     def setup(self, params: Trees) -> None:
         last = self.ctx.last_chunk
-        self.head_copy = last > 0 and last in params
+        self.head_copy = last > 0 and last in params and "wte" in params[last]  # (an untied head has none)
         flat, unravel = ravel_pytree(self._strip(params))
         self._ravel = jax.jit(lambda t: ravel_pytree(t)[0])
         self._unravel = jax.jit(unravel)
@@ -204,12 +204,18 @@ class DiLoCo(DataParallel):
 
     # ---- the tied embedding's outer step, first chunk -> LM head ----------------------------------
     def _send_wte_step(self, size: int) -> None:
-        """The rows of the step that came back which hold `wte` (elements wte_at.. of the buffer)."""
-        assert self.tied is not None and self.exchange is not None and self.exchange.back is not None
-        chunk = self.exchange.chunk
-        first, stop = self.wte_at // chunk, -(-(self.wte_at + size) // chunk)
-        head = np.array([self.wte_at - first * chunk, stop - first], np.int64)
-        rows = np.ascontiguousarray(np.asarray(self.exchange.back[first:stop]))
+        assert self.exchange is not None
+        self._wire_bytes += self._send_wte_rows(self.exchange, self.wte_at, size)
+
+    def _send_wte_rows(self, ex: Exchange, at: int, size: int) -> int:
+        """The rows of `ex`'s last result which hold `wte` (elements at.. of its buffer), as they came
+        back (coded), to the LM head's end, over the emulated link when there is one (waiting for these
+        sends only: Streaming DiLoCo calls this on its exchange thread). Returns the bytes sent."""
+        assert self.tied is not None and ex.back is not None
+        chunk = ex.chunk
+        first, stop = at // chunk, -(-(at + size) // chunk)
+        head = np.array([at - first * chunk, stop - first], np.int64)
+        rows = np.ascontiguousarray(np.asarray(ex.back[first:stop]))
         dst, net, tied = 1 - self.tied.Get_rank(), self.ctx.net, self.tied
         if net is None:
             tied.Send(head, dest=dst, tag=_TIED_TAG)
@@ -217,19 +223,21 @@ class DiLoCo(DataParallel):
         else:
             sends: list[Any] = []
             net.send(self.ctx.tied_peer, rows.nbytes, lambda: sends.extend(
-                [tied.Isend(head, dest=dst, tag=_TIED_TAG), tied.Isend(rows, dest=dst, tag=_TIED_TAG + 1)]))
-            net.drain()
+                [tied.Isend(head, dest=dst, tag=_TIED_TAG), tied.Isend(rows, dest=dst, tag=_TIED_TAG + 1)]),
+                owner=self)
+            net.drain(owner=self)
             MPI.Request.Waitall(sends)
-        self._wire_bytes += rows.nbytes
+        return int(rows.nbytes)
 
     def _recv_wte_step(self, like: np.ndarray) -> np.ndarray:
-        assert self.tied is not None and self.exchange is not None
+        """The LM head's end: the `wte` rows the first stage's end sends (`_send_wte_rows`), decoded."""
+        assert self.tied is not None
         src = 1 - self.tied.Get_rank()
         head = np.empty(2, np.int64)
         self.tied.Recv(head, source=src, tag=_TIED_TAG)
         offset, n_rows = int(head[0]), int(head[1])
         codec = self.codec
-        rows = np.empty((n_rows, quant.row_bytes(codec, self.exchange.chunk)), np.uint8)
+        rows = np.empty((n_rows, quant.row_bytes(codec, quant.CHUNK)), np.uint8)
         self.tied.Recv(rows, source=src, tag=_TIED_TAG + 1)
         step = np.asarray(quant.decode(jnp.asarray(rows), codec)).reshape(-1)[offset: offset + like.size]
         return step.reshape(like.shape)

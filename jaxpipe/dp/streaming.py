@@ -164,33 +164,13 @@ class StreamingDiLoCo(DiLoCo):
         ex.commit(True)
         new_outer = (self.outer_f[f] + delta).astype(np.float32)
         sent = self.coll.sent - before
-        if send_wte:
-            self._send_rows(ex, send_wte)
-            sent += self._wte_sent
+        if send_wte:  # fragment 0's rows holding `wte` on to the LM head's end (over the emulated link)
+            sent += self._send_wte_rows(ex, self.wte_at_f, send_wte)
         return new_outer, nxt[0], sent
 
-    def _send_rows(self, ex: Exchange, size: int) -> None:
-        """The rows of fragment 0's step that came back which hold `wte`, to the LM head's end."""
-        assert self.tied is not None and ex.back is not None
-        chunk = ex.chunk
-        first, stop = self.wte_at_f // chunk, -(-(self.wte_at_f + size) // chunk)
-        head = np.array([self.wte_at_f - first * chunk, stop - first], np.int64)
-        rows = np.ascontiguousarray(np.asarray(ex.back[first:stop]))
-        dst = 1 - self.tied.Get_rank()
-        self.tied.Send(head, dest=dst, tag=79)
-        self.tied.Send(rows, dest=dst, tag=80)
-        self._wte_sent = rows.nbytes
-
     def _recv_rows(self) -> np.ndarray:
-        assert self.tied is not None and self.outer_wte is not None
-        src = 1 - self.tied.Get_rank()
-        head = np.empty(2, np.int64)
-        self.tied.Recv(head, source=src, tag=79)
-        offset, n_rows = int(head[0]), int(head[1])
-        rows = np.empty((n_rows, quant.row_bytes(self.codec, quant.CHUNK)), np.uint8)
-        self.tied.Recv(rows, source=src, tag=80)
-        step = np.asarray(quant.decode(jnp.asarray(rows), self.codec)).reshape(-1)[offset: offset + self.outer_wte.size]
-        return step.reshape(self.outer_wte.shape)
+        assert self.outer_wte is not None
+        return self._recv_wte_step(self.outer_wte)
 
     def _start(self, k: int, f: int, flat: np.ndarray, first_chunk: bool) -> None:
         pseudo = (self.outer_f[f] - flat[self.idx[f]]).astype(np.float32)
@@ -269,7 +249,6 @@ class StreamingDiLoCo(DiLoCo):
     # ---- the LM head's copy of `wte` ---------------------------------------------------------------------
     _step_done = 0
     wte_size = 0
-    _wte_sent = 0
 
     def _owed_rows(self, k: int) -> np.ndarray:
         """The wte step rows merging after step k: received early (a checkpoint), or now."""

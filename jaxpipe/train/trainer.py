@@ -307,7 +307,9 @@ def setup(cfg: Config, comm: Any, log: Callable[[str], None], resume: str | None
     dp = make_data_parallel(DPContext(
         topo.dp_comm, net, dp_rank_of, p, place_trees,
         collectives=lambda: f.dp_collectives(p.transport, topo.dp_comm, net, dp_rank_of),
-        stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last, tied=topo.tied,
+        # An untied head (model.tie_embeddings off) has no `wte` copy: no tied pair for the DP algorithm.
+        stage=topo.stage, n_stages=p.pp, steps=cfg.train.steps, last_chunk=last,
+        tied=topo.tied if cfg.model.tie_embeddings else None,
         tied_first=0 in chunks, tied_peer=tied_peer, chunk_layers={c: partition.stage(c) for c in chunks}))
     # -- compressed pipeline traffic: this rank's codecs (jaxpipe.train.traffic), checked before compiling.
     act_spec, place = programs[chunks[0]].act_spec, programs[chunks[0]].place_input

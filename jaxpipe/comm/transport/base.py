@@ -218,8 +218,8 @@ class ThreadedTransport(Transport):
     def flush(self) -> None:
         for q in list(self._send_qs.values()):
             q.join()
-        if self.net is not None:
-            self.net.drain()
+        if self.net is not None:  # this transport's sends only (a DP exchange may be in flight)
+            self.net.drain(owner=self)
         if self._send_error is not None:
             raise self._send_error
         self.finish_sends(self._take_send_handles())
@@ -278,7 +278,7 @@ class ThreadedTransport(Transport):
                     self._wire_send_traced(key, peer, state)
                 else:  # Leaves when the emulated link is free, arrives one delay later.
                     self.net.send(self._world_rank_of(peer), nbytes, functools.partial(self._wire_send_traced, key,
-                                                                                       peer, state))
+                                                                                       peer, state), owner=self)
             except BaseException as e:  # Surfaced on the main thread at the next send or flush.
                 self._send_error = e
             finally:
