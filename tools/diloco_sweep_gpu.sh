@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The DiLoCo outer-settings sweep of issue 23 (BENCHMARKS.md "DiLoCo outer settings") on one lent GPU, in one
 # <= 10-minute device call: tools/diloco_sweep.py processes side by side on the GPU, each (M, H) its own
-# process (the (outer lr, momentum) grid and the M replicas vmapped inside it), 6.3M parameters (d_model 256,
-# 8 layers: 4x the tiny model), 1500 steps of configs/tiny_text.yaml's batch on the demo corpus.
+# process (the (outer lr, momentum) grid and the M replicas vmapped inside it), the model (d_model 256,
+# 9 layers: 7.3M parameters, 4.4x the tiny model), 1500 steps of configs/tiny_text.yaml's batch on the demo corpus.
 # Needs the prepared corpus in runs/shakespeare (here: `jaxpipe demo-corpus` + `prepare-data`, then carry
 # it: the device machine has no `tokenizers`). Results: runs/sw/*.jsonl, and $OUT/sw.tgz when OUT is set.
 #   device run: bash tools/diloco_sweep_gpu.sh        (carry: runs/shakespeare)
@@ -11,7 +11,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxcache}
 mkdir -p runs/sw
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"
-MODEL="--set model.d_model=256 --set model.n_layer=8 --steps 1500 --eval-every 300"
+MODEL="--set model.d_model=256 --set model.n_layer=9 --steps 1500 --eval-every 300"
 GRID="--lr 0.2 0.4 0.6 0.8 1.0 1.2 --momentum 0.0 0.5 0.9"
 T=${T:-520}
 go() {
