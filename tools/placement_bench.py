@@ -464,17 +464,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--json-out")
     args = parser.parse_args()
-    if args.cmd == "worker":
-        worker(args)
-        return
-    if args.cmd == "dtfm":
-        dtfm_table(args)
-        return
-    if args.cmd == "cities":
-        cities(args)
-        return
-    if args.cmd == "exposed":
-        exposed(args)
+    command = {"worker": worker, "dtfm": dtfm_table, "cities": cities, "exposed": exposed}.get(args.cmd)
+    if command is not None:
+        command(args)
         return
 
     from jaxpipe.comm.topology import write_placement
