@@ -14,7 +14,8 @@ inner steps of a round, so one compiled program runs every configuration of an (
   AdamW state (`parallel.diloco_warmup_steps`).
 
 Every line of `--out` is one run: validation loss every `--eval-every` steps on the outer model, the
-final one, and its increase over exact DP. Example (the BENCHMARKS.md table):
+final one, and its increase over exact DP (and a "diloco_partial" row per evaluation, so a run cut short
+still compares at equal tokens). `--summary FILE...` prints the tables. Example (the BENCHMARKS.md table):
 
     python tools/diloco_sweep.py --config configs/tiny_text.yaml --set model.d_model=256 \
         --set model.n_layer=9 --steps 1500 --M 2 --H 30 100 --out sweep.jsonl
@@ -27,6 +28,7 @@ import json
 import sys
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -114,7 +116,8 @@ def run_exact(args: argparse.Namespace, ctx: tuple, keep_at: set[int]) -> tuple[
 
 
 def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[float], mus: list[float],
-               start: tuple[Any, Any] | None, warmup: int, exact_final: float, inner: float = 1.0) -> list[dict]:
+               start: tuple[Any, Any] | None, warmup: int, exact: dict, inner: float = 1.0,
+               emit: Any = None) -> list[dict]:
     cfg, init, tx, loss_fn, xs, ys, evaluate = ctx
     tx = tx if inner == 1.0 else _inner_tx(cfg, inner)
     grid = [(lr, mu) for mu in mus for lr in lrs]
@@ -155,11 +158,18 @@ def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[f
         k += n
         if k % args.eval_every == 0 or k == args.steps or (k // args.eval_every) != ((k - n) // args.eval_every):
             evals[k] = np.asarray(evaluate_c(outer)).tolist()
+            if emit is not None and k < args.steps and k in exact["val"]:
+                # a partial row per evaluation: a run cut short by its time limit still compares at equal tokens
+                for c, (lr, mu) in enumerate(grid):
+                    emit({"run": "diloco_partial", "M": M, "H": H, "outer_lr": lr, "outer_momentum": mu,
+                          "warmup": warmup, "inner_lr_scale": inner, "step": k, "val_at_step": evals[k][c],
+                          "vs_exact_pct": 100.0 * (evals[k][c] / exact["val"][k] - 1.0)})
     curve = np.concatenate(train, axis=0)  # [steps, configs]: the replicas' mean training loss per step
     tl = curve[-100:].mean(axis=0)
     out = []
     for c, (lr, mu) in enumerate(grid):
         final = evals[args.steps][c]
+        exact_final = exact["final"]
         out.append({"run": "diloco", "M": M, "H": H, "outer_lr": lr, "outer_momentum": mu, "warmup": warmup,
                     "inner_lr_scale": inner,
                     "val": {k: v[c] for k, v in evals.items()}, "final": final, "train_last100": float(tl[c]),
@@ -167,7 +177,39 @@ def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[f
     return out
 
 
+def summary(files: list[str]) -> None:
+    """The sweep's table from its `--out` files: each setting's final loss over exact DP's, or, for a run cut
+    short, its latest evaluation over exact DP's at the same step (marked @step)."""
+    rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
+    exact = sorted({round(r["final"], 4) for r in rows if r["run"] == "exact"})
+    print("exact DP final validation loss:", ", ".join(map(str, exact)))
+    cell: dict[tuple, dict[tuple, str]] = {}
+    best: dict[tuple, tuple[float, str]] = {}
+    for r in sorted(rows, key=lambda r: (r["run"] == "diloco", r.get("step", 0))):
+        if r["run"] == "exact":
+            continue
+        key = (r["M"], r["H"], r["warmup"], r.get("inner_lr_scale", 1.0))
+        at = "" if r["run"] == "diloco" else f" @{r['step']}"
+        text = f"{r['vs_exact_pct']:+.2f} %{at}"
+        cell.setdefault(key, {})[(r["outer_momentum"], r["outer_lr"])] = text
+        if at == "" and (key not in best or r["vs_exact_pct"] < best[key][0]):
+            best[key] = (r["vs_exact_pct"], f"lr {r['outer_lr']}, momentum {r['outer_momentum']}")
+    for key, cells in sorted(cell.items()):
+        lrs = sorted({lr for _, lr in cells})
+        print(f"\nM = {key[0]}, H = {key[1]}, warm-up {key[2]}, inner lr x {key[3]}"
+              + (f": best {best[key][1]} ({best[key][0]:+.2f} %)" if key in best else ": no final row"))
+        print("| momentum | " + " | ".join(f"lr {lr}" for lr in lrs) + " |")
+        print("|---" * (len(lrs) + 1) + "|")
+        for mu in sorted({mu for mu, _ in cells}):
+            print(f"| {mu} | " + " | ".join(cells.get((mu, lr), "–") for lr in lrs) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summary"]:
+        summary(argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/tiny_text.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -198,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 for M in args.M:
                     for H in args.H:
                         for row in run_diloco(args, ctx, M, H, args.lr, args.momentum, kept.get(w), w,
-                                              exact["final"], inner):
+                                              exact, inner, emit):
                             emit(row)
 
 
