@@ -113,7 +113,7 @@ def test_diloco_sweep_simulates_the_reference_diloco():
     args = argparse.Namespace(config=None, set=small, steps=7, val_samples=16, eval_every=3)
     ctx = sweep._setup(args)
     exact, _ = sweep.run_exact(args, ctx, set())
-    rows = sweep.run_diloco(args, ctx, 2, 3, [0.4, 1.0], [0.0, 0.9], None, 0, exact["final"])
+    rows = sweep.run_diloco(args, ctx, 2, 3, [0.4, 1.0], [0.0, 0.9], None, 0, exact)
     base = [*small, "train.steps=7", "train.decay_steps=7", "parallel.pp=1"]
     ref_exact, _, _ = reference_train(load_config(None, [*base, "parallel.dp=1"]))
     assert abs(exact["train_last100"] - float(np.mean(ref_exact))) < 1e-5
