@@ -335,8 +335,9 @@ def _launched_rank() -> int:
     return 0
 
 
-def _check_observe(args: argparse.Namespace, cfg: Any) -> Any:
-    """The observability flags, checked with the config on every rank; returns the Observe."""
+def _check_observe(args: argparse.Namespace, cfg: Any, reporter: bool = True) -> Any:
+    """The observability flags, checked with the config on every rank (the metrics file only where global
+    rank 0, which writes it, runs): a path that cannot be written fails before compiling, not after."""
     from jaxpipe.train.observe import Observe, check_tensorboard, parse_trace_steps
 
     if args.trace_steps is not None and not args.trace:
@@ -349,6 +350,9 @@ def _check_observe(args: argparse.Namespace, cfg: Any) -> Any:
     if args.tensorboard:
         check_tensorboard()
         check_writable(args.tensorboard, "--tensorboard", hint="leave --tensorboard out")
+    metrics_out = getattr(args, "metrics_out", None)
+    if metrics_out and reporter:
+        check_writable(Path(metrics_out).parent, "--metrics-out's directory", hint="leave --metrics-out out")
     return Observe(trace_dir=args.trace, trace_steps=args.trace_steps, tensorboard_dir=args.tensorboard,
                    progress=args.progress)
 
@@ -560,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "probe-network":
             _cmd_probe_network(args, cfg)
             return
-        observe = agree(MPI.COMM_WORLD, lambda: _check_observe(args, cfg))
+        observe = agree(MPI.COMM_WORLD, lambda: _check_observe(args, cfg, MPI.COMM_WORLD.rank == 0))
         from jaxpipe.train.trainer import train
 
         train(cfg, metrics_out=args.metrics_out, resume=args.resume, observe=observe)

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
-from mpi_util import TINY_JOB_STEPS, configure_test_environment, launch_once, run_mpi, want_cases
+from mpi_util import RUN_BOUND_ENV, TINY_JOB_STEPS, configure_test_environment, launch_once, run_mpi, want_cases
 
 # Before JAX starts its backend: this process (the single-process references) compiles with the same
 # XLA flags and the same persistent cache as the ranks the tests launch.
@@ -83,6 +83,6 @@ def tiny_job(tmp_path_factory):
     (tests/test_observe.py)."""
     run, tmp = launch_once(tmp_path_factory, "tiny_job", lambda tmp: run_mpi(
         4, ["-m", "jaxpipe", "train", "--set", f"train.steps={TINY_JOB_STEPS}", "--trace", str(tmp / "trace"),
-            "--tensorboard", str(tmp / "tb"), "--metrics-out", str(tmp / "m.jsonl")], timeout=900))
+            "--tensorboard", str(tmp / "tb"), "--metrics-out", str(tmp / "m.jsonl")], timeout=900, env=RUN_BOUND_ENV))
     assert run.returncode == 0, run.stderr[-20000:]
     return tmp, run

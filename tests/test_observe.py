@@ -80,6 +80,20 @@ def test_unwritable_checkpoint_dir_message(tmp_path):
     assert list((tmp_path / "new" / "ckpt").iterdir()) == []
 
 
+def test_unwritable_metrics_out_is_refused_before_compiling(tmp_path, capsys):
+    """Before, the metrics file was opened after set-up, on global rank 0 alone, and its error was reported as
+    a failure of the tied-embedding exchange; now the flag is checked with the others (`--dry-run` too)."""
+    from jaxpipe.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dry-run", "--metrics-out", str(tmp_path / "a_file" / "m.jsonl")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"jaxpipe: error: --metrics-out's directory '{tmp_path / 'a_file'}' cannot be written: File exists; "
+        "choose a directory this job can write on every host, or leave --metrics-out out")
+
+
 def test_dry_run_prints_the_plan_without_touching_a_device():
     code = ("import sys; from jaxpipe.cli import main; main(sys.argv[1:]); from jax._src import xla_bridge; "
             "print('backends', len(xla_bridge._backends))")
