@@ -3,7 +3,8 @@ too slow (the CPU box: 39 min per 300-step PP=4 run): `tests/reference_codec.py`
 with each codec's round trip applied at the PP=4 chunk boundaries (the single-process ground truth the
 pipeline is tested equal to in tests/test_mpi.py), and the validation loss is taken the way the
 pipeline's evaluation takes it (the activation codec at every boundary, the first `eval_batches` ×
-`global_batch_size` windows of val.bin).
+`global_batch_size` windows of val.bin), and also with nothing quantised (`val_loss_unquantised`: the
+trained model's own loss, as it serves after export).
 
     python tools/codec_quality.py --config configs/tiny_text.yaml --set parallel.pp=4 \\
         --codec none,none --codec int4_row,int4_row --codec int4,int4 --out runs/codec_quality.json
@@ -49,25 +50,31 @@ def run_one(config: str, overrides: list[str], spec: str) -> dict:
     n = t.eval_batches * t.global_batch_size
     batches = val.samples(np.arange(n)).reshape(t.eval_batches, t.global_batch_size, -1)
 
-    @jax.jit
-    def val_loss(params, tokens):
-        x = tokens[:, :-1]
-        for i, (mod, sp) in enumerate(zip(mods, params, strict=True)):
-            x = mod.apply({"params": sp}, x)
-            if i < len(mods) - 1:
-                x = rt(x)
-        return next_token_loss(x, tokens[:, 1:])
+    def make_val_loss(boundary):
+        @jax.jit
+        def val_loss(params, tokens):
+            x = tokens[:, :-1]
+            for i, (mod, sp) in enumerate(zip(mods, params, strict=True)):
+                x = mod.apply({"params": sp}, x)
+                if i < len(mods) - 1:
+                    x = boundary(x)
+            return next_token_loss(x, tokens[:, 1:])
+        return val_loss
 
+    val_loss, val_loss_plain = make_val_loss(rt), make_val_loss(lambda x: x)
     evals: dict[int, float] = {}
+    plain: dict[int, float] = {}  # the same parameters with nothing quantised: the trained model's own loss
 
     def after(step: int, params: list) -> None:
         if t.eval_every and step % t.eval_every == 0:
             evals[step] = float(np.mean([float(val_loss(params, jnp.asarray(b))) for b in batches]))
-            print(f"{spec}: step {step} val loss {evals[step]:.4f}", flush=True)
+            plain[step] = float(np.mean([float(val_loss_plain(params, jnp.asarray(b))) for b in batches]))
+            print(f"{spec}: step {step} val loss {evals[step]:.4f} (unquantised {plain[step]:.4f})", flush=True)
 
     start = time.time()
     losses, _, _ = reference_train_codec(cfg, ranges, after)
-    return {"ranges": [list(r) for r in ranges], "val_loss": evals, "final_train_loss": losses[-1],
+    return {"ranges": [list(r) for r in ranges], "val_loss": evals, "val_loss_unquantised": plain,
+            "final_train_loss": losses[-1],
             "seconds": time.time() - start}
 
 
@@ -84,11 +91,13 @@ def main() -> None:
         results[spec] = run_one(args.config, args.overrides, spec)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
-    base = next(iter(results.values()))["val_loss"]
+    base = next(iter(results.values()))
     for spec, r in results.items():
         last = max(r["val_loss"])
         print(f"{spec}: " + " ".join(f"{v:.4f}" for v in r["val_loss"].values())
-              + f" | vs first: {100 * (r['val_loss'][last] / base[last] - 1):+.2f} %")
+              + f" | vs first: {100 * (r['val_loss'][last] / base['val_loss'][last] - 1):+.2f} %"
+              + f" | unquantised {r['val_loss_unquantised'][last]:.4f}: "
+              + f"{100 * (r['val_loss_unquantised'][last] / base['val_loss_unquantised'][last] - 1):+.2f} %")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ P=${P:-$(( MIB / 1024 / 32 ))}; [ "$P" -lt 1 ] && P=1
 echo "processes at once: $P"
 MODEL="--set model.d_model=256 --set model.n_layer=9 --steps ${STEPS:-1500} --eval-every 300"
 GRID="--lr 0.2 0.4 0.6 0.8 1.0 1.2 --momentum 0.0 0.5 0.9"
-cat > runs/sw/jobs <<JOBS
+# JOBS=FILE runs that file's lines (name, then the tool's arguments) instead of the whole sweep below.
+if [ -n "${JOBS:-}" ]; then cp "$JOBS" runs/sw/jobs; else cat > runs/sw/jobs <<JOBS
 m2h30 --M 2 --H 30 $GRID
 m4h30 --M 4 --H 30 $GRID
 m2h100 --M 2 --H 100 $GRID
@@ -32,6 +33,7 @@ m4h10 --M 4 --H 10 $GRID
 warm --M 2 4 --H 30 --warmup 150 --lr 0.4 0.6 0.8 1.0 --momentum 0.0 0.9
 inner --M 2 4 --H 30 --inner-lr 0.5 1.5 --lr 0.4 0.6 0.8 1.0 --momentum 0.0 0.9
 JOBS
+fi
 go() {
   local name=$1; shift
   local left=$(( DEADLINE - $(date +%s) ))
