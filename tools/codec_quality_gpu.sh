@@ -15,5 +15,5 @@ q() { local name=$1; shift; timeout "${T:-520}" python3 tools/codec_quality.py "
 for s in 0 1 2; do q big_s$s --set $BIG train.seed=$s $CODECS & done
 for s in 0 1 2 3; do q tiny_s$s --set parallel.pp=4 train.seed=$s $CODECS & done
 wait
-cat runs/cq/progress; grep -h "vs first" runs/cq/*.log
+cat runs/cq/progress; grep "vs first" runs/cq/*.log | sed "s/runs.cq.//"
 [ -n "${OUT:-}" ] && tar czf "$OUT/cq.tgz" runs/cq
