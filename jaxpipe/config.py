@@ -153,8 +153,11 @@ class ParallelConfig:
     # and per-stage staggered outer steps.
     diloco_inner_steps: int = 50
     diloco_exchange: Literal["central_ps", "sharded_ps"] = "central_ps"
-    diloco_outer_lr: float = 0.7
-    diloco_outer_momentum: float = 0.9
+    # Plain averaging (lr 1, momentum 0): best or within 0.9 points of the best outer setting at every
+    # (M, H) of the sweep (BENCHMARKS.md "DiLoCo outer settings"); the paper's Nesterov 0.7 / 0.9 lost
+    # 10-19 points more there.
+    diloco_outer_lr: float = 1.0
+    diloco_outer_momentum: float = 0.0
     diloco_stagger: bool = False
     # dp_mode=streaming_diloco: fragments of strided layers that sync in turn (layer l in fragment l % F),
     # the steps each fragment's exchange runs behind before it merges, and the merge's weight of the local

@@ -25,6 +25,12 @@ TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=3
          "train.decay_steps=10", "train.lr=1e-2", "train.eps=1e-4"]
 
 
+# DiLoCo's outer optimizer as the DiLoCo paper sets it (Nesterov momentum): the defaults are plain averaging
+# (lr 1, momentum 0, the sweep's best: BENCHMARKS.md), under which momentum would play no part, so the
+# multi-rank DiLoCo cases pin these to check every term of the outer step against the reference.
+NESTEROV = ["parallel.diloco_outer_lr=0.7", "parallel.diloco_outer_momentum=0.9"]
+
+
 def sets(items: list[str]) -> list[str]:
     """`--set` before every override, as the command line takes them."""
     return [a for item in items for a in ("--set", item)]

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import MODEL, TRAIN, WANTED, launch_once, refused, run_mpi, sets
+from mpi_util import MODEL, NESTEROV, TRAIN, WANTED, launch_once, refused, run_mpi, sets
 
 pytestmark = pytest.mark.mpi
 
 # H = 3: the checkpoint after step 2 falls inside the first inner phase (the stages' offsets 0 and 1 with
 # staggering: stage 1 syncs after steps 2 and 5, stage 0 after 3 and 5), int8 with error feedback.
 # The multi-rank tests' shared model and batch (tests/mpi_util.py), 5 steps, PP=2 x DP=2.
-RUN = [*MODEL, *TRAIN, "train.steps=5", "parallel.pp=2", "parallel.dp=2",
+RUN = [*MODEL, *TRAIN, *NESTEROV, "train.steps=5", "parallel.pp=2", "parallel.dp=2",
        "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=3", "parallel.diloco_stagger=true",
        "parallel.diloco_exchange=sharded_ps", "parallel.grad_codec=int8", "train.checkpoint_every=2"]
 
@@ -82,7 +82,7 @@ def test_diloco_resume_mid_inner_phase_is_exact(tmp_path_factory):
 # Streaming DiLoCo, H = 4, two fragments, each exchange merged two steps after it starts: fragment 0 (the
 # embeddings, the even layers) starts after step 4 and merges after step 6, so the checkpoint after step 5
 # is taken with its exchange in flight (the first stage's int8 rows of `wte` owed to the LM head's end).
-STREAM = [*MODEL, *TRAIN, "train.steps=7", "parallel.pp=2", "parallel.dp=2",
+STREAM = [*MODEL, *TRAIN, *NESTEROV, "train.steps=7", "parallel.pp=2", "parallel.dp=2",
           "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4", "parallel.diloco_fragments=2",
           "parallel.diloco_overlap_steps=2", "parallel.grad_codec=int8", "train.checkpoint_every=5"]
 

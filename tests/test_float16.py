@@ -32,7 +32,7 @@ from float16_checks import (
     load_case,
     scale_events,
 )
-from mpi_util import MODEL, REPO, TRAIN, launch_once, run_mpi
+from mpi_util import MODEL, NESTEROV, REPO, TRAIN, launch_once, run_mpi
 from reference import reference_diloco, reference_train
 
 from jaxpipe.comm.codec import (
@@ -169,7 +169,7 @@ FLOAT16_DILOCO: dict[str, tuple[float, float, float]] = {
 
 def diloco_set(exchange: str) -> list[str]:
     return ["parallel.dp_mode=diloco", f"parallel.diloco_inner_steps={DILOCO_H}",
-            f"parallel.diloco_exchange={exchange}"]
+            f"parallel.diloco_exchange={exchange}", *NESTEROV]
 
 
 def choices() -> list[str]:

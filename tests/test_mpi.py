@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import MODEL, TRAIN, WANTED, launch_once, refusals, refused, run_mpi, sets
+from mpi_util import MODEL, NESTEROV, TRAIN, WANTED, launch_once, refusals, refused, run_mpi, sets
 from reference import reference_diloco, reference_train
 
 from jaxpipe.comm.codec import wire_nbytes
@@ -85,8 +85,8 @@ HANDSHAKE = {"pp4_1f1b_handshake_transport", "pp2xdp2_interleaved_handshake_tran
 # ---- data parallelism for slow links (jaxpipe.dp: codecs, DiLoCo, NCCL collectives) ------------------
 # Trained in the same launches as GROUPS, checked by their own tests below.
 HALVES = ["parallel.pp=2", "parallel.dp=2", "parallel.partition=[[0,4],[4,8]]"]
-DILOCO = [*HALVES, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"]
-STREAMING = [*HALVES, "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4",
+DILOCO = [*HALVES, *NESTEROV, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"]
+STREAMING = [*HALVES, *NESTEROV, "parallel.dp_mode=streaming_diloco", "parallel.diloco_inner_steps=4",
              "parallel.diloco_fragments=2", "parallel.diloco_overlap_steps=2", "train.steps=7"]
 INT8 = [*HALVES, "parallel.dp_mode=sharded_ps", "parallel.grad_codec=int8"]
 # LLaMA blocks (RMSNorm, SwiGLU, rotary positions, grouped-query attention; no wpe) on MODEL's shape.
@@ -105,7 +105,8 @@ DP_CASES = {
         # DiLoCo with the LM head back on rank 0 (issue 24): both copies of `wte` on one rank, summed there,
         # through the outer steps (the balanced partition: gpipe_ring cuts pp + 1 chunks).
         "pp2xdp2_diloco_gpipe_ring": ["parallel.pp=2", "parallel.dp=2", "parallel.schedule=gpipe_ring",
-                                      "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2", "train.steps=5"],
+                                      *NESTEROV, "parallel.dp_mode=diloco", "parallel.diloco_inner_steps=2",
+                                      "train.steps=5"],
         # LLaMA with DiLoCo: tied (the head's `wte` copy gets the first stage's step), and untied with Streaming
         # DiLoCo (the head's own `lm_head` in fragment 0 with the embedding and the final norm).
         "pp2xdp2_llama_diloco": [*LLAMA_ARCH, *DILOCO],

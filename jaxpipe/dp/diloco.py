@@ -5,7 +5,8 @@ data, with no data-parallel traffic at all. Then, per stage, the replicas' pseud
 (outer parameters - local parameters) go to the stage's parameter server — DP rank 0, the
 original's central PS, or every member for its 1/D with `parallel.diloco_exchange=sharded_ps` —
 which averages them in float32 and applies the outer optimizer, SGD with Nesterov momentum
-(`diloco_outer_lr` 0.7, `diloco_outer_momentum` 0.9, the DiLoCo paper's values):
+(`diloco_outer_lr` 1.0, `diloco_outer_momentum` 0.0 by default: plain averaging, the best setting of the
+sweep in BENCHMARKS.md "DiLoCo outer settings"; the DiLoCo paper's 0.7 / 0.9 lost 10-19 points more there):
 
     m <- mu·m + g;   delta = -lr·(g + mu·m)
 
