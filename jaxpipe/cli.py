@@ -350,9 +350,8 @@ def _check_observe(args: argparse.Namespace, cfg: Any, reporter: bool = True) ->
     if args.tensorboard:
         check_tensorboard()
         check_writable(args.tensorboard, "--tensorboard", hint="leave --tensorboard out")
-    metrics_out = getattr(args, "metrics_out", None)
-    if metrics_out and reporter:
-        check_writable(Path(metrics_out).parent, "--metrics-out's directory", hint="leave --metrics-out out")
+    if args.metrics_out and reporter:
+        check_writable(Path(args.metrics_out).parent, "--metrics-out's directory", hint="leave --metrics-out out")
     return Observe(trace_dir=args.trace, trace_steps=args.trace_steps, tensorboard_dir=args.tensorboard,
                    progress=args.progress)
 

@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def run_exact(args: argparse.Namespace, ctx: tuple, keep_at: set[int]) -> tuple[
 
 def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[float], mus: list[float],
                start: tuple[Any, Any] | None, warmup: int, exact: dict, inner: float = 1.0,
-               emit: Any = None) -> list[dict]:
+               emit: Callable[[dict], None] | None = None) -> list[dict]:
     cfg, init, tx, loss_fn, xs, ys, evaluate = ctx
     tx = tx if inner == 1.0 else _inner_tx(cfg, inner)
     grid = [(lr, mu) for mu in mus for lr in lrs]
@@ -167,9 +168,9 @@ def run_diloco(args: argparse.Namespace, ctx: tuple, M: int, H: int, lrs: list[f
     curve = np.concatenate(train, axis=0)  # [steps, configs]: the replicas' mean training loss per step
     tl = curve[-100:].mean(axis=0)
     out = []
+    exact_final = exact["final"]
     for c, (lr, mu) in enumerate(grid):
         final = evals[args.steps][c]
-        exact_final = exact["final"]
         out.append({"run": "diloco", "M": M, "H": H, "outer_lr": lr, "outer_momentum": mu, "warmup": warmup,
                     "inner_lr_scale": inner,
                     "val": {k: v[c] for k, v in evals.items()}, "final": final, "train_last100": float(tl[c]),
