@@ -19,8 +19,8 @@ import numpy as np
 from handshake_transport import MpiPlaysNccl
 from mpi4py import MPI
 
+from jaxpipe.comm import quant
 from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
-from jaxpipe.dp import quant
 from jaxpipe.dp.collectives import Emulated, HostMPI
 from jaxpipe.dp.exchange import MODES, Exchange
 

@@ -395,8 +395,8 @@ def cmd_dp_sync(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     from mpi4py import MPI
 
+    from jaxpipe.comm import quant
     from jaxpipe.comm.netem import LinkSpec, NetworkEmulator
-    from jaxpipe.dp import quant
     from jaxpipe.dp.collectives import Emulated, n_chunks
     from jaxpipe.dp.diloco import outer_step
     from jaxpipe.dp.exchange import Exchange
@@ -519,25 +519,25 @@ def cmd_dispatch(args: argparse.Namespace) -> None:
 
 
 def cmd_dp_codec(args: argparse.Namespace) -> None:
-    """Device time of the data-parallel gradient codecs (jaxpipe.dp.quant) on a stage's whole gradient:
+    """Device time of the data-parallel gradient codecs (jaxpipe.comm.quant) on a stage's whole gradient:
     a replica's encode with error feedback, and the server's decode + float32 mean of `--replicas`
     messages. On a GPU this is the part of the DP step the links do not see."""
     import jax
     import jax.numpy as jnp
 
-    from jaxpipe.dp import quant
+    from jaxpipe.comm import quant
 
     rows = int(-(-int(args.params) // quant.CHUNK))
     x = jax.random.normal(jax.random.PRNGKey(0), (rows, quant.CHUNK), jnp.float32) * 1e-3
     residue = jnp.zeros_like(x)
     for codec in args.codecs:
-        wire, res = quant.encode_ef(x, residue, codec)
+        wire, res = quant.encode_chunks_ef(x, residue, codec)
         wires = jnp.stack([wire] * args.replicas)
         jax.block_until_ready(quant.mean_of(wires, codec, args.replicas))  # compile
         enc, dec = [], []
         for _ in range(args.reps):
             t0 = time.perf_counter()
-            wire, res = jax.block_until_ready(quant.encode_ef(x, res, codec))
+            wire, res = jax.block_until_ready(quant.encode_chunks_ef(x, res, codec))
             t1 = time.perf_counter()
             jax.block_until_ready(quant.mean_of(wires, codec, args.replicas))
             t2 = time.perf_counter()

@@ -42,9 +42,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from mpi4py import MPI
 
+from jaxpipe.comm import quant
 from jaxpipe.comm.traffic import NONE, Traffic, Transfer
 from jaxpipe.config import Config, ParallelConfig
-from jaxpipe.dp import quant
 from jaxpipe.dp.base import DataParallel, DPContext, Trees
 from jaxpipe.dp.exchange import PATTERNS, Exchange, padded_rows
 from jaxpipe.errors import ConfigError
@@ -100,7 +100,7 @@ class DiLoCo(DataParallel):
         if wte_elements:
             # The rows holding `wte` (elements wte_offset.. of the buffer), whole rows as they came back.
             rows_wte = -(-(wte_offset % quant.CHUNK + wte_elements) // quant.CHUNK)
-            moves += (Transfer("p2p", rows_wte * quant.row_bytes(p.grad_codec)),)
+            moves += (Transfer("p2p", rows_wte * quant.chunk_row_bytes(p.grad_codec)),)
         return Traffic(f"diloco H={p.diloco_inner_steps} {p.diloco_exchange}"
                        + (f" + {p.grad_codec}" if p.grad_codec != "none" else ""), moves,
                        every=p.diloco_inner_steps, size=dp)
@@ -238,9 +238,9 @@ class DiLoCo(DataParallel):
         self.tied.Recv(head, source=src, tag=_TIED_TAG)
         offset, n_rows = int(head[0]), int(head[1])
         codec = self.codec
-        rows = np.empty((n_rows, quant.row_bytes(codec, quant.CHUNK)), np.uint8)
+        rows = np.empty((n_rows, quant.chunk_row_bytes(codec, quant.CHUNK)), np.uint8)
         self.tied.Recv(rows, source=src, tag=_TIED_TAG + 1)
-        step = np.asarray(quant.decode(jnp.asarray(rows), codec)).reshape(-1)[offset: offset + like.size]
+        step = np.asarray(quant.decode_chunks(jnp.asarray(rows), codec)).reshape(-1)[offset: offset + like.size]
         return step.reshape(like.shape)
 
     # ---- checkpointed state -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ Patterns (one class each, `PATTERNS` by name), with `grad_codec` none:
 - `sharded_ps`: reduce-scatter, every member serves its 1/D, all-gather;
 - `allreduce`: allreduce, every member serves the whole buffer (the same arithmetic everywhere).
 
-With a codec (jaxpipe.dp.quant) a quantised buffer cannot be summed on the way, so the members'
+With a codec (jaxpipe.comm.quant) a quantised buffer cannot be summed on the way, so the members'
 messages reach whoever serves them whole and are decoded and summed there in float32, in rank
 order:
 - `central_ps`: every replica quantises its buffer (with error feedback), the server gathers and
@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe.comm import quant
 from jaxpipe.comm.traffic import Transfer
-from jaxpipe.dp import quant
 from jaxpipe.dp.collectives import Collectives
 
 Serve = Callable[[jax.Array, int], jax.Array]  # (mean rows of my span, first row) -> rows to send back
@@ -116,13 +116,13 @@ class CentralPattern(Pattern):
         got = coll.gather(wire)
         back = wire
         if got is not None:
-            back, down = quant.encode_ef(serve(quant.mean_of(got, codec, coll.size), 0), down, codec)
+            back, down = quant.encode_chunks_ef(serve(quant.mean_of(got, codec, coll.size), 0), down, codec)
         back = coll.bcast(back)
-        return quant.decode(back, codec), back, down
+        return quant.decode_chunks(back, codec), back, down
 
     @classmethod
     def transfers(cls, rows: int, codec: str, d: int, chunk: int = quant.CHUNK) -> tuple[Transfer, ...]:
-        nbytes = rows * quant.row_bytes(codec, chunk)
+        nbytes = rows * quant.chunk_row_bytes(codec, chunk)
         up = "reduce" if codec == "none" else "gather"
         return Transfer(up, nbytes), Transfer("bcast", nbytes)
 
@@ -140,13 +140,13 @@ class ShardedPattern(Pattern):
               ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         coll, codec, d = ex.coll, ex.codec, ex.coll.size
         got = coll.alltoall(wire.reshape(d, ex.span_rows, -1))
-        back, down = quant.encode_ef(serve(quant.mean_of(got, codec, d), ex.first_row), down, codec)
+        back, down = quant.encode_chunks_ef(serve(quant.mean_of(got, codec, d), ex.first_row), down, codec)
         back = coll.allgather(back).reshape(ex.rows, -1)
-        return quant.decode(back, codec), back, down
+        return quant.decode_chunks(back, codec), back, down
 
     @classmethod
     def transfers(cls, rows: int, codec: str, d: int, chunk: int = quant.CHUNK) -> tuple[Transfer, ...]:
-        row = quant.row_bytes(codec, chunk)
+        row = quant.chunk_row_bytes(codec, chunk)
         up = "reduce_scatter" if codec == "none" else "alltoall"
         return Transfer(up, rows * row), Transfer("allgather", rows // d * row)
 
@@ -164,7 +164,7 @@ class AllreducePattern(Pattern):
 
     @classmethod
     def transfers(cls, rows: int, codec: str, d: int, chunk: int = quant.CHUNK) -> tuple[Transfer, ...]:
-        nbytes = rows * quant.row_bytes(codec, chunk)
+        nbytes = rows * quant.chunk_row_bytes(codec, chunk)
         return (Transfer("allreduce" if codec == "none" else "allgather", nbytes),)
 
 
@@ -231,9 +231,9 @@ class Exchange:
         x = to_rows(flat, self.rows, self.chunk)
         if self.codec == "none":
             out = self.pattern.plain(self, x, serve)
-            self.back = quant.encode(out, "none") if self.pattern.sends_back else None
+            self.back = quant.encode_chunks(out, "none") if self.pattern.sends_back else None
             return from_rows(out, self.n)
-        wire, up = quant.encode_ef(x, self.up, self.codec)
+        wire, up = quant.encode_chunks_ef(x, self.up, self.codec)
         out, self.back, down = self.pattern.coded(self, wire, serve, self.down)
         self._pending = (up, down)
         return from_rows(out, self.n)

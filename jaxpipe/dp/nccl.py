@@ -3,7 +3,7 @@
 `parallel.transport=nccl` on GPU: reduce + broadcast for the central PS, reduce-scatter +
 all-gather for the sharded PS, allreduce, and with a codec the gather / all-to-all / all-gather of
 the quantised rows as grouped NCCL sends and receives. Encoding, decoding and the float32 sums run
-on the device (jaxpipe.dp.quant), so only the wire's bytes ever move, GPU to GPU.
+on the device (jaxpipe.comm.quant), so only the wire's bytes ever move, GPU to GPU.
 
 `DeviceCollectives` is the protocol: which buffers are allocated, which collective runs with which
 counts, and the pacing under link emulation (each operation first waits until this member's

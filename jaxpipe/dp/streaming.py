@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe.comm import quant
 from jaxpipe.comm.traffic import NONE, Traffic, Transfer
 from jaxpipe.config import Config, ParallelConfig
-from jaxpipe.dp import quant
 from jaxpipe.dp.base import DPContext, Trees
 from jaxpipe.dp.diloco import DiLoCo, outer_step
 from jaxpipe.dp.exchange import PATTERNS, Exchange, padded_rows
@@ -89,7 +89,7 @@ class StreamingDiLoCo(DiLoCo):
         rows = padded_rows(-(-n_elements // F), dp)
         moves = PATTERNS[p.diloco_exchange].transfers(rows, p.grad_codec, dp)
         if wte_elements:  # fragment 0 on the first stage: the wte's step on to the head, once per H
-            moves += (Transfer("p2p", padded_rows(wte_elements, 1) * quant.row_bytes(p.grad_codec) // F),)
+            moves += (Transfer("p2p", padded_rows(wte_elements, 1) * quant.chunk_row_bytes(p.grad_codec) // F),)
         return Traffic(f"streaming_diloco H={p.diloco_inner_steps} F={F} tau={p.diloco_overlap_steps} "
                        f"{p.diloco_exchange}" + (f" + {p.grad_codec}" if p.grad_codec != "none" else ""), moves,
                        every=max(1, p.diloco_inner_steps // F), overlap_steps=p.diloco_overlap_steps, size=dp)

@@ -12,7 +12,7 @@ every replica, after which each replica runs the same optimizer step and paramet
 
 `parallel.grad_codec` (bfloat16, int8, int4) sends the buffer quantised, with error feedback; the
 patterns, the backends (MPI, emulated links, NCCL on the GPUs) and the arithmetic are in
-jaxpipe.dp.exchange, jaxpipe.dp.collectives and jaxpipe.dp.quant.
+jaxpipe.dp.exchange, jaxpipe.dp.collectives and jaxpipe.comm.quant.
 """
 
 from __future__ import annotations

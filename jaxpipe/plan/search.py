@@ -44,13 +44,13 @@ from typing import Any
 
 import numpy as np
 
+from jaxpipe.comm import quant
 from jaxpipe.comm.cluster import Cluster
 from jaxpipe.comm.codec import wire_nbytes
 from jaxpipe.comm.message import Kind
 from jaxpipe.comm.netem import transfer_chunks
 from jaxpipe.comm.traffic import tied_traffic
 from jaxpipe.config import Config
-from jaxpipe.dp import quant
 from jaxpipe.errors import ConfigError
 from jaxpipe.model.layout import stage_param_counts
 from jaxpipe.pipeline.costmodel import (
@@ -313,8 +313,8 @@ class Workload:
 
 
 def grad_factor(codec: str) -> float:
-    """Wire bytes of the DP exchange with `parallel.grad_codec` over float32's (jaxpipe.dp.quant's rows)."""
-    return quant.row_bytes(codec) / quant.row_bytes("none")
+    """Wire bytes of the DP exchange with `parallel.grad_codec` over float32's (jaxpipe.comm.quant's rows)."""
+    return quant.chunk_row_bytes(codec) / quant.chunk_row_bytes("none")
 
 
 def stage_weights(cluster: Cluster, grid: Grid) -> tuple[float, ...]:
