@@ -80,3 +80,20 @@ def test_every_jaxpipe_flag_shown_is_one_the_command_takes(page):
                 shown += 1
     if page.name in ("README.md", "training.md"):
         assert shown >= 10, f"{page.name}: only {shown} jaxpipe flags found: is the command table still there?"
+
+
+def test_the_readme_lists_every_registered_choice_of_the_keys_it_names():
+    """The README's "Keys most runs set" names each registry-backed key with its choices: a schedule, DP
+    algorithm or codec added to a registry must show up there too."""
+    from jaxpipe.config import REGISTERED
+
+    para = _prose((REPO / "README.md").read_text()).split("Keys most runs set:")[1].split("\n\n")[0]
+    para = " ".join(para.split())
+    shown = 0
+    for key, registry in REGISTERED:
+        m = re.search(rf"`{re.escape(key)}` \(([^)]*)\)", para)
+        if m is None:
+            continue
+        shown += 1
+        assert [c.strip() for c in m.group(1).split(",")] == list(registry.names()), key
+    assert shown >= 4, para
