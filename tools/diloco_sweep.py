@@ -11,7 +11,8 @@ inner steps of a round, so one compiled program runs every configuration of an (
   clipping); after each H steps g = mean_r(outer - local_r), m = mu·m + g, outer -= lr·(g + mu·m),
   every replica continues from outer; the last step always syncs;
 - `--warmup K`: exact DP for the first K steps (the same tokens), then DiLoCo from that model and its
-  AdamW state (`parallel.diloco_warmup_steps`).
+  AdamW state (a question for the sweep only: the trainer has no such option, since the measured warm
+  start did not close the gap; BENCHMARKS.md "DiLoCo on the tiny model, CPU").
 
 Every line of `--out` is one run: validation loss every `--eval-every` steps on the outer model, the
 final one, and its increase over exact DP (and a "diloco_partial" row per evaluation, so a run cut short
