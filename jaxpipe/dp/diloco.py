@@ -238,7 +238,7 @@ class DiLoCo(DataParallel):
         self.tied.Recv(head, source=src, tag=_TIED_TAG)
         offset, n_rows = int(head[0]), int(head[1])
         codec = self.codec
-        rows = np.empty((n_rows, quant.chunk_row_bytes(codec, quant.CHUNK)), np.uint8)
+        rows = np.empty((n_rows, quant.chunk_row_bytes(codec)), np.uint8)
         self.tied.Recv(rows, source=src, tag=_TIED_TAG + 1)
         step = np.asarray(quant.decode_chunks(jnp.asarray(rows), codec)).reshape(-1)[offset: offset + like.size]
         return step.reshape(like.shape)
